@@ -1,0 +1,1 @@
+"""Compression: one map of tensor axes, importance scores, plans, hard pruning and PC."""

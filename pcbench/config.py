@@ -1,0 +1,312 @@
+"""Typed run specs and a strict YAML/dict loader: a bad field fails with its path and the reason.
+
+A `RunSpec` is everything one training run needs (pretraining, HPR or PC); grids expand into
+RunSpecs (see `grid.py`). Loading is strict: unknown keys (with a "did you mean" hint), missing
+required keys, wrong types and out-of-range values raise `SpecError` naming the field path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A spec field is missing, misspelt, of the wrong type or impossible."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def require(cond: bool, path: str, reason: str) -> None:
+    """Raise `SpecError(path, reason)` unless `cond`."""
+    if not cond:
+        raise SpecError(path, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs
+
+
+@dataclass
+class ModelSpec:
+    """Which network. `name` is a preset (see `models.PRESETS`); `path` loads pretrained weights."""
+
+    name: str = "gpt2-tiny"
+    path: Optional[str] = None  # HF checkpoint dir or hub id; required for presets without weights
+    layers: Optional[int] = None
+    d_model: Optional[int] = None
+    heads: Optional[int] = None
+    kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    d_ff: Optional[int] = None
+
+    def validate(self, path: str) -> None:
+        from pcbench import models
+
+        require(self.name in models.PRESETS, f"{path}.name",
+                f"unknown model {self.name!r}; known: {', '.join(sorted(models.PRESETS))}")
+        for f in ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff"):
+            v = getattr(self, f)
+            require(v is None or v > 0, f"{path}.{f}", f"must be a positive integer, got {v}")
+        preset = models.PRESETS[self.name]
+        heads = self.heads or preset.heads
+        kv = self.kv_heads or preset.kv_heads or heads
+        require(heads % kv == 0, f"{path}.kv_heads", f"heads ({heads}) must be a multiple of kv_heads ({kv})")
+
+
+@dataclass
+class DataSpec:
+    """Training corpus, tokenizer and sequence length; the held-out set for evaluation loss."""
+
+    corpus: str = "books"
+    tokenizer: str = "bpe-512"
+    seq_len: int = 128
+    eval_corpus: str = "sotu"
+    eval_split: str = "test"
+    eval_batches: int = 16
+    max_tokens: Optional[int] = None  # required for streamed (hub) corpora
+
+    def validate(self, path: str) -> None:
+        require(self.seq_len >= 8, f"{path}.seq_len", f"must be >= 8, got {self.seq_len}")
+        require(self.eval_batches >= 0, f"{path}.eval_batches", "must be >= 0")
+        require(self.max_tokens is None or self.max_tokens > 0, f"{path}.max_tokens", "must be positive")
+
+
+@dataclass
+class OptimSpec:
+    """AdamW with linear warm-up from `warmup_start`*lr and cosine decay to `final_lr`*lr."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup: float = 0.01  # fraction of steps (< 1) or a number of steps (>= 1)
+    warmup_start: float = 0.1
+    final_lr: float = 0.1
+
+    def validate(self, path: str) -> None:
+        require(self.lr > 0, f"{path}.lr", f"must be positive, got {self.lr}")
+        require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{path}.beta1", "betas must be in [0, 1)")
+        require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0 (0 disables clipping)")
+        require(self.warmup >= 0, f"{path}.warmup", "must be >= 0")
+        require(0 < self.warmup_start <= 1, f"{path}.warmup_start", "must be in (0, 1]")
+        require(0 <= self.final_lr <= 1, f"{path}.final_lr", "must be in [0, 1]")
+
+
+@dataclass
+class TrainSpec:
+    """How long and how: exactly one of `tokens`/`steps`; `batch_size` global rows per step."""
+
+    tokens: Optional[int] = None
+    steps: Optional[int] = None
+    batch_size: int = 32
+    micro_batch_size: Optional[int] = None  # rows per forward/backward per process; default all
+    seed: int = 0
+    data_seed: Optional[int] = None  # default: seed. Same data_seed -> same sequences in order
+    log_every: int = 10
+    eval_every: int = 0  # 0: held-out loss only at the end
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    threads: Optional[int] = None  # torch intra-op threads (CPU)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    last_k: int = 100  # the paper's metric: mean training loss over the last k steps
+
+    def validate(self, path: str) -> None:
+        require((self.tokens is None) != (self.steps is None), path,
+                "give exactly one of `tokens` and `steps`")
+        require(self.tokens is None or self.tokens > 0, f"{path}.tokens", "must be positive")
+        require(self.steps is None or self.steps >= 0, f"{path}.steps", "must be >= 0")
+        require(self.batch_size > 0, f"{path}.batch_size", "must be positive")
+        mb = self.micro_batch_size
+        require(mb is None or (mb > 0 and self.batch_size % mb == 0), f"{path}.micro_batch_size",
+                f"must divide batch_size ({self.batch_size}), got {mb}")
+        require(self.log_every > 0, f"{path}.log_every", "must be positive")
+        require(self.ckpt_every >= 0 and self.eval_every >= 0, f"{path}.ckpt_every", "must be >= 0")
+        require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints", "must be >= 1")
+        require(self.device in ("auto", "cpu", "cuda"), f"{path}.device", "auto, cpu or cuda")
+        require(self.last_k > 0, f"{path}.last_k", "must be positive")
+
+
+@dataclass
+class CompressSpec:
+    """Hard pruning with retraining (`hpr`) or Projected Compression (`pc`) of a base model."""
+
+    method: Literal["hpr", "pc"] = "pc"
+    compression: float = 0.5  # share of ALL parameters removed (embeddings and head included)
+    importance: Literal["magnitude", "activation", "random"] = "random"
+    importance_seed: int = 0
+    calibration_batches: int = 8
+    sides: Literal["in", "out", "both"] = "both"
+    residual: bool = True
+    distill: float = 0.0  # alpha of (1-a)*CE + a*T^2*KL(teacher||student); 0 = off
+    temperature: float = 1.0
+    align: int = 1  # round the compressed d_model / d_ff to a multiple of this
+    base_dtype: Literal["float32", "bfloat16"] = "float32"  # PC: storage of the frozen base
+    base_device: Literal["auto", "cpu"] = "auto"  # PC: keep the frozen base on CPU
+    decay_projections: bool = True  # PC: apply weight decay to P and R
+    recovery_every: int = 10  # PC: log P mass on pruned dimensions every N steps
+
+    def validate(self, path: str) -> None:
+        require(0 < self.compression < 1, f"{path}.compression",
+                f"must be a fraction in (0, 1), got {self.compression}")
+        require(0 <= self.distill <= 1, f"{path}.distill", f"alpha must be in [0, 1], got {self.distill}")
+        require(self.temperature > 0, f"{path}.temperature", "must be positive")
+        require(self.align >= 1, f"{path}.align", "must be >= 1")
+        require(self.calibration_batches >= 1, f"{path}.calibration_batches", "must be >= 1")
+        require(self.recovery_every >= 0, f"{path}.recovery_every", "must be >= 0")
+
+
+@dataclass
+class RunSpec:
+    """One training run. `compress` absent: pretraining from scratch; present: HPR or PC of `model`."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=100))
+    compress: Optional[CompressSpec] = None
+
+    @property
+    def kind(self) -> str:
+        return "pretrain" if self.compress is None else self.compress.method
+
+    def validate(self, path: str = "spec") -> None:
+        self.model.validate(f"{path}.model")
+        self.data.validate(f"{path}.data")
+        self.optim.validate(f"{path}.optim")
+        self.train.validate(f"{path}.train")
+        if self.compress is not None:
+            self.compress.validate(f"{path}.compress")
+            require(self.model.path is not None or _preset_has_weights(self.model.name),
+                    f"{path}.model.path", "compression needs a pretrained base: give a checkpoint path")
+
+
+def _preset_has_weights(name: str) -> bool:
+    from pcbench import models
+
+    p = models.PRESETS.get(name)
+    return bool(p and p.weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def convert(tp: Any, value: Any, path: str) -> Any:
+    """Check/convert `value` against the annotation `tp`, raising SpecError with `path`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            require(type(None) in args, path, "must not be null")
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return convert(a, value, path)
+            except SpecError as e:
+                errors.append(e.reason)
+        raise SpecError(path, "; ".join(errors))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        require(value in choices, path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        require(isinstance(value, (list, tuple)), path, f"must be a list, got {type(value).__name__}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return [convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        require(isinstance(value, dict), path, f"must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        require(isinstance(value, bool), path, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        require(isinstance(value, int) and not isinstance(value, bool), path,
+                f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), path,
+                f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        require(isinstance(value, str), path, f"must be a string, got {value!r}")
+        return value
+    raise SpecError(path, f"unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, path: str = "spec") -> Any:
+    """Build dataclass `cls` from a mapping, strictly (unknown/missing/mistyped keys raise)."""
+    if data is None:
+        data = {}
+    require(isinstance(data, dict), path, f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"{path}.{key}", f"unknown field{hint}; valid: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = convert(hints[name], data[name], f"{path}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{path}.{name}", "required field is missing")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict (for YAML/JSON), recursively."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def load_run_spec(source: str | Path | dict, path: str = "spec") -> RunSpec:
+    """Load and validate a RunSpec from a YAML file or a mapping."""
+    if isinstance(source, dict):
+        data = source
+        where = path
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise SpecError(str(p), "file not found")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(str(p), f"invalid YAML: {e}") from None
+        where = str(p)
+    spec = from_dict(RunSpec, data, where)
+    spec.validate(where)
+    return spec

