@@ -34,7 +34,9 @@ def empty_like_plan(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
     cfg = small_config(model.config, plan)
     with torch.device("meta"):
         small = AutoModelForCausalLM.from_config(cfg)
-    return small.to_empty(device=next(model.parameters()).device).to(next(model.parameters()).dtype)
+    small = small.to_empty(device=next(model.parameters()).device).to(next(model.parameters()).dtype)
+    small.tie_weights()  # to_empty unties shared tensors (tied embedding and head)
+    return small
 
 
 @torch.no_grad()
