@@ -59,6 +59,8 @@ class ModelSpec:
             v = getattr(self, f)
             require(v is None or v > 0, f"{path}.{f}", f"must be a positive integer, got {v}")
         preset = models.PRESETS[self.name]
+        require(preset.weights != "path" or bool(self.path), f"{path}.path",
+                f"model {self.name!r} needs a checkpoint path")
         heads = self.heads or preset.heads
         kv = self.kv_heads or preset.kv_heads or heads
         require(heads % kv == 0, f"{path}.kv_heads", f"heads ({heads}) must be a multiple of kv_heads ({kv})")
@@ -201,6 +203,26 @@ def _preset_has_weights(name: str) -> bool:
 
     p = models.PRESETS.get(name)
     return bool(p and p.weights)
+
+
+@dataclass
+class EvalSpec:
+    """Downstream scoring of a checkpoint with lm-eval (`model`: a directory or `run:<id>`)."""
+
+    model: str
+    tasks: list[str] = field(default_factory=lambda: ["pcb_cloze", "pcb_continuation"])
+    num_fewshot: int = 0
+    batch_size: int = 16
+    limit: Optional[int] = None
+    device: str = "auto"
+    include_path: Optional[str] = None  # extra lm-eval task YAMLs; the local suite is always added
+
+    def validate(self, path: str = "spec") -> None:
+        require(bool(self.tasks), f"{path}.tasks", "give at least one task")
+        require(self.batch_size > 0, f"{path}.batch_size", "must be positive")
+        require(self.limit is None or self.limit > 0, f"{path}.limit", "must be positive")
+        require(self.num_fewshot >= 0, f"{path}.num_fewshot", "must be >= 0")
+        require(self.device in ("auto", "cpu", "cuda"), f"{path}.device", "auto, cpu or cuda")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -62,6 +63,9 @@ PRESETS: dict[str, Preset] = {
     # Real pretrained Llama-family models.
     "smollm2-135m": Preset("llama", 30, 576, 9, 1536, kv_heads=3, head_dim=64, tokenizer="model",
                            weights="smollm2-gguf", description="SmolLM2-135M-Instruct (packaged GGUF)"),
+    # Any Llama-family checkpoint given by `model.path` (its config decides the sizes).
+    "hf": Preset("llama", 0, 0, 1, 0, tokenizer="model", weights="path",
+                 description="a Llama-family HF checkpoint from model.path"),
     "llama3.2-1b": Preset("llama", 16, 2048, 32, 8192, kv_heads=8, head_dim=64, tokenizer="model",
                           weights="hub:meta-llama/Llama-3.2-1B",
                           description="Llama-3.2-1B from a path or the HF cache"),
@@ -74,6 +78,17 @@ def resolved_preset(spec: ModelSpec) -> Preset:
     over = {k: getattr(spec, k) for k in ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff")
             if getattr(spec, k) is not None}
     return dataclasses.replace(p, **over)
+
+
+KNOWN_VOCAB = {"gpt2": 50257, "llama3": 128256}
+
+
+def vocab_size_for(tokenizer: str) -> Optional[int]:
+    """The model vocabulary for a tokenizer name, known without loading it (`bpe-N` -> N)."""
+    if tokenizer in KNOWN_VOCAB:
+        return KNOWN_VOCAB[tokenizer]
+    m = re.fullmatch(r"bpe-(\d+)", tokenizer)
+    return int(m.group(1)) if m else None
 
 
 def build_config(spec: ModelSpec, vocab_size: int, max_positions: int,
@@ -142,7 +157,7 @@ def pretrained_path(spec: ModelSpec) -> str:
         return str(_smollm2_checkpoint())
     if p.weights and p.weights.startswith("hub:"):
         return p.weights[4:]  # resolved by transformers from a local path or the HF cache
-    raise SpecError("model.path", f"preset {spec.name!r} has no pretrained weights; give a checkpoint path")
+    raise SpecError("model.path", f"model {spec.name!r} has no pretrained weights; give a checkpoint path")
 
 
 def load_pretrained(spec: ModelSpec, dtype: torch.dtype = torch.float32):

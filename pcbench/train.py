@@ -52,6 +52,7 @@ class RunPaths:
 
     record: Path
     work: Path
+    export: Optional[Path] = None  # default: <work>/model
 
     @property
     def metrics(self) -> Path:
@@ -71,7 +72,7 @@ class RunPaths:
 
     @property
     def model(self) -> Path:
-        return self.work / "model"
+        return self.export or self.work / "model"
 
     @property
     def plan(self) -> Path:
@@ -131,7 +132,10 @@ def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibr
     info: dict = {}
     if spec.compress is None:
         tok = load_tokenizer(data_tokenizer_name(spec), corpus=spec.data.corpus)
-        config = models.build_config(spec.model, len(tok), spec.data.seq_len,
+        vocab = models.vocab_size_for(spec.data.tokenizer) or len(tok)
+        if vocab < len(tok):
+            raise SpecError("data.tokenizer", f"{spec.data.tokenizer!r} has {len(tok)} tokens, more than {vocab}")
+        config = models.build_config(spec.model, vocab, spec.data.seq_len,
                                      tok.bos_token_id, tok.eos_token_id)
         model = models.build_model(config, seed=spec.train.seed).to(device)
         info["model"] = models.describe(model)

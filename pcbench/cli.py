@@ -1,0 +1,297 @@
+"""The `pcbench` command: run, status, report, train, compress, eval, export, tasks, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from pcbench.config import SpecError
+
+
+def _resources(args) -> dict:
+    return {"partition": args.partition, "account": args.account, "gpus_per_node": args.gpus,
+            "cpus_per_task": args.cpus, "timeout_min": args.time, "mem_gb": args.mem,
+            "nodes": args.nodes, "qos": args.qos}
+
+
+def _grid_and_store(args):
+    from pcbench.grid import load_grid
+    from pcbench.launch import store_for
+
+    grid = load_grid(args.grid)
+    return grid, store_for(grid, args.results, args.work)
+
+
+def cmd_run(args) -> int:
+    from pcbench import launch
+
+    grid, store = _grid_and_store(args)
+    if args.dry_run:
+        print(dry_run_table(grid, store, args.only, args.retry_failed, _resources(args), args.executor))
+        return 0
+    out = launch.submit(grid, store, args.executor, only=args.only, retry_failed=args.retry_failed,
+                        resources=_resources(args), progress=None)
+    print(f"{len(out.submitted)} run(s) {'submitted' if args.executor == 'slurm' else 'run'}, "
+          f"{len(out.skipped)} skipped, {len(out.failed)} failed, {len(out.blocked)} blocked")
+    if args.executor == "slurm" and args.wait:
+        for rid, job in out.jobs.items():
+            try:
+                job.result()
+            except Exception as e:  # noqa: BLE001 - shown by `pcbench status`
+                print(f"{rid}: {type(e).__name__}", file=sys.stderr)
+    print(status_table(grid, store, args.only))
+    return 1 if out.failed or out.blocked else 0
+
+
+def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
+    import pandas as pd
+
+    from pcbench.launch import merged_resources, plan_submission
+
+    rows = []
+    for d in plan_submission(grid, store, only, retry_failed):
+        r = merged_resources(d.run, override)
+        spec = d.run.spec
+        row = {"run": d.run.id, **{k: v for k, v in d.run.labels.items()}, "action": d.action,
+               "why": d.reason, "gpus": r.nodes * r.gpus_per_node, "hours": d.run.hours,
+               "gpu_hours": r.gpu_hours(d.run.hours), "partition": r.partition, "time_min": r.timeout_min}
+        if d.run.kind == "train":
+            t = spec.train
+            row["tokens"] = t.tokens if t.tokens is not None else t.steps * t.batch_size * spec.data.seq_len
+            row["batch"] = f"{spec.data.seq_len}x{t.batch_size}"
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    per_stage = df.groupby(df.run.str.rsplit("-", n=1).str[0], sort=False).size()
+    lines = [f"grid {grid.name}: {len(df)} runs ({', '.join(f'{s}: {n}' for s, n in per_stage.items())})"]
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
+        lines.append(df.drop(columns=["run"]).to_string(index=False))
+    todo = df[df.action == "submit"]
+    lines.append(f"to submit: {len(todo)} runs, {todo.gpu_hours.sum():,.0f} GPU-hours estimated "
+                 f"({df.gpu_hours.sum():,.0f} for the whole grid)")
+    return "\n".join(lines)
+
+
+def status_table(grid, store, only: Optional[str] = None) -> str:
+    import pandas as pd
+
+    rows = []
+    for run in grid.select(only):
+        st = store.status(run.id)
+        final = store.final(run.id) or {}
+        ev = store.eval_result(run.id) or {}
+        row = {"run": run.id, **run.labels, "state": st.get("state", "pending")}
+        if run.kind == "train":
+            loss = final.get("train_loss_last100")
+            row["loss"] = None if loss is None or (isinstance(loss, float) and math.isnan(loss)) else round(loss, 4)
+            row["heldout"] = None if final.get("heldout_loss") is None else round(final["heldout_loss"], 4)
+        elif ev:
+            row["score"] = round(ev.get("average", float("nan")), 4)
+        if st.get("state") == "failed":
+            row["error"] = (st.get("error") or "")[:80]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    counts = df.state.value_counts().to_dict() if len(df) else {}
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
+        return df.to_string(index=False) + "\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
+def cmd_status(args) -> int:
+    grid, store = _grid_and_store(args)
+    print(status_table(grid, store, args.only))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pcbench.report import build_report
+
+    out = build_report(Path(args.results) / args.name if args.name else None, grid_path=args.grid,
+                       results=args.results, out_root=Path(args.out))
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pcbench.config import load_run_spec
+    from pcbench.train import RunPaths, train
+
+    spec = load_run_spec(args.spec)
+    out = Path(args.out)
+    rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"))
+    print(json.dumps({k: rec[k] for k in ("train_loss_last100", "heldout_loss", "export_path") if k in rec}))
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from pcbench import models
+    from pcbench.config import (CompressSpec, DataSpec, ModelSpec, OptimSpec, RunSpec, TrainSpec)
+    from pcbench.train import RunPaths, train
+
+    if args.base in models.PRESETS:
+        model = ModelSpec(name=args.base)
+    elif Path(args.base).is_dir():
+        model = ModelSpec(name="hf", path=str(Path(args.base).resolve()))
+    else:
+        raise SpecError("--base", f"{args.base!r} is neither a checkpoint directory nor a preset "
+                        f"({', '.join(n for n, p in models.PRESETS.items() if p.weights and p.weights != 'path')})")
+    spec = RunSpec(
+        model=model,
+        data=DataSpec(corpus=args.corpus, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                      eval_batches=args.eval_batches),
+        optim=OptimSpec(lr=args.lr),
+        train=TrainSpec(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                        seed=args.seed, threads=args.threads, log_every=max(1, min(10, args.steps or 1)),
+                        ckpt_every=args.ckpt_every),
+        compress=CompressSpec(method=args.method, compression=args.compression, importance=args.importance,
+                              importance_seed=args.seed, sides=args.sides, residual=args.residual,
+                              distill=args.distill),
+    )
+    out = Path(args.out).resolve()
+    work = out.with_name(out.name + ".pcbench")
+    rec = train(spec, RunPaths(record=work / "record", work=work, export=out))
+    plan = rec.get("plan", {})
+    print(json.dumps({"export": str(out), "method": args.method, "requested": args.compression,
+                      "achieved": plan.get("achieved"), "params_before": plan.get("params_before"),
+                      "params_after": plan.get("params_after"), "train_loss_last100": rec["train_loss_last100"],
+                      "heldout_loss": rec["heldout_loss"]}, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pcbench.config import EvalSpec
+    from pcbench.evaluate import lm_eval_scores
+
+    spec = EvalSpec(model=args.model, tasks=args.tasks.split(","), batch_size=args.batch_size, limit=args.limit)
+    spec.validate("eval")
+    print(json.dumps(lm_eval_scores(spec), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_export(args) -> int:
+    grid, store = _grid_and_store(args)
+    final = store.final(args.run)
+    if final is None or "export_path" not in final:
+        raise SpecError("run", f"{args.run} has no exported model (state: {store.state(args.run)})")
+    shutil.copytree(final["export_path"], args.out, dirs_exist_ok=False)
+    print(args.out)
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from pcbench.tasks import build_tasks
+
+    print(build_tasks(Path(args.out) if args.out else None))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.which == "throughput":
+        from pcbench.bench.throughput import main as bench_main
+    else:
+        from pcbench.bench.step_cost import main as bench_main
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pcbench", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def grid_args(sp, only=True):
+        sp.add_argument("grid", help="grid YAML (experiments/*.yaml)")
+        sp.add_argument("--results", help="results root (default: the grid's results_dir or ./results)")
+        sp.add_argument("--work", help="work root for checkpoints/weights (default: $PCBENCH_WORK)")
+        if only:
+            sp.add_argument("--only", help="filter: a stage name or key=value[,key=value] on run labels")
+
+    sp = sub.add_parser("run", help="run or submit a grid")
+    grid_args(sp)
+    sp.add_argument("--executor", default="local", choices=["local", "debug", "slurm"])
+    sp.add_argument("--dry-run", action="store_true", help="print the expanded grid and GPU-hours; touch nothing")
+    sp.add_argument("--retry-failed", action="store_true")
+    sp.add_argument("--wait", action="store_true", help="slurm: wait for the submitted jobs")
+    for flag, typ, h in (("--partition", str, "SLURM partition"), ("--account", str, "SLURM account"),
+                         ("--qos", str, "SLURM QOS"), ("--gpus", int, "GPUs per node"),
+                         ("--cpus", int, "CPUs per task"), ("--time", int, "time limit in minutes"),
+                         ("--mem", float, "memory in GB"), ("--nodes", int, "nodes per job")):
+        sp.add_argument(flag, type=typ, help=h)
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("status", help="table of a grid's runs and their states")
+    grid_args(sp)
+    sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser("report", help="tables, figures and REPORT.md from a grid's records")
+    sp.add_argument("grid", help="grid YAML (its name picks results/<name>)")
+    sp.add_argument("--results", default="results")
+    sp.add_argument("--name", help=argparse.SUPPRESS)
+    sp.add_argument("--out", default="paper_figures")
+    sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("train", help="train one run spec (YAML)")
+    sp.add_argument("spec")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("compress", help="compress a base model with PC or HPR and export it")
+    sp.add_argument("--base", required=True, help="HF checkpoint directory or preset (smollm2-135m)")
+    sp.add_argument("--method", required=True, choices=["pc", "hpr"])
+    sp.add_argument("--compression", type=float, required=True, help="share of all parameters removed")
+    sp.add_argument("--steps", type=int, required=True, help="optimiser steps (0: prune/project and export)")
+    sp.add_argument("--out", required=True, help="where the compressed HF checkpoint is written")
+    sp.add_argument("--importance", default="random", choices=["magnitude", "activation", "random"])
+    sp.add_argument("--sides", default="both", choices=["in", "out", "both"])
+    sp.add_argument("--residual", default=True, action=argparse.BooleanOptionalAction)
+    sp.add_argument("--distill", type=float, default=0.0, help="distillation alpha (0: off)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--lr", type=float, default=2 ** -12)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--micro-batch-size", type=int, default=None)
+    sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--corpus", default="books")
+    sp.add_argument("--tokenizer", default="model", help="`model`: the base checkpoint's own tokenizer")
+    sp.add_argument("--eval-batches", type=int, default=8)
+    sp.add_argument("--ckpt-every", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=None)
+    sp.set_defaults(fn=cmd_compress)
+
+    sp = sub.add_parser("eval", help="score a checkpoint with lm-eval (local task suite by default)")
+    sp.add_argument("model", help="HF checkpoint directory")
+    sp.add_argument("--tasks", default="pcb_cloze,pcb_continuation")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--limit", type=int, default=None)
+    sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("export", help="copy a run's exported HF checkpoint")
+    grid_args(sp, only=False)
+    sp.add_argument("run")
+    sp.add_argument("out")
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("tasks", help="build the local lm-eval task suite; prints its include path")
+    sp.add_argument("--out", default=None)
+    sp.set_defaults(fn=cmd_tasks)
+
+    sp = sub.add_parser("bench", help="benchmarks (write JSON under results/bench/)")
+    sp.add_argument("which", choices=["throughput", "step-cost"])
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        print(f"pcbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""What a job executes: one run of a grid, read from and recorded into the store.
+
+`RunJob` is a submitit `Checkpointable`: on a SLURM timeout or preemption submitit requeues it and
+the run resumes from its own last checkpoint. It also runs as `python -m pcbench.jobs RESULTS WORK
+RUN_ID` (the local executor runs every run this way, in sequence).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import submitit
+
+from pcbench.config import RunSpec, SpecError, from_dict
+from pcbench.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _set_field(spec: dict, dotted: str, value: Any) -> None:
+    node = spec
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+
+
+def _get_field(spec: dict, dotted: str) -> Any:
+    node = spec
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
+def resolve_reference(ref: str, store: Store, field: str) -> str:
+    """`run:<id>` -> the export directory of that (completed) run; anything else unchanged."""
+    if not ref.startswith("run:"):
+        return ref
+    rid = ref[4:]
+    final = store.final(rid)
+    if final is None or "export_path" not in final:
+        raise SpecError(field, f"run {rid} has no exported model yet (state: {store.state(rid)})")
+    path = final["export_path"]
+    if not os.path.isdir(path):
+        raise SpecError(field, f"export of run {rid} is missing at {path}")
+    return path
+
+
+def tuned_value(run: dict, store: Store) -> tuple[Any, Optional[str]]:
+    """For a run with `tune`, the field's value from the best completed run it depends on."""
+    tune = run.get("tune")
+    if not tune:
+        return None, None
+    best, best_id = None, None
+    for rid in run["deps"]:
+        other = store.run(rid)
+        if other["stage"] != tune["stage"]:
+            continue
+        final = store.final(rid)
+        if final is None:
+            raise SpecError("tune", f"run {rid} of stage {tune['stage']} has not completed")
+        metric = final.get(tune["metric"])
+        if metric is None:
+            raise SpecError("tune.metric", f"run {rid} has no metric {tune['metric']!r}")
+        if metric == metric and (best is None or metric < best[0]):  # skip NaN
+            best, best_id = (metric, _get_field(other["spec"], tune["field"])), rid
+    if best is None:
+        raise SpecError("tune", f"no finite {tune['metric']} among runs of stage {tune['stage']}")
+    return best[1], best_id
+
+
+def resolved_train_spec(run: dict, store: Store) -> tuple[RunSpec, dict]:
+    """The run's spec with references and tuned fields filled in, plus what was filled."""
+    spec = copy.deepcopy(run["spec"])
+    filled: dict[str, Any] = {}
+    if spec.get("model", {}).get("path"):
+        spec["model"]["path"] = resolve_reference(spec["model"]["path"], store, "spec.model.path")
+    value, src = tuned_value(run, store)
+    if src is not None:
+        _set_field(spec, run["tune"]["field"], value)
+        filled = {"field": run["tune"]["field"], "value": value, "from_run": src}
+    return from_dict(RunSpec, spec, f"run {run['id']}"), filled
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """Execute one run of the store; marks it running / completed / failed."""
+
+    def __init__(self, results: str, work: str, run_id: str, progress: Optional[bool] = None):
+        self.results = str(results)
+        self.work = str(work)
+        self.run_id = run_id
+        self.progress = progress
+
+    def __call__(self) -> dict:
+        store = Store(self.results, self.work)
+        run = store.run(self.run_id)
+        job_id, executor = None, "local"
+        try:
+            env = submitit.JobEnvironment()
+            job_id = env.job_id
+            executor = "slurm" if "SLURM_JOB_ID" in os.environ else "local"
+            if env.num_tasks > 1:  # one task per GPU: join torch.distributed
+                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        except RuntimeError:
+            pass  # not inside a submitit job
+        main = int(os.environ.get("RANK", "0")) == 0
+        if main:
+            store.set_status(self.run_id, "running", job_id=job_id, executor=executor,
+                             pid=os.getpid(), started=time.time())
+        try:
+            if run["kind"] == "train":
+                from pcbench.train import train
+
+                spec, tuned = resolved_train_spec(run, store)
+                record = train(spec, store.paths(self.run_id), progress=self.progress)
+                if tuned and main:
+                    from pcbench.atomic import write_json
+
+                    record["tuned"] = tuned
+                    write_json(store.paths(self.run_id).final, record)
+            elif run["kind"] == "eval":
+                from pcbench.evaluate import run_eval
+
+                record = run_eval(run, store)
+            else:
+                raise SpecError("kind", f"unknown run kind {run['kind']!r}")
+        except BaseException as e:
+            if main:
+                store.fail(self.run_id, e, job_id=job_id, step=getattr(e, "step", None))
+            raise
+        if main:
+            store.set_status(self.run_id, "completed", job_id=job_id)
+        return {"run": self.run_id, "train_loss_last100": record.get("train_loss_last100")}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m pcbench.jobs RESULTS WORK RUN_ID`: run one run in this process."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 3:
+        print("usage: python -m pcbench.jobs RESULTS WORK RUN_ID", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        progress = {"1": True, "0": False}.get(os.environ.get("PCBENCH_PROGRESS", ""))
+        RunJob(*args, progress=progress)()
+    except Exception as e:  # noqa: BLE001 - recorded in the store; exit code tells the launcher
+        print(f"run {args[2]} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
