@@ -58,7 +58,7 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
     for d in plan_submission(grid, store, only, retry_failed):
         r = merged_resources(d.run, override)
         spec = d.run.spec
-        row = {"run": d.run.id, **{k: v for k, v in d.run.labels.items()}, "action": d.action,
+        row = {"run": d.run.id, "stage": d.run.stage, **d.run.labels, "action": d.action,
                "why": d.reason, "gpus": r.nodes * r.gpus_per_node, "hours": d.run.hours,
                "gpu_hours": r.gpu_hours(d.run.hours), "partition": r.partition, "time_min": r.timeout_min}
         if d.run.kind == "train":
@@ -70,7 +70,7 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
     per_stage = df.groupby(df.run.str.rsplit("-", n=1).str[0], sort=False).size()
     lines = [f"grid {grid.name}: {len(df)} runs ({', '.join(f'{s}: {n}' for s, n in per_stage.items())})"]
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
-        lines.append(df.drop(columns=["run"]).to_string(index=False))
+        lines.append(df.drop(columns=["run"]).astype(object).where(df.notna(), "-").to_string(index=False))
     todo = df[df.action == "submit"]
     lines.append(f"to submit: {len(todo)} runs, {todo.gpu_hours.sum():,.0f} GPU-hours estimated "
                  f"({df.gpu_hours.sum():,.0f} for the whole grid)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,6 +230,32 @@ class EvalSpec:
 # Strict loading
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` and `1.25e9` as floats (YAML 1.1 wants `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file (numbers in scientific notation are floats); errors name the file."""
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(str(p), "file not found")
+    try:
+        return yaml.load(p.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise SpecError(str(p), f"invalid YAML: {e}") from None
+
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
@@ -256,11 +283,14 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         choices = typing.get_args(tp)
         require(value in choices, path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
+    if tp is list:
+        tp = list[Any]
+        origin = list
     if origin in (list, tuple):
         require(isinstance(value, (list, tuple)), path, f"must be a list, got {type(value).__name__}")
         (inner, *_) = typing.get_args(tp) or (Any,)
         return [convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         require(isinstance(value, dict), path, f"must be a mapping, got {type(value).__name__}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
@@ -322,12 +352,7 @@ def load_run_spec(source: str | Path | dict, path: str = "spec") -> RunSpec:
         where = path
     else:
         p = Path(source)
-        if not p.exists():
-            raise SpecError(str(p), "file not found")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise SpecError(str(p), f"invalid YAML: {e}") from None
+        data = load_yaml(p)
         where = str(p)
     spec = from_dict(RunSpec, data, where)
     spec.validate(where)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -29,7 +30,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from pcbench.config import EvalSpec, RunSpec, SpecError, from_dict, require, to_dict
+from pcbench.config import EvalSpec, RunSpec, SpecError, from_dict, load_yaml, require, to_dict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class Tune:
     stage: str
     field: str = "optim.lr"
     metric: str = "train_loss_last100"
-    match: list[str] = field(default_factory=list)
+    match: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class StageSpec:
     overrides: list[Override] = field(default_factory=list)
     tune: Optional[Tune] = None
     resources: dict = field(default_factory=dict)
-    hours: float = 1.0  # estimated wall hours per run (dry-run GPU-hour totals)
+    hours: Any = 1.0  # estimated wall hours per run, a number or a ${...} template (dry-run totals)
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Grid:
     spec: GridSpec
     runs: list[Run]
     source: Optional[Path] = None
+    stages: dict = dataclasses.field(default_factory=dict)  # name -> StageSpec
 
     @property
     def name(self) -> str:
@@ -143,7 +145,7 @@ class Grid:
         return {r.id: r for r in self.runs}
 
     def stage_order(self) -> list[str]:
-        return _stage_order(self.spec.stages)
+        return _stage_order(self.stages)
 
     def select(self, only: Optional[str]) -> list[Run]:
         """Runs matching a filter like `stage=compress,method=pc` (or a bare stage name), plus
@@ -201,7 +203,6 @@ def _num_eq(a, b) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Templates: ${expr}
 
-_TEMPLATE = re.compile(r"\$\{([^}]*)\}")
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
@@ -276,6 +277,28 @@ def evaluate(expr: str, ctx: dict, path: str) -> Any:
         raise SpecError(path, f"cannot evaluate ${{{expr}}}: {e}") from None
 
 
+def _spans(text: str, path: str = "") -> list[tuple[int, int, str]]:
+    """(start, end, expression) of every `${...}` in `text`, braces balanced inside."""
+    out, i = [], 0
+    while True:
+        start = text.find("${", i)
+        if start < 0:
+            return out
+        depth, j = 0, start + 1
+        while j < len(text):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        if j >= len(text):
+            raise SpecError(path or "template", f"unclosed ${{ in {text!r}")
+        out.append((start, j + 1, text[start + 2:j]))
+        i = j + 1
+
+
 def substitute(value: Any, ctx: dict, path: str) -> Any:
     """Fill `${...}` templates in a nested structure. A string that is exactly one template keeps
     the expression's type; otherwise the results are formatted into the string."""
@@ -284,10 +307,14 @@ def substitute(value: Any, ctx: dict, path: str) -> Any:
     if isinstance(value, list):
         return [substitute(v, ctx, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
-        m = _TEMPLATE.fullmatch(value.strip())
-        if m:
-            return evaluate(m.group(1), ctx, path)
-        return _TEMPLATE.sub(lambda mm: str(evaluate(mm.group(1), ctx, path)), value)
+        spans = _spans(value, path)
+        if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] == len(value):
+            return evaluate(spans[0][2], ctx, path)
+        out, last = [], 0
+        for a, b, expr in spans:
+            out += [value[last:a], str(evaluate(expr, ctx, path))]
+            last = b
+        return "".join(out + [value[last:]])
     return value
 
 
@@ -299,8 +326,8 @@ def _template_names(value: Any) -> set[str]:
     elif isinstance(value, list):
         for v in value:
             names |= _template_names(v)
-    elif isinstance(value, str):
-        for expr in _TEMPLATE.findall(value):
+    elif isinstance(value, str) and "${" in value:
+        for _, _, expr in _spans(value):
             try:
                 names |= {n.id for n in ast.walk(ast.parse(expr.strip(), mode="eval")) if isinstance(n, ast.Name)}
             except SyntaxError:
@@ -381,6 +408,18 @@ def _ns(d: Any) -> Any:
     return d
 
 
+def _check_axes_used(name: str, st: StageSpec) -> None:
+    used = _template_names(st.spec) | {k for o in st.overrides for k in o.when} | \
+        {k for e in st.exclude for k in e} | set(st.tune.match if st.tune else [])
+    used |= {n for o in st.overrides for n in _template_names(o.set)} | _template_names(st.hours)
+    for axis in st.axes:
+        if axis not in used:
+            close = difflib.get_close_matches(axis, sorted(used), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"stages.{name}.axes.{axis}",
+                            f"axis is not used by the stage's spec, overrides or exclude{hint}")
+
+
 def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
     """All runs of the grid, in dependency order; every spec validated before anything runs."""
     stages: dict[str, StageSpec] = {}
@@ -399,15 +438,6 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
         for axis, values in st.axes.items():
             require(isinstance(values, list) and values, f"stages.{name}.axes.{axis}",
                     "an axis must be a non-empty list of values")
-        used = _template_names(st.spec) | {k for o in st.overrides for k in o.when} | \
-            {k for e in st.exclude for k in e} | set(st.tune.match if st.tune else [])
-        used |= {n for o in st.overrides for n in _template_names(o.set)}
-        for axis in st.axes:
-            if axis not in used:
-                close = difflib.get_close_matches(axis, sorted(used), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise SpecError(f"stages.{name}.axes.{axis}",
-                                f"axis is not used by the stage's spec, overrides or exclude{hint}")
     base_res = from_dict(Resources, gs.resources, "resources")
     base_res.validate("resources")
 
@@ -461,7 +491,12 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
                              if all(_label_matches(r.labels, k, [labels.get(k)]) for k in st.tune.match)]
                     require(bool(tuned), f"{path}.tune", f"no run of stage {st.tune.stage!r} matches {st.tune.match}")
                     deps += tuned
-                out.append(Run(rid, name, st.kind, labels, spec, deps, res, st.hours, st.tune))
+                hours = substitute(st.hours, {**ctx, "tokens": getattr(getattr(spec, "train", None), "tokens", None)},
+                                   f"{path}.hours")
+                require(isinstance(hours, (int, float)) and hours >= 0, f"{path}.hours",
+                        f"must evaluate to a non-negative number, got {hours!r}")
+                out.append(Run(rid, name, st.kind, labels, spec, deps, res, float(hours), st.tune))
+        _check_axes_used(name, st)
         seen: dict[str, Run] = {}
         for r in out:
             if r.id in seen:
@@ -470,7 +505,7 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
             seen[r.id] = r
         by_stage[name] = out
         runs.extend(out)
-    return Grid(gs, runs, source)
+    return Grid(gs, runs, source, stages)
 
 
 def _validate_train(spec: RunSpec, path: str) -> None:
@@ -481,12 +516,7 @@ def _validate_train(spec: RunSpec, path: str) -> None:
 def load_grid(path: str | Path) -> Grid:
     """Read, validate and expand a grid YAML file."""
     p = Path(path)
-    if not p.exists():
-        raise SpecError(str(p), "grid file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(str(p), f"invalid YAML: {e}") from None
+    data = load_yaml(p)
     gs = from_dict(GridSpec, data, "grid")
     require(re.fullmatch(r"[A-Za-z0-9_.-]+", gs.name or "") is not None, "grid.name",
             "letters, digits, '.', '_' and '-' only")
