@@ -291,6 +291,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SpecError as e:
         print(f"pcbench: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - known failure kinds get one clean line
+        from pcbench.checkpoint import CorruptCheckpoint
+        from pcbench.train import NonFiniteLoss
+
+        if isinstance(e, (NonFiniteLoss, CorruptCheckpoint)):
+            print(f"pcbench: error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

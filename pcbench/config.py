@@ -62,9 +62,16 @@ class ModelSpec:
         preset = models.PRESETS[self.name]
         require(preset.weights != "path" or bool(self.path), f"{path}.path",
                 f"model {self.name!r} needs a checkpoint path")
+        if preset.weights == "path":
+            return  # sizes come from the checkpoint
         heads = self.heads or preset.heads
         kv = self.kv_heads or preset.kv_heads or heads
+        d = self.d_model or preset.d_model
         require(heads % kv == 0, f"{path}.kv_heads", f"heads ({heads}) must be a multiple of kv_heads ({kv})")
+        require(d % heads == 0, f"{path}.d_model",
+                f"d_model ({d}) must be a multiple of heads ({heads}) (transformers refuses other widths)")
+        hd = self.head_dim or preset.head_dim or d // heads
+        require(hd % 2 == 0, f"{path}.head_dim", f"RoPE needs an even head_dim, got {hd}")
 
 
 @dataclass
@@ -80,6 +87,23 @@ class DataSpec:
     max_tokens: Optional[int] = None  # required for streamed (hub) corpora
 
     def validate(self, path: str) -> None:
+        from pcbench import corpora
+
+        for name, split, f in ((self.corpus, "train", "corpus"), (self.eval_corpus, self.eval_split, "eval_corpus")):
+            try:
+                corpora.check_split(name, split)
+            except ValueError as e:
+                raise SpecError(f"{path}.{f}", str(e)) from None
+            if corpora.is_streaming(name):
+                require(self.max_tokens is not None, f"{path}.max_tokens",
+                        f"required for the streamed corpus {name!r} (how many tokens to take)")
+        tok = self.tokenizer
+        require(tok in ("gpt2", "llama3", "model") or re.fullmatch(r"bpe-\d+", tok) is not None
+                or Path(tok).is_dir(), f"{path}.tokenizer",
+                f"unknown tokenizer {tok!r}; use gpt2, llama3, bpe-<N>, model (the base checkpoint's) "
+                "or a tokenizer directory")
+        m = re.fullmatch(r"bpe-(\d+)", tok)
+        require(m is None or int(m.group(1)) > 256, f"{path}.tokenizer", "a byte-level BPE needs more than 256 tokens")
         require(self.seq_len >= 8, f"{path}.seq_len", f"must be >= 8, got {self.seq_len}")
         require(self.eval_batches >= 0, f"{path}.eval_batches", "must be >= 0")
         require(self.max_tokens is None or self.max_tokens > 0, f"{path}.max_tokens", "must be positive")

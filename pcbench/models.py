@@ -50,9 +50,9 @@ PRESETS: dict[str, Preset] = {
     "gpt2-300m": Preset("gpt2", 16, 1024, 16, 4096, description="paper's 300M base"),
     "gpt2-800m": Preset("gpt2", 24, 1536, 24, 6144, description="paper's 800M base"),
     # CPU-sized GPT-2-style models (byte-level BPE trained on the book corpus).
-    "gpt2-nano": Preset("gpt2", 2, 32, 4, 128, head_dim=8, tokenizer="bpe-512",
+    "gpt2-nano": Preset("gpt2", 2, 32, 2, 128, head_dim=16, tokenizer="bpe-512",
                         description="~60k params: default CPU study"),
-    "gpt2-tiny": Preset("gpt2", 2, 64, 4, 256, head_dim=16, tokenizer="bpe-512",
+    "gpt2-tiny": Preset("gpt2", 2, 64, 2, 256, head_dim=32, tokenizer="bpe-512",
                         description="~165k params: mini CPU study"),
     "gpt2-small": Preset("gpt2", 4, 128, 4, 512, head_dim=32, tokenizer="bpe-4096",
                          description="~1.3M params"),

@@ -38,12 +38,13 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+    """The loss (or the gradient norm) became NaN/inf; the run stops before the optimiser step,
+    so the last checkpoint holds finite weights."""
 
-    def __init__(self, step: int, value: float):
+    def __init__(self, step: int, value: float, what: str = "loss"):
         self.step = step
         self.value = value
-        super().__init__(f"non-finite loss {value} at step {step}; last good checkpoint kept")
+        super().__init__(f"non-finite {what} {value} at step {step}; last good checkpoint kept")
 
 
 @dataclass
@@ -328,8 +329,10 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
             bar.close()
             raise NonFiniteLoss(step, step_loss)
         trainable.after_backward()
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(clip_params, o.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(clip_params, o.grad_clip if o.grad_clip > 0 else math.inf))
+        if not math.isfinite(grad_norm):
+            bar.close()
+            raise NonFiniteLoss(step, grad_norm, "gradient norm")
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -346,7 +349,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
         if env.main and (done % tc.log_every == 0 or done == steps):
             now = time.time()
             rec = {"step": done, "loss": step_loss, "loss_avg": sum(interval_losses) / len(interval_losses),
-                   "lr": lr, "tokens": done * tokens_per_step, "seconds": round(elapsed, 3),
+                   "lr": lr, "grad_norm": grad_norm, "tokens": done * tokens_per_step, "seconds": round(elapsed, 3),
                    "tokens_per_s": len(interval_losses) * tokens_per_step / max(now - interval_t, 1e-9)}
             if tc.eval_every and done % tc.eval_every == 0 and eval_store is not None:
                 rec["heldout_loss"] = heldout_loss(trainable.model, eval_batches(

@@ -56,10 +56,11 @@ def test_plan_hits_the_requested_share(level):
     plan = make_plan(m, level, importance.random(m, 0))
     small = prune(m, plan)
     assert count_params(small)["total"] == plan.params_after
-    # The best achievable width is within one d_model step of the target.
-    step = count_with_widths(m, {"d_model": w["d_model"] + 1, "d_ff": w["d_ff"] + 4}) - plan.params_after
+    assert w["d_model"] % m.config.num_attention_heads == 0  # transformers refuses other widths
+    # The best achievable width is within one d_model step (= the head count here) of the target.
+    step = count_with_widths(m, {"d_model": w["d_model"] + 4, "d_ff": w["d_ff"] + 16}) - plan.params_after
     assert abs(plan.params_after - (1 - level) * plan.params_before) <= step
-    assert abs(plan.achieved - level) < 0.02
+    assert abs(plan.achieved - level) < 0.03
 
 
 def test_plan_rejects_impossible_levels():

@@ -60,14 +60,18 @@ def count_with_widths(model: nn.Module, widths: dict[str, int]) -> int:
 
 
 def target_widths(model: nn.Module, compression: float, align: int = 1) -> dict[str, int]:
-    """Widths (d_model, d_ff), keeping their ratio and multiples of `align`, whose parameter count
-    is closest to (1 - compression) x the model's."""
+    """Widths (d_model, d_ff), keeping their ratio and multiples of `align` (d_model also of the
+    head count), whose parameter count is closest to (1 - compression) x the model's."""
     if not 0 < compression < 1:
         raise ValueError(f"compression must be in (0, 1), got {compression}")
     sizes = index_set_sizes(model)
     full = {axis_kind(k): n for k, n in sizes.items()}
     d, f = full[D_MODEL], full.get("d_ff")
     target = (1 - compression) * count_with_widths(model, full)
+    # transformers' Llama-family configs refuse a hidden size that is not a multiple of the head
+    # count (even with an explicit head_dim), so d_model moves in steps of lcm(align, heads).
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1
+    d_step = math.lcm(align, heads)
 
     def widths_for(dm: int) -> dict[str, int]:
         w = {D_MODEL: dm}
@@ -76,12 +80,12 @@ def target_widths(model: nn.Module, compression: float, align: int = 1) -> dict[
         return w
 
     best, best_err = None, math.inf
-    for dm in range(align, d + 1, align):
+    for dm in range(d_step, d + 1, d_step):
         err = abs(count_with_widths(model, widths_for(dm)) - target)
         if err < best_err:
             best, best_err = widths_for(dm), err
     if best is None or best[D_MODEL] >= d:
-        raise ValueError(f"compression {compression} leaves no room to shrink d_model={d} (align={align})")
+        raise ValueError(f"compression {compression} leaves no room to shrink d_model={d} (step {d_step})")
     return best
 
 

@@ -1,0 +1,273 @@
+"""The one training loop: bit-exact resume after SIGKILL, DDP == one process, HF round trip,
+corrupt checkpoints, non-finite losses and bad specs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pcbench import checkpoint
+from pcbench.atomic import read_jsonl
+from pcbench.config import SpecError, load_run_spec
+from pcbench.train import NonFiniteLoss, RunPaths, export_model, lm_loss, lr_factor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE_SPEC = {
+    "model": {"name": "gpt2-nano"},
+    "data": {"corpus": "books", "tokenizer": "bpe-512", "seq_len": 32, "eval_batches": 2},
+    "train": {"steps": 24, "batch_size": 8, "micro_batch_size": 4, "log_every": 1, "ckpt_every": 4,
+              "threads": 1, "device": "cpu"},
+    "optim": {"lr": 0.01, "warmup": 3},
+}
+
+
+def spec_of(**over):
+    d = json.loads(json.dumps(BASE_SPEC))
+    for section, fields in over.items():
+        d.setdefault(section, {}).update(fields)
+    return load_run_spec(d)
+
+
+def paths(tmp: Path, name: str) -> RunPaths:
+    return RunPaths(record=tmp / name / "record", work=tmp / name / "work")
+
+
+def losses(p: RunPaths) -> list[float]:
+    return [r["loss"] for r in read_jsonl(p.metrics)]
+
+
+def weights(p: RunPaths) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(p.model / "model.safetensors"))
+
+
+def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, **kw)
+
+
+def test_lr_schedule_shape():
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm, 0.1, 0.1) for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.1) and f[warm] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:warm], f[1:warm + 1]))  # linear warm-up
+    assert all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))  # cosine decay
+    assert f[total] == pytest.approx(0.1)
+
+
+def test_distillation_loss():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    y = torch.randint(0, 11, (2, 5), generator=g)
+    loss, ce = lm_loss(s, y, t, alpha=0.5, temperature=2.0)
+    ref_ce = torch.nn.functional.cross_entropy(s.flatten(0, 1), y.flatten())
+    p_t = torch.softmax(t / 2, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean()
+    torch.testing.assert_close(ce, ref_ce)
+    torch.testing.assert_close(loss, 0.5 * ref_ce + 0.5 * 4 * kl)
+    plain, ce0 = lm_loss(s, y, t, alpha=0.0)
+    assert plain is ce0  # no teacher term when alpha is 0
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    p = paths(tmp, "ref")
+    rec = train(spec_of(), p, progress=False)
+    return p, rec
+
+
+def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path):
+    ref_paths, ref = reference_run
+    spec_file = tmp_path / "spec.yaml"
+    long = json.loads(json.dumps(BASE_SPEC))
+    long["train"].update(steps=400, ckpt_every=8)
+    spec_file.write_text(yaml.safe_dump(long))
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pcbench.cli", "train", str(spec_file), "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = out / "work" / "ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint.list_checkpoints(ckpts):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.list_checkpoints(ckpts), "no checkpoint was written before the kill"
+    assert not (out / "record" / "final.json").exists(), "the run finished before it was killed"
+    killed_at = int(checkpoint.list_checkpoints(ckpts)[-1].name.split("_")[1])
+    assert 0 < killed_at < 400
+    # Resume in this process, and compare with an uninterrupted run of the same spec.
+    spec = load_run_spec(long)
+    p = RunPaths(record=out / "record", work=out / "work", export=out / "model")
+    rec = train(spec, p, progress=False)
+    assert rec["resumed_from"] >= killed_at
+    full = paths(tmp_path, "full")
+    ref_long = train(spec, full, progress=False)
+    assert rec["train_loss_last100"] == ref_long["train_loss_last100"]  # bit for bit
+    assert rec["final_train_loss"] == ref_long["final_train_loss"]
+    assert losses(p) == losses(full)  # the whole curve, with no duplicated or missing step
+    assert [r["step"] for r in read_jsonl(p.metrics)] == list(range(1, 401))
+    a, b = weights(p), weights(full)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_resume_skips_a_corrupt_checkpoint(reference_run, tmp_path):
+    ref_paths, ref = reference_run
+    spec = spec_of()
+    p = paths(tmp_path, "r")
+    # Run to the end (checkpoints at steps 16 and 20 are kept), truncate the newest, run again.
+    train(spec, p, progress=False)
+    ckpts = checkpoint.list_checkpoints(p.ckpt)
+    assert len(ckpts) == 2  # keep_checkpoints
+    newest = ckpts[-1] / "state.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="truncated"):
+        checkpoint.verify(ckpts[-1])
+    p.final.unlink()
+    rec = train(spec, p, progress=False)
+    assert rec["checkpoint_problems"] and "truncated" in rec["checkpoint_problems"][0]
+    assert rec["resumed_from"] == int(ckpts[0].name.split("_")[1])
+    assert (ckpts[-1].parent / (ckpts[-1].name + ".corrupt")).exists()  # kept, not deleted
+    assert rec["train_loss_last100"] == ref["train_loss_last100"]
+    # Every checkpoint corrupt: refuse, and keep the files.
+    for c in checkpoint.list_checkpoints(p.ckpt):
+        (c / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="no valid checkpoint"):
+        train(spec, p, progress=False)
+    assert list(p.ckpt.glob("*.corrupt"))
+
+
+def test_export_is_a_stock_hf_checkpoint(reference_run):
+    p, rec = reference_run
+    model = AutoModelForCausalLM.from_pretrained(p.model, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(p.model)
+    assert type(model).__name__ == "ArceeForCausalLM" and model.config.hidden_act == "relu"
+    assert not model.config.tie_word_embeddings
+    ids = torch.tensor([tok("It was a bright cold day in April.").input_ids])
+    logits = model(input_ids=ids).logits
+    # Save again through our exporter and reload: identical logits.
+    out = p.work / "again"
+    export_model(model, tok, out)
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(again(input_ids=ids).logits, logits)
+    # The export is the trained network: its held-out loss is the recorded one.
+    from pcbench.data import eval_batches, prepare_tokens
+    from pcbench.evaluate import heldout_loss
+
+    store = prepare_tokens("sotu", "bpe-512", "test")
+    held = heldout_loss(model, eval_batches(store, 32, 4, 2), torch.device("cpu"))
+    assert held == pytest.approx(rec["heldout_loss"], rel=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["pretrain", "pc"])
+def test_two_process_ddp_matches_one_process(reference_run, tmp_path, method):
+    ref_paths, _ = reference_run
+    d = json.loads(json.dumps(BASE_SPEC))
+    d["train"].update(steps=8, ckpt_every=0)
+    if method == "pc":
+        d["model"] = {"name": "hf", "path": str(ref_paths.model)}
+        d["compress"] = {"method": "pc", "compression": 0.5}
+        d["optim"]["lr"] = 0.003
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(d))
+    one = tmp_path / "one"
+    r1 = run_cli(["pcbench.cli", "train", str(spec_file), "--out", str(one)], timeout=600)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    two = tmp_path / "two"
+    r2 = run_cli(["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                  "--master_port", str(_free_port()), "-m", "pcbench.cli", "train", str(spec_file),
+                  "--out", str(two)], timeout=600)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    l1 = [r["loss"] for r in read_jsonl(one / "record" / "metrics.jsonl")]
+    l2 = [r["loss"] for r in read_jsonl(two / "record" / "metrics.jsonl")]
+    assert len(l1) == len(l2) == 8
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
+    f2 = json.loads((two / "record" / "final.json").read_text())
+    assert f2["world_size"] == 2
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    spec = spec_of(optim={"lr": 1e30, "warmup": 0, "grad_clip": 0.0}, train={"ckpt_every": 1, "steps": 40})
+    p = paths(tmp_path, "nan")
+    with pytest.raises(NonFiniteLoss) as e:
+        train(spec, p, progress=False)
+    step = e.value.step
+    assert 0 < step < 40
+    ckpts = checkpoint.list_checkpoints(p.ckpt)
+    assert ckpts and int(ckpts[-1].name.split("_")[1]) == step  # state before the bad step
+    state = checkpoint.load(ckpts[-1])
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values() if v.is_floating_point())
+    assert not p.final.exists()
+
+
+def test_non_finite_loss_marks_the_run_failed(tmp_path):
+    from pcbench.jobs import RunJob
+    from pcbench.store import Store
+
+    store = Store(tmp_path / "res", tmp_path / "work")
+    spec = json.loads(json.dumps(BASE_SPEC))
+    spec["optim"].update(lr=1e30, warmup=0, grad_clip=0.0)
+    store.write_run({"id": "r1", "stage": "s", "kind": "train", "labels": {}, "spec": spec, "deps": [],
+                     "tune": None})
+    with pytest.raises(NonFiniteLoss):
+        RunJob(str(store.root), str(store.work), "r1", progress=False)()
+    st = store.status("r1")
+    assert st["state"] == "failed" and "non-finite" in st["error"] and st["step"] > 0
+
+
+@pytest.mark.parametrize("mutate,field,why", [
+    (lambda d: d["train"].pop("steps"), "spec.train", "exactly one of"),
+    (lambda d: d["train"].__setitem__("batchsize", 8), "spec.train.batchsize", "did you mean 'batch_size'"),
+    (lambda d: d["optim"].__setitem__("lr", "fast"), "spec.optim.lr", "number"),
+    (lambda d: d["model"].__setitem__("name", "gpt9"), "spec.model.name", "unknown model"),
+    (lambda d: d["data"].__setitem__("tokenizer", "sentencepiece"), "spec.data.tokenizer", "unknown tokenizer"),
+    (lambda d: d["data"].__setitem__("corpus", "wikipedia"), "spec.data.corpus", "unknown corpus"),
+    (lambda d: d["data"].__setitem__("corpus", "c4"), "spec.data.max_tokens", "streamed"),
+    (lambda d: d["model"].update(d_model=30, heads=4), "spec.model.d_model", "multiple of heads"),
+    (lambda d: d["model"].update(heads=4, kv_heads=3), "spec.model.kv_heads", "multiple"),
+    (lambda d: d["train"].update(micro_batch_size=3), "spec.train.micro_batch_size", "divide"),
+    (lambda d: d.__setitem__("compress", {"method": "pc", "compression": 0.5}), "spec.model.path", "pretrained"),
+    (lambda d: d.__setitem__("compress", {"method": "pc", "compression": 50}), "spec.compress.compression",
+     "fraction"),
+])
+def test_bad_specs_fail_before_any_work(mutate, field, why, tmp_path):
+    d = json.loads(json.dumps(BASE_SPEC))
+    mutate(d)
+    with pytest.raises(SpecError) as e:
+        load_run_spec(d)
+    assert field in str(e.value) and why in str(e.value), str(e.value)
+
+
+def test_bad_spec_file_through_the_cli(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: gpt2-nano}\ntrain: {steps: 2, batch_sise: 4}\n")
+    r = run_cli(["pcbench.cli", "train", str(bad), "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and "train.batch_sise" in r.stderr and "did you mean 'batch_size'" in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing started
