@@ -17,7 +17,11 @@
 # so a system SLURM/munge/MariaDB is left alone. `stop` only signals the PIDs in our PID files,
 # after checking that each PID is still the program we started.
 # State (accounting DB and slurmctld state, hence job ids) persists across stop/start; `clean`
-# wipes it. Cluster name: pcbench, partition: debug (the default), one node = this machine.
+# wipes it. Cluster name: pcbench, partition: debug (the default), one node = this machine
+# (CPUs = nproc, RealMemory = 90 % of RAM, no GPUs/GRES). SelectTypeParameters=CR_CPU: memory
+# is not a consumable, so jobs share the node by CPU only; EnforcePartLimits=ALL makes requests
+# the node can never satisfy (too many CPUs/nodes, --mem above RealMemory) fail at submission
+# instead of pending forever. A requeued job becomes eligible again after ~11 s (cred_expire+1).
 set -euo pipefail
 
 D=${PCBENCH_SLURM_DIR:-/tmp/pcbench-slurm}
@@ -197,6 +201,7 @@ AccountingStorageHost=$dbd_addr
 AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$MUNGE_SOCK
 JobRequeue=1
+EnforcePartLimits=ALL
 ReturnToService=2
 KillWait=5
 MinJobAge=10
