@@ -372,9 +372,33 @@ def _stage_order(stages: dict[str, StageSpec]) -> list[str]:
     return order
 
 
-def run_id(stage: str, kind: str, spec: dict, tune: Optional[dict]) -> str:
-    """Stable id: the stage name and a hash of the resolved spec (resources excluded)."""
-    blob = json.dumps({"kind": kind, "spec": spec, "tune": tune}, sort_keys=True, default=str)
+def identity(obj: Any) -> Any:
+    """The parts of a spec that differ from their defaults (nested). Hashing this instead of the
+    whole spec keeps run ids stable when a new field with a neutral default is added."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(v):
+            sub = identity(v)
+            if default is dataclasses.MISSING or not dataclasses.is_dataclass(default) or sub != identity(default):
+                out[f.name] = sub
+        elif v != default:
+            out[f.name] = v
+    return out
+
+
+def run_id(stage: str, kind: str, spec: Any, tune: Optional[dict]) -> str:
+    """Stable id: the stage name and a hash of the resolved spec's non-default fields (resources
+    excluded)."""
+    blob = json.dumps({"kind": kind, "spec": identity(spec), "tune": tune}, sort_keys=True, default=str)
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -482,9 +506,8 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
                 else:
                     spec = from_dict(EvalSpec, resolved, spec_path)
                 spec.validate(spec_path) if st.kind == "eval" else _validate_train(spec, spec_path)
-                spec_dict = to_dict(spec)
                 tune_dict = to_dict(st.tune) if st.tune else None
-                rid = run_id(name, st.kind, spec_dict, tune_dict)
+                rid = run_id(name, st.kind, spec, tune_dict)
                 deps = [parent.id] if parent else []
                 if st.tune:
                     tuned = [r.id for r in by_stage[st.tune.stage]

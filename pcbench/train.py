@@ -206,6 +206,58 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def amp_ctx(device: torch.device, precision: str):
+    """A factory of fresh autocast contexts (one per micro-batch)."""
+    return lambda: autocast_for(device, precision)
+
+
+class Stepper:
+    """One optimiser step, shared by the training loop and the benchmarks: `before_step`, every
+    micro-batch forward/backward (DDP syncs on the last), `after_backward`, clip, AdamW, schedule."""
+
+    def __init__(self, trainable, net, opt, sched, *, micro: int, amp=None, teacher=None, alpha: float = 0.0,
+                 temperature: float = 1.0, grad_clip: float = 1.0, env: Optional[distributed.DistEnv] = None):
+        self.trainable, self.net, self.opt, self.sched = trainable, net, opt, sched
+        self.micro, self.amp, self.teacher = micro, amp or (lambda: contextlib.nullcontext()), teacher
+        self.alpha, self.temperature, self.grad_clip = alpha, temperature, grad_clip
+        self.env = env or distributed.DistEnv(0, 1, 0, torch.device("cpu"))
+        self.clip_params = trainable.optimized_parameters()
+
+    def __call__(self, batch: torch.Tensor, step: int) -> tuple[float, float]:
+        """Train on `batch` (this process's rows, [rows, seq+1]); returns (mean CE, grad norm)."""
+        self.trainable.before_step()
+        chunks = batch.split(self.micro)
+        loss_sum = torch.zeros((), device=batch.device)
+        for i, mb in enumerate(chunks):
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if self.env.world == 1 or last else self.net.no_sync()
+            with sync:
+                with self.amp():
+                    logits = self.net(input_ids=mb[:, :-1]).logits
+                    t_logits = None
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            t_logits = self.teacher(input_ids=mb[:, :-1]).logits
+                loss, ce = lm_loss(logits, mb[:, 1:], t_logits, self.alpha, self.temperature)
+                (loss / len(chunks)).backward()
+            loss_sum += ce.detach()
+        step_loss = float(distributed.all_mean(loss_sum / len(chunks), self.env))
+        if not math.isfinite(step_loss):
+            raise NonFiniteLoss(step, step_loss)
+        self.trainable.after_backward()
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.clip_params, max_norm))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLoss(step, grad_norm, "gradient norm")
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        for p in self.trainable.model.parameters():
+            p.grad = None
+        return step_loss, grad_norm
+
+
 def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> dict:
     """Train `spec` to completion, resuming from `paths.ckpt` if a checkpoint exists.
 
@@ -226,7 +278,6 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
     micro = min(tc.micro_batch_size or rows, rows)
     if rows % micro:
         raise SpecError("train.micro_batch_size", f"{micro} does not divide the {rows} rows per process")
-    accum = rows // micro
     steps = total_steps(spec)
     if env.main:
         paths.record.mkdir(parents=True, exist_ok=True)
@@ -260,7 +311,6 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
                             eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, steps, o.warmup, o.warmup_start, o.final_lr))
-    clip_params = trainable.optimized_parameters()
 
     # Resume.
     start, losses, elapsed = 0, [], 0.0
@@ -280,12 +330,13 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
         for p in (paths.metrics, paths.recovery):
             p.unlink(missing_ok=True)
 
+    stepper = Stepper(trainable, net, opt, sched, micro=micro, amp=amp_ctx(env.device, tc.precision),
+                      teacher=teacher, alpha=spec.compress.distill if spec.compress else 0.0,
+                      temperature=spec.compress.temperature if spec.compress else 1.0,
+                      grad_clip=o.grad_clip, env=env)
     tokens_per_step = tc.batch_size * dc.seq_len
     flops_tok = models.flops_per_token(trainable.model.config, dc.seq_len)
     fixed_flops = trainable.fixed_flops_per_step()
-    amp = autocast_for(env.device, tc.precision)
-    alpha = spec.compress.distill if spec.compress else 0.0
-    temperature = spec.compress.temperature if spec.compress else 1.0
     recovery_every = spec.compress.recovery_every if spec.compress else 0
 
     def save_ckpt(step: int) -> None:
@@ -309,36 +360,13 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
     net.train()
     for step in range(start, steps):
         step_t = time.time()
-        trainable.before_step()
         batch = batches.get(step, tc.batch_size, rank=env.rank, world=env.world).to(env.device)
-        loss_sum = torch.zeros((), device=env.device)
-        for i, mb in enumerate(batch.split(micro)):
-            sync = contextlib.nullcontext() if env.world == 1 or i == accum - 1 else net.no_sync()
-            with sync:
-                with amp:
-                    logits = net(input_ids=mb[:, :-1]).logits
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(input_ids=mb[:, :-1]).logits
-                loss, ce = lm_loss(logits, mb[:, 1:], t_logits, alpha, temperature)
-                (loss / accum).backward()
-            loss_sum += ce.detach()
-        step_loss = float(distributed.all_mean(loss_sum / accum, env))
-        if not math.isfinite(step_loss):
-            bar.close()
-            raise NonFiniteLoss(step, step_loss)
-        trainable.after_backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(clip_params, o.grad_clip if o.grad_clip > 0 else math.inf))
-        if not math.isfinite(grad_norm):
-            bar.close()
-            raise NonFiniteLoss(step, grad_norm, "gradient norm")
         lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        for p in trainable.model.parameters():
-            p.grad = None
+        try:
+            step_loss, grad_norm = stepper(batch, step)
+        except NonFiniteLoss:
+            bar.close()
+            raise
         elapsed += time.time() - step_t
         losses.append(step_loss)
         losses = losses[-tc.last_k:]

@@ -152,3 +152,11 @@ def test_paper_gpt2_grid_has_table_a2_cells():
     assert len(cells) == 120
     assert {r.spec.data.seq_len for r in main} == {512} and {r.spec.train.batch_size for r in main} == {512}
     assert {r.labels["tokens"] for r in main} == {1.25e9, 2.5e9, 5e9, 7.5e9, 10e9}
+
+
+def test_spelling_out_a_default_keeps_the_id():
+    ids = {r.id for r in grid(BASE).runs}
+    d = copy.deepcopy(BASE)
+    d["defaults"]["train"]["log_every"] = 10  # the default value, written out
+    d["defaults"]["optim"] = {"weight_decay": 0.1}
+    assert {r.id for r in grid(d).runs} == ids
