@@ -58,12 +58,21 @@ def in_flight(status: dict) -> bool:
         return _slurm_alive(str(job))
     pid = status.get("pid")
     if pid and status.get("host") == socket.gethostname():
-        try:
-            os.kill(int(pid), 0)
-            return True
-        except (OSError, ValueError):
-            return False
+        return _pid_alive(int(pid))
     return False
+
+
+def _pid_alive(pid: int) -> bool:
+    """A live (not zombie) process with this pid."""
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: trust kill(0)
 
 
 @dataclass

@@ -285,7 +285,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
     distributed.barrier(env)
 
     tok_name = data_tokenizer_name(spec)
-    train_store = prepare_tokens(dc.corpus, tok_name, "train", max_tokens=dc.max_tokens)
+    train_store = prepare_tokens(dc.corpus, tok_name, "train", max_tokens=dc.max_tokens,
+                                 tokenizer_corpus=dc.corpus)
     data_seed = tc.seed if tc.data_seed is None else tc.data_seed
     batches = Batches(train_store, dc.seq_len, seed=data_seed)
 
@@ -299,7 +300,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
         raise SpecError("data.tokenizer", f"tokenizer has {len(tokenizer)} tokens, model vocab is {vocab}")
     eval_store = None
     if dc.eval_batches > 0:
-        eval_store = prepare_tokens(dc.eval_corpus, tok_name, dc.eval_split, max_tokens=dc.max_tokens)
+        eval_store = prepare_tokens(dc.eval_corpus, tok_name, dc.eval_split, max_tokens=dc.max_tokens,
+                                    tokenizer_corpus=dc.corpus)
 
     net = trainable.model
     if tc.compile:
