@@ -14,6 +14,7 @@ their checkpoints, and reruns failed ones only with `retry_failed`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -209,7 +210,8 @@ def _run_submitit(todo: list[Run], store: Store, kind: str, override: dict, log_
     groups: dict[tuple, list[Run]] = {}
     for run in todo:
         res = merged_resources(run, override)
-        groups.setdefault((run.stage, tuple(sorted(to_dict(res).items(), key=str))), []).append(run)
+        key = json.dumps(to_dict(res), sort_keys=True, default=str)
+        groups.setdefault((run.stage, key), []).append(run)
     for (stage, _), runs in groups.items():
         res = merged_resources(runs[0], override)
         # Split further by the jobs the runs must wait for.
