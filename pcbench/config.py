@@ -200,7 +200,8 @@ class CompressSpec:
 
 @dataclass
 class RunSpec:
-    """One training run. `compress` absent: pretraining from scratch; present: HPR or PC of `model`."""
+    """One training run. `compress` absent: pretraining from scratch, or fine-tuning every weight when
+    the model has a checkpoint (`model.path`); present: HPR or PC of that checkpoint."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -210,7 +211,10 @@ class RunSpec:
 
     @property
     def kind(self) -> str:
-        return "pretrain" if self.compress is None else self.compress.method
+        """pretrain (from scratch), finetune (all weights of a checkpoint), hpr or pc."""
+        if self.compress is not None:
+            return self.compress.method
+        return "finetune" if self.model.path or _preset_has_weights(self.model.name) else "pretrain"
 
     def validate(self, path: str = "spec") -> None:
         self.model.validate(f"{path}.model")

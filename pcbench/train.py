@@ -126,11 +126,26 @@ def data_tokenizer_name(spec: RunSpec) -> str:
     return spec.data.tokenizer
 
 
+def _check_data_tokenizer(spec: RunSpec, tok, load_tokenizer) -> None:
+    """The data must be tokenised with the checkpoint's own tokenizer."""
+    if spec.data.tokenizer != "model":
+        data_tok = load_tokenizer(spec.data.tokenizer, corpus=spec.data.corpus)
+        if data_tok.get_vocab() != tok.get_vocab():
+            raise SpecError("data.tokenizer", f"{spec.data.tokenizer!r} is not the tokenizer of the "
+                            f"checkpoint {models.pretrained_path(spec.model)}; use `model` or the same one")
+
+
 def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibration=None):
     """(trainable, tokenizer, teacher, info) for the spec's kind (pretrain | hpr | pc)."""
     from pcbench.tokenizer import load_tokenizer
 
     info: dict = {}
+    if spec.kind == "finetune":  # e.g. the paper's "dataset alignment" of a base to new data
+        model, tok = models.load_pretrained(spec.model)
+        _check_data_tokenizer(spec, tok, load_tokenizer)
+        model = model.to(device)
+        info["model"] = models.describe(model)
+        return Direct(model), tok, None, info
     if spec.compress is None:
         tok = load_tokenizer(data_tokenizer_name(spec), corpus=spec.data.corpus)
         vocab = models.vocab_size_for(spec.data.tokenizer) or len(tok)
@@ -149,11 +164,7 @@ def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibr
 
     c = spec.compress
     base, tok = models.load_pretrained(spec.model)
-    if spec.data.tokenizer != "model":
-        data_tok = load_tokenizer(spec.data.tokenizer, corpus=spec.data.corpus)
-        if data_tok.get_vocab() != tok.get_vocab():
-            raise SpecError("data.tokenizer", f"{spec.data.tokenizer!r} is not the tokenizer of the base "
-                            f"checkpoint {models.pretrained_path(spec.model)}; use `model` or the same one")
+    _check_data_tokenizer(spec, tok, load_tokenizer)
     info["base"] = models.describe(base)
     if paths.plan.exists():  # resume: reuse the exact kept indices
         plan = Plan.from_dict(json.loads(paths.plan.read_text()))
