@@ -1,0 +1,438 @@
+"""Optimiser-step cost of Projected Compression against hard pruning (HPR) as tokens per step grow.
+
+Per cell (tokens per optimiser step, split into micro-batches) and method, in one process:
+- `hpr`: `Direct(prune(base, plan))`;
+- `pc`: cost-free `Projected` (materialise once per step, push gradients into P/R once);
+- `naive`: `NaiveProjected`, autograd through P.W.P inside every micro-batch forward.
+Each optimiser step is the training loop's `Stepper`; warm-up steps are excluded, repeats are
+interleaved across methods (order rotated), medians reported. Peak memory per method: on CUDA
+`max_memory_allocated` (reset per probe), on CPU peak RSS of a fresh subprocess per probe.
+
+    pcbench bench step-cost [--device auto] [--repeats 5] [--threads 2] [--out results/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pcbench import models
+from pcbench.atomic import write_json
+from pcbench.bench import resolve_device, run_stem, save_figure, summary, sync
+from pcbench.bench.machine import REPO, contention, finish, load_average, machine_info
+from pcbench.compress import importance
+from pcbench.compress.plan import make_plan
+from pcbench.compress.projected import Projected
+from pcbench.compress.prune import prune
+from pcbench.config import ModelSpec
+from pcbench.train import Stepper, amp_ctx, lr_factor
+from pcbench.trainable import Direct
+
+METHODS = ("hpr", "pc", "naive")
+DEFAULT_CELLS = "1x8,1x32,1x128,16x8"
+
+
+class NaiveProjected(Projected):
+    """PC trained the slow way: every forward materialises W_c with autograd (`reference_logits`),
+    so gradients reach P/R through the graph; no per-step materialise or push-back."""
+
+    def before_step(self) -> None:
+        pass
+
+    def after_backward(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def export(self):
+        Projected.before_step(self)
+        return self.model
+
+
+class NaiveNet(nn.Module):
+    """The network the Stepper calls for `NaiveProjected`: logits via `reference_logits`."""
+
+    def __init__(self, pc: NaiveProjected):
+        super().__init__()
+        self.pc = pc
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.pc.reference_logits(input_ids))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """`micro_batches` micro-batches of `rows` sequences per optimiser step."""
+
+    micro_batches: int
+    rows: int
+
+    @property
+    def total_rows(self) -> int:
+        return self.micro_batches * self.rows
+
+    def label(self, seq: int) -> str:
+        tok = self.total_rows * seq
+        size = f"{tok // 1024}k" if tok % 1024 == 0 else str(tok)
+        return size if self.micro_batches == 1 else f"{size} ({self.micro_batches}x{self.rows})"
+
+
+def parse_cells(text: str) -> list[Cell]:
+    """`"1x8,16x8"` -> one micro-batch of 8 rows, 16 micro-batches of 8 rows."""
+    cells = []
+    for part in text.split(","):
+        n, r = part.strip().lower().split("x")
+        cells.append(Cell(int(n), int(r)))
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the methods
+
+
+def build_base(model: str, vocab: int, seq: int, compression: float, seed: int):
+    """(base model, plan): a seeded from-scratch base and a random-importance plan."""
+    base = models.build_model(models.build_config(ModelSpec(name=model), vocab, seq), seed=seed)
+    base.config.use_cache = False
+    plan = make_plan(base, compression, importance.random(base, seed))
+    return base, plan
+
+
+def build_method(method: str, base, plan, device: torch.device, lr: float, total_steps: int, micro: int):
+    """(trainable, Stepper) for `method`, as the training loop would build and step it."""
+    if method == "hpr":
+        trainable = Direct(prune(base, plan)).to(device)
+        net = trainable.model
+    elif method in ("pc", "naive"):
+        cls = Projected if method == "pc" else NaiveProjected
+        trainable = cls(base, plan, sides="both", residual=True).place(device)
+        net = trainable.model if method == "pc" else NaiveNet(trainable)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    trainable.model.train()
+    opt = torch.optim.AdamW(trainable.param_groups(0.1), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, 0, 0.0, 0.1))
+    return trainable, Stepper(trainable, net, opt, sched, micro=micro, amp=amp_ctx(device, "auto"))
+
+
+def fixed_batch(rows: int, seq: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (rows, seq + 1), generator=g).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def _status_bytes(key: str) -> int:
+    """`VmRSS` / `VmHWM` of this process from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _settle_and_reset_peak() -> bool:
+    """Free what can be freed (gc, malloc_trim), then reset the peak RSS (Linux clear_refs 5)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe(cfg: dict) -> dict:
+    """Build one method for one cell alone and run `steps` steps; memory in MiB. CPU: RSS after
+    imports and after the build, then the peak RSS (VmHWM, reset after the build) over the steps;
+    CUDA: allocated before/after the build, then max allocated over the steps."""
+    device = torch.device(cfg["device"])
+    torch.set_num_threads(cfg["threads"])
+    cell = Cell(**cfg["cell"])
+    mib = 2.0 ** 20
+    cuda = device.type == "cuda"
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated(device)
+    else:
+        _settle_and_reset_peak()
+        start = _status_bytes("VmRSS")
+    base, plan = build_base(cfg["model"], cfg["vocab"], cfg["seq"], cfg["compression"], cfg["seed"])
+    trainable, stepper = build_method(cfg["method"], base, plan, device, cfg["lr"], cfg["steps"], cell.rows)
+    batch = fixed_batch(cell.total_rows, cfg["seq"], cfg["vocab"], cfg["seed"], device)
+    del base, plan  # a real run keeps only what the method holds (PC: the base tensors)
+    if cuda:
+        gc.collect()
+        built = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        reset = True
+    else:
+        reset = _settle_and_reset_peak()
+        built = _status_bytes("VmRSS")
+    for step in range(cfg["steps"]):
+        stepper(batch, step)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _status_bytes("VmHWM")
+    out = {"persistent_mib": (built - start) / mib, "step_peak_mib": (peak - built) / mib,
+           "peak_total_mib": (peak - start) / mib, "steps": cfg["steps"], "peak_reset_after_build": reset}
+    if not cuda:
+        out.update({"rss_after_imports_mib": start / mib, "rss_after_build_mib": built / mib,
+                    "peak_rss_mib": peak / mib})
+    return out
+
+
+def measure_memory(cfg: dict) -> dict:
+    """`probe` in-process on CUDA, in a fresh interpreter on CPU (peak RSS is per process)."""
+    if cfg["device"].startswith("cuda"):
+        return probe(cfg)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-m", "pcbench.bench.step_cost", "--probe", json.dumps(cfg)],
+                         capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({res.returncode}): {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+MEMORY_METHOD = {
+    "cuda": "in-process per method and cell, alone on the device: torch.cuda.max_memory_allocated "
+            "(peak stats reset after the build); persistent = allocated after build - before build",
+    "cpu": "fresh subprocess per method and cell (gc + malloc_trim before each reading): persistent = "
+           "RSS after the build (method, optimiser not yet stepped, base model freed except what the method "
+           "holds) - RSS after imports; then the peak RSS is reset (/proc/self/clear_refs 5) and "
+           "step_peak = peak RSS (VmHWM, = ru_maxrss) over the steps - RSS after build (includes AdamW "
+           "state, allocated at the first step); peak_total = peak RSS - RSS after imports. RSS also "
+           "counts freed-but-cached malloc pages, so these bound live tensor bytes from above",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def time_cell(cell: Cell, base, plan, device: torch.device, args: argparse.Namespace):
+    """(measurements per method, load samples, FLOP facts): warm-up, then `repeats` interleaved
+    timed steps of every method on one fixed batch, order rotated per repeat."""
+    total_steps = args.warmup + args.repeats
+    built = {m: build_method(m, base, plan, device, args.lr, total_steps, cell.rows) for m in METHODS}
+    pc = built["pc"][0]
+    info = {"small_config": built["hpr"][0].model.config, "fixed": pc.fixed_flops_per_step(),
+            "materialise": sum(t.flops() for t in pc.tensors.values())}
+    info["per_token"] = models.flops_per_token(info["small_config"], args.seq)
+    batch = fixed_batch(cell.total_rows, args.seq, args.vocab, args.seed, device)
+    losses: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for m in METHODS:
+        for i in range(args.warmup):
+            losses[m].append(built[m][1](batch, i)[0])
+    loads = []
+    for r in range(args.repeats):
+        for m in METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]:
+            sync(device)
+            t0 = time.perf_counter()
+            loss, _ = built[m][1](batch, args.warmup + r)
+            sync(device)
+            times[m].append(time.perf_counter() - t0)
+            losses[m].append(loss)
+        loads.append(load_average())
+    del built, pc
+    gc.collect()
+    tokens = cell.total_rows * args.seq
+    meas = {m: {"step_seconds": summary(times[m]), "losses": losses[m],
+                "tokens_per_s": tokens / summary(times[m])["median"]} for m in METHODS}
+    return meas, loads, info
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cells = parse_cells(args.cells)
+    machine = machine_info()
+    machine["contention_warning"] = contention(machine, args.threads)
+    if machine["contention_warning"]:
+        print(f"warning: {machine['contention_warning']}", flush=True)
+    base, plan = build_base(args.model, args.vocab, args.seq, args.compression, args.seed)
+    results = []
+    for cell in cells:
+        tokens = cell.total_rows * args.seq
+        meas, loads, info = time_cell(cell, base, plan, device, args)
+        per_token, fixed, materialise = info["per_token"], info["fixed"], info["materialise"]
+        small_cfg = info["small_config"]
+        med = {m: meas[m]["step_seconds"]["median"] for m in METHODS}
+        token_flops = per_token * tokens
+        rec = {
+            "cell": {**asdict(cell), "label": cell.label(args.seq), "tokens": tokens},
+            "measurements": meas,
+            "load_during": loads,
+            "flops": {"per_token": per_token, "tokens_x_per_token": token_flops, "pc_fixed_per_step": fixed,
+                      "materialise_once": materialise,
+                      "naive_extra_per_step": 3 * materialise * cell.micro_batches,
+                      "hpr_achieved_per_s": token_flops / med["hpr"]},
+            "ratios": {
+                "pc_over_hpr": med["pc"] / med["hpr"],
+                "pc_over_hpr_predicted": 1 + fixed / token_flops,
+                "naive_over_pc": med["naive"] / med["pc"],
+                "naive_over_pc_predicted": (token_flops + 3 * materialise * cell.micro_batches) / (token_flops + fixed),
+                "pc_over_hpr_of_mins": meas["pc"]["step_seconds"]["min"] / meas["hpr"]["step_seconds"]["min"],
+                "naive_over_pc_of_mins": meas["naive"]["step_seconds"]["min"] / meas["pc"]["step_seconds"]["min"],
+            },
+            "seconds": {"pc_minus_hpr": med["pc"] - med["hpr"],
+                        "pc_fixed_predicted_at_hpr_rate": fixed * med["hpr"] / token_flops},
+        }
+        if args.memory != "off":
+            rec["memory"] = {m: measure_memory({
+                "model": args.model, "vocab": args.vocab, "seq": args.seq, "compression": args.compression,
+                "seed": args.seed, "lr": args.lr, "threads": args.threads, "device": str(device),
+                "cell": asdict(cell), "method": m, "steps": max(2, args.warmup + 1)}) for m in METHODS}
+        results.append(rec)
+        print(row(rec), flush=True)
+    config = {**{k: v for k, v in vars(args).items() if k not in ("out", "probe")}, "device": str(device),
+              "methods": list(METHODS), "sides": "both", "residual": True, "importance": "random",
+              "plan": {k: v for k, v in plan.to_dict().items() if k != "keep"},
+              "base_params": models.count_params(base), "small_params": models.count_params(small_cfg),
+              "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+              "batch_source": "one fixed random token batch per cell, the same for every method and step",
+              "interleave": "per repeat one step of each method, order rotated; median over repeats",
+              "memory_method": MEMORY_METHOD[device.type] if args.memory != "off" else None,
+              "flop_model": "per token: models.flops_per_token of the small model (3x forward matmuls); "
+                            "PC fixed: Projected.fixed_flops_per_step = 4x materialise (once, recompute, "
+                            "2x backward); naive: 3x materialise per micro-batch (forward + backward)"}
+    machine["load_during"] = [l for r in results for l in r["load_during"]]
+    return {"benchmark": "step-cost", "config": config, "machine": finish(machine), "cells": results}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+HEADER = (f"{'cell':<12} {'tokens':>6} {'hpr s':>8} {'pc s':>8} {'naive s':>8} {'pc/hpr':>7} {'pred':>6} "
+          f"{'naive/pc':>8} {'pred':>6}  step-peak MiB hpr/pc/naive")
+
+
+def row(rec: dict) -> str:
+    m, r = rec["measurements"], rec["ratios"]
+    s = " ".join(f"{m[k]['step_seconds']['median']:>8.3f}" for k in METHODS)
+    mem = ""
+    if "memory" in rec:
+        mem = "/".join(f"{rec['memory'][k]['step_peak_mib']:.0f}" for k in METHODS)
+    return (f"{rec['cell']['label']:<12} {rec['cell']['tokens']:>6} {s} {r['pc_over_hpr']:>7.3f} "
+            f"{r['pc_over_hpr_predicted']:>6.3f} {r['naive_over_pc']:>8.3f} {r['naive_over_pc_predicted']:>6.3f}  {mem}")
+
+
+def table(rec: dict) -> str:
+    lines = [HEADER] + [row(c) for c in rec["cells"]]
+    single = [c for c in rec["cells"] if c["cell"]["micro_batches"] == 1] or rec["cells"]
+    big = max(single, key=lambda c: c["cell"]["tokens"])
+    lines.append(f"PC/HPR at the largest one-micro-batch step ({big['cell']['tokens']} tokens): "
+                 f"{big['ratios']['pc_over_hpr']:.3f} measured, {big['ratios']['pc_over_hpr_predicted']:.3f} predicted")
+    lines.append(f"load before {rec['machine']['load_before']} after {rec['machine']['load_after']}")
+    return "\n".join(lines)
+
+
+def plot(rec: dict, path: Path) -> None:
+    """Left: PC/HPR step time vs tokens per step, with the predicted curve; right: naive/cost-free."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = rec["cells"]
+    toks = sorted({c["cell"]["tokens"] for c in cells})
+    per_tok, fixed = cells[0]["flops"]["per_token"], cells[0]["flops"]["pc_fixed_per_step"]
+    lo, hi = toks[0] / 2, toks[-1] * 2
+    xs = [lo * (hi / lo) ** (i / 99) for i in range(100)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = ((axes[0], "pc_over_hpr", "PC (cost-free) / HPR step time"),
+              (axes[1], "naive_over_pc", "naive PC / cost-free PC step time"))
+    for ax, key, title in panels:
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        if key == "pc_over_hpr":
+            ax.plot(xs, [1 + fixed / (per_tok * x) for x in xs], color="C1", lw=1.2,
+                    label="predicted: 1 + fixed / (per-token x tokens)")
+        ax.plot([c["cell"]["tokens"] for c in cells], [c["ratios"][key + "_predicted"] for c in cells], "o",
+                color="C1", mfc="none", ms=8, label="predicted (FLOPs), per cell")
+        one = [c for c in cells if c["cell"]["micro_batches"] == 1]
+        if one:
+            ax.plot([c["cell"]["tokens"] for c in one], [c["ratios"][key] for c in one], "o-", color="C0",
+                    ms=6, label="measured, 1 micro-batch")
+        for c in cells:
+            if c["cell"]["micro_batches"] > 1:
+                ax.plot(c["cell"]["tokens"], c["ratios"][key], "s", color="C2", ms=7,
+                        label=f"measured, {c['cell']['micro_batches']} micro-batches of {c['cell']['rows']} rows")
+            ax.annotate(f"{c['ratios'][key]:.2f}", (c["cell"]["tokens"], c["ratios"][key]),
+                        textcoords="offset points", xytext=(7, -3 if c["cell"]["micro_batches"] > 1 else 5),
+                        fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(toks, [f"{t // 1024}k" if t % 1024 == 0 else str(t) for t in toks])
+        ax.set_xlabel("tokens per optimiser step (log scale)")
+        ax.set_ylabel("step-time ratio (median over repeats)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    m, c = rec["machine"], rec["config"]
+    hw = m["cuda_device"] if c["device"].startswith("cuda") else f"{m['cpu_model']}, {m['torch_threads']} threads"
+    load = f"load {m['load_before'][0]} -> {m['load_after'][0]}" if m["load_before"] and m["load_after"] else ""
+    fig.suptitle(f"{c['model']}, {c['compression']:.0%} compression, {c['device']} ({hw}); {load}", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pcbench bench step-cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per method and cell")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method and cell")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--model", default="llama-bench")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--compression", type=float, default=0.5)
+    p.add_argument("--cells", default=DEFAULT_CELLS, help="NxR: N micro-batches of R rows per step")
+    p.add_argument("--memory", default="on", choices=["on", "off"])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    if args.probe:  # internal: one memory probe in this fresh process
+        print(json.dumps(probe(json.loads(args.probe))))
+        return 0
+    print(HEADER, flush=True)
+    rec = run(args)
+    stem = run_stem(Path(args.out), "step-cost")
+    json_path, png_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".png")
+    plot(rec, png_path)
+    rec["png"] = png_path.name
+    write_json(json_path, rec)
+    print(table(rec))
+    print(f"wrote {json_path} and {png_path.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

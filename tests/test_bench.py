@@ -1,0 +1,106 @@
+"""The benchmarks run, write complete JSON (+PNG) and time real training steps. No assertion on
+speed: speed is measured by the benchmarks, never asserted in tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+
+import pytest
+import torch
+
+from pcbench.bench import step_cost, throughput
+from pcbench.bench.machine import machine_info
+
+TINY = ["--model", "llama-tiny", "--vocab", "97", "--seq", "16", "--threads", "1", "--device", "cpu"]
+
+
+def _one(tmp, pattern: str) -> dict:
+    files = sorted(tmp.glob("*.json"))
+    assert len(files) == 1 and re.fullmatch(pattern, files[0].name), files
+    return json.loads(files[0].read_text())
+
+
+def _machine_ok(m: dict) -> None:
+    for key in ("hostname", "date", "cpu_model", "logical_cores", "physical_cores", "torch", "torch_threads",
+                "cuda_device", "load_before", "load_after", "git", "other_processes_busy_cores_during"):
+        assert key in m, key
+    assert m["logical_cores"] >= 1 and m["torch_threads"] == 1
+    assert len(m["load_before"]) == 3 and len(m["load_after"]) == 3
+    assert re.fullmatch(r"[0-9a-f]{40}", m["git"]["commit"])
+
+
+def _timing_ok(s: dict, n: int) -> None:
+    assert s["n"] == n == len(s["repeats"]) and all(t > 0 for t in s["repeats"])
+    assert s["median"] == statistics.median(s["repeats"]) and s["min"] == min(s["repeats"])
+
+
+def test_throughput_writes_json_and_trains(tmp_path, capsys):
+    assert throughput.main(TINY + ["--batch", "4", "--steps", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    assert "ours/plain" in capsys.readouterr().out
+    rec = _one(tmp_path, r"throughput-.+-\d{8}-\d{6}\.json")
+    _machine_ok(rec["machine"])
+    assert rec["config"]["tokens_per_step"] == 64 and rec["config"]["repeats"] == 3
+    m, d = rec["measurements"], rec["derived"]
+    for loop in ("ours", "plain"):
+        _timing_ok(m[loop]["seconds_per_repeat"], 3)
+        assert m[loop]["tokens_per_s"]["median"] > 0
+        losses = m[loop]["losses"]
+        assert len(losses) == 4 and losses[-1] < losses[0]  # real steps: a fixed batch is being learnt
+    # Same initial weights and batch: both loops see the same first loss.
+    assert m["ours"]["losses"][0] == pytest.approx(m["plain"]["losses"][0], rel=1e-6)
+    assert d["ours_over_plain_tokens_per_s"] == pytest.approx(
+        m["ours"]["tokens_per_s"]["median"] / m["plain"]["tokens_per_s"]["median"])
+    assert d["ours_over_plain_seconds"] == pytest.approx(
+        m["ours"]["seconds_per_repeat"]["median"] / m["plain"]["seconds_per_repeat"]["median"])
+    assert "mfu" not in d  # CPU: no peak table
+
+
+def test_step_cost_writes_json_png_and_trains(tmp_path, capsys):
+    argv = TINY + ["--cells", "2x2", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)]
+    assert step_cost.main(argv) == 0
+    assert "PC/HPR at the largest" in capsys.readouterr().out
+    rec = _one(tmp_path, r"step-cost-.+-\d{8}-\d{6}\.json")
+    png = tmp_path / rec["png"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _machine_ok(rec["machine"])
+    assert "memory_method" in rec["config"] and rec["config"]["plan"]["widths"]
+    (cell,) = rec["cells"]
+    assert cell["cell"] == {"micro_batches": 2, "rows": 2, "label": "64 (2x2)", "tokens": 64}
+    m, r, f = cell["measurements"], cell["ratios"], cell["flops"]
+    med = {k: m[k]["step_seconds"]["median"] for k in step_cost.METHODS}
+    for k in step_cost.METHODS:
+        _timing_ok(m[k]["step_seconds"], 2)
+        losses = m[k]["losses"]
+        assert len(losses) == 3 and losses[-1] < losses[0], (k, losses)
+        mem = cell["memory"][k]
+        assert mem["persistent_mib"] > 0 and mem["step_peak_mib"] >= 0 and mem["peak_reset_after_build"]
+    # PC at step 0 is HPR; naive PC follows the cost-free trajectory (same gradients).
+    assert m["pc"]["losses"][0] == pytest.approx(m["hpr"]["losses"][0], rel=1e-6)
+    assert m["naive"]["losses"] == pytest.approx(m["pc"]["losses"], rel=1e-4)
+    assert r["pc_over_hpr"] == pytest.approx(med["pc"] / med["hpr"])
+    assert r["naive_over_pc"] == pytest.approx(med["naive"] / med["pc"])
+    assert f["tokens_x_per_token"] == f["per_token"] * 64 and f["pc_fixed_per_step"] == 4 * f["materialise_once"]
+    assert r["pc_over_hpr_predicted"] == pytest.approx(1 + f["pc_fixed_per_step"] / f["tokens_x_per_token"])
+
+
+@pytest.mark.parametrize("method", step_cost.METHODS)
+def test_benchmarked_steps_update_the_trained_parameters(method):
+    base, plan = step_cost.build_base("llama-tiny", 97, 16, 0.5, seed=0)
+    trainable, stepper = step_cost.build_method(method, base, plan, torch.device("cpu"), 1e-3, 4, micro=2)
+    params = dict(trainable.named_parameters())
+    trained = {n for g in trainable.param_groups(0.0) for p in g["params"] for n, q in params.items() if q is p}
+    before = {n: params[n].detach().clone() for n in trained}
+    batch = step_cost.fixed_batch(4, 16, 97, 0, torch.device("cpu"))
+    losses = [stepper(batch, i)[0] for i in range(3)]
+    assert losses[-1] < losses[0]
+    changed = {n for n in trained if not torch.equal(before[n], params[n])}
+    assert changed == trained  # every optimised tensor moved (P, R and norms for PC)
+    if method != "hpr":
+        assert any(n.startswith("tensors.") and n.endswith("p_out") for n in changed)
+
+
+def test_machine_info_fields():
+    m = machine_info()
+    assert m["hostname"] and m["logical_cores"] >= 1 and m["torch"] == torch.__version__
