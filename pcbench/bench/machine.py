@@ -142,8 +142,10 @@ def contention(info: dict, threads: int) -> Optional[str]:
     cores = info.get("affinity_cores") or info.get("logical_cores") or 1
     busy = sum(p["cpu_percent"] for p in info.get("busy_processes_before", [])) / 100
     if busy + threads > cores + 0.25:
+        fewer = max(1, int(cores - busy))
+        hint = f" (try --threads {fewer})" if fewer < threads else ""
         return (f"other processes busy on {busy:.1f} of {cores} cores while this benchmark uses {threads} "
-                f"threads: timings are contended (try --threads {max(1, int(cores - busy))})")
+                f"thread(s): timings are contended{hint}")
     return None
 
 
