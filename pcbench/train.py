@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pcbench import checkpoint, distributed, models
 from pcbench.atomic import append_jsonl, read_jsonl, write_json, write_text
-from pcbench.config import RunSpec, SpecError, to_dict
+from pcbench.config import RunSpec, SpecError
 from pcbench.evaluate import autocast_for, heldout_loss
 from pcbench.trainable import Direct
 
@@ -442,7 +442,3 @@ def export_model(model, tokenizer, out: Path) -> None:
         shutil.rmtree(out)
     os.replace(tmp, out)
 
-
-def run_spec_dict(spec: RunSpec) -> dict:
-    """The resolved spec as a plain mapping (what run records store)."""
-    return to_dict(spec)
