@@ -48,6 +48,7 @@ def test_throughput_writes_json_and_trains(tmp_path, capsys):
         assert m[loop]["tokens_per_s"]["median"] > 0
         losses = m[loop]["losses"]
         assert len(losses) == 4 and losses[-1] < losses[0]  # real steps: a fixed batch is being learnt
+        assert len(m[loop]["others_busy_cores"]) == 3
     # Same initial weights and batch: both loops see the same first loss.
     assert m["ours"]["losses"][0] == pytest.approx(m["plain"]["losses"][0], rel=1e-6)
     assert d["ours_over_plain_tokens_per_s"] == pytest.approx(
@@ -74,6 +75,7 @@ def test_step_cost_writes_json_png_and_trains(tmp_path, capsys):
         _timing_ok(m[k]["step_seconds"], 2)
         losses = m[k]["losses"]
         assert len(losses) == 3 and losses[-1] < losses[0], (k, losses)
+        assert len(m[k]["others_busy_cores"]) == 2
         mem = cell["memory"][k]
         assert mem["persistent_mib"] > 0 and mem["step_peak_mib"] >= 0 and mem["peak_reset_after_build"]
     # PC at step 0 is HPR; naive PC follows the cost-free trajectory (same gradients).

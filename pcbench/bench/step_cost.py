@@ -31,7 +31,8 @@ from torch import nn
 from pcbench import models
 from pcbench.atomic import write_json
 from pcbench.bench import resolve_device, run_stem, save_figure, summary, sync
-from pcbench.bench.machine import REPO, contention, finish, load_average, machine_info
+from pcbench.bench.machine import (REPO, contention, cpu_snapshot, finish, load_average, machine_info,
+                                   others_busy_cores)
 from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
 from pcbench.compress.projected import Projected
@@ -242,6 +243,7 @@ def time_cell(cell: Cell, base, plan, device: torch.device, args: argparse.Names
     batch = fixed_batch(cell.total_rows, args.seq, args.vocab, args.seed, device)
     losses: dict[str, list[float]] = {m: [] for m in METHODS}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
+    others: dict[str, list[Optional[float]]] = {m: [] for m in METHODS}
     for m in METHODS:
         for i in range(args.warmup):
             losses[m].append(built[m][1](batch, i)[0])
@@ -249,16 +251,17 @@ def time_cell(cell: Cell, base, plan, device: torch.device, args: argparse.Names
     for r in range(args.repeats):
         for m in METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]:
             sync(device)
-            t0 = time.perf_counter()
+            snap, t0 = cpu_snapshot(), time.perf_counter()
             loss, _ = built[m][1](batch, args.warmup + r)
             sync(device)
             times[m].append(time.perf_counter() - t0)
+            others[m].append(others_busy_cores(snap, cpu_snapshot()))
             losses[m].append(loss)
         loads.append(load_average())
     del built, pc
     gc.collect()
     tokens = cell.total_rows * args.seq
-    meas = {m: {"step_seconds": summary(times[m]), "losses": losses[m],
+    meas = {m: {"step_seconds": summary(times[m]), "losses": losses[m], "others_busy_cores": others[m],
                 "tokens_per_s": tokens / summary(times[m])["median"]} for m in METHODS}
     return meas, loads, info
 
@@ -325,8 +328,9 @@ def run(args: argparse.Namespace) -> dict:
 # Output
 
 
+CONTENDED = 0.25  # other processes' mean busy cores during a step above which it counts as contended
 HEADER = (f"{'cell':<12} {'tokens':>6} {'hpr s':>8} {'pc s':>8} {'naive s':>8} {'pc/hpr':>7} {'pred':>6} "
-          f"{'naive/pc':>8} {'pred':>6}  step-peak MiB hpr/pc/naive")
+          f"{'naive/pc':>8} {'pred':>6}  step-peak MiB hpr/pc/naive  contended")
 
 
 def row(rec: dict) -> str:
@@ -335,8 +339,11 @@ def row(rec: dict) -> str:
     mem = ""
     if "memory" in rec:
         mem = "/".join(f"{rec['memory'][k]['step_peak_mib']:.0f}" for k in METHODS)
+    busy = [b for k in METHODS for b in m[k]["others_busy_cores"]]
+    hit = sum(1 for b in busy if b is not None and b > CONTENDED)
     return (f"{rec['cell']['label']:<12} {rec['cell']['tokens']:>6} {s} {r['pc_over_hpr']:>7.3f} "
-            f"{r['pc_over_hpr_predicted']:>6.3f} {r['naive_over_pc']:>8.3f} {r['naive_over_pc_predicted']:>6.3f}  {mem}")
+            f"{r['pc_over_hpr_predicted']:>6.3f} {r['naive_over_pc']:>8.3f} {r['naive_over_pc_predicted']:>6.3f}  "
+            f"{mem:<27}  {hit}/{len(busy)}")
 
 
 def table(rec: dict) -> str:

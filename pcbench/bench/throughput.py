@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pcbench import models
 from pcbench.atomic import write_json
 from pcbench.bench import resolve_device, run_stem, summary, sync
-from pcbench.bench.machine import contention, finish, load_average, machine_info
+from pcbench.bench.machine import contention, cpu_snapshot, finish, load_average, machine_info, others_busy_cores
 from pcbench.config import ModelSpec
 from pcbench.train import Stepper, amp_ctx, lr_factor
 from pcbench.trainable import Direct
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> dict:
     tokens = args.batch * args.seq
     losses: dict[str, list[float]] = {k: [] for k in loops}
     times: dict[str, list[float]] = {k: [] for k in loops}
+    others: dict[str, list[Optional[float]]] = {k: [] for k in loops}
     load_during = []
     for name in loops:  # warm-up, excluded
         for i in range(args.warmup):
@@ -100,11 +101,12 @@ def run(args: argparse.Namespace) -> dict:
         order = list(loops) if r % 2 == 0 else list(reversed(loops))  # A B, B A, ...
         for name in order:
             sync(device)
-            t0 = time.perf_counter()
+            snap, t0 = cpu_snapshot(), time.perf_counter()
             for i in range(args.block):
                 out = loops[name](batch, step + i)
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            others[name].append(others_busy_cores(snap, cpu_snapshot()))
             losses[name].append(float(out))
         step += args.block
         load_during.append(load_average())
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     for name in loops:
         tps = [tokens * args.block / t for t in times[name]]
         meas[name] = {"seconds_per_repeat": summary(times[name]), "tokens_per_s": summary(tps),
-                      "losses": losses[name]}
+                      "losses": losses[name], "others_busy_cores": others[name]}
     flops_tok = models.flops_per_token(config, args.seq)
     derived = {
         "ours_over_plain_tokens_per_s": meas["ours"]["tokens_per_s"]["median"] / meas["plain"]["tokens_per_s"]["median"],
