@@ -1,0 +1,205 @@
+"""The results store of one grid -> tidy DataFrames. Reads `<results>/<grid>/` and nothing else.
+
+    runs     one row per run (every state): id, stage, kind, state, error, label columns, and the
+             standard columns method / compression / importance / tokens / seed / lr_used / base_id
+             (from the labels where the grid made them axes, else from the run's resolved spec)
+    train    completed train runs: the above + the final record (loss = train_loss_last100, ...)
+    evals    completed eval runs: the above (labels inherited from the scored run) + average + tasks
+    events   the state-change log
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from pcbench.atomic import read_json, read_jsonl
+
+STANDARD = ["method", "compression", "importance", "tokens", "seed"]
+
+
+@dataclass
+class Study:
+    """Everything a report needs from one grid's store."""
+
+    grid: str
+    root: Path
+    runs: pd.DataFrame
+    train: pd.DataFrame
+    evals: pd.DataFrame
+    events: pd.DataFrame
+    labels: list[str] = field(default_factory=list)
+
+    def curves(self, run_ids: list[str]) -> pd.DataFrame:
+        """metrics.jsonl of the given runs, long: run, step, tokens, loss, loss_avg, lr, ..."""
+        return _jsonl_frame(self.root, run_ids, "metrics.jsonl")
+
+    def recovery(self, run_ids: list[str]) -> pd.DataFrame:
+        """recovery.jsonl (PC runs), long: run, step, recovery/<axis>/<mean|max> (per-tensor detail dropped)."""
+        df = _jsonl_frame(self.root, run_ids, "recovery.jsonl")
+        return df.drop(columns=[c for c in ("tensors",) if c in df.columns])
+
+
+def _jsonl_frame(root: Path, run_ids: list[str], name: str) -> pd.DataFrame:
+    rows = []
+    for rid in sorted(run_ids):
+        rows += [{"run": rid, **r} for r in read_jsonl(root / "runs" / rid / name)]
+    return pd.DataFrame(rows)
+
+
+def _get(d: Optional[dict], *path: str, default: Any = None) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    return d
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _read(p: Path) -> Optional[Any]:
+    return read_json(p) if p.exists() else None
+
+
+def _run_row(run: dict, status: dict, final: Optional[dict]) -> dict:
+    spec = run.get("spec") or {}
+    labels = run.get("labels") or {}
+    comp = spec.get("compress") if isinstance(spec, dict) else None
+    train = _get(spec, "train") or {}
+    path = _get(spec, "model", "path") if isinstance(_get(spec, "model"), dict) else _get(spec, "model")
+    base_id = path[4:] if isinstance(path, str) and path.startswith("run:") else None
+    tokens = train.get("tokens")
+    if tokens is None and train.get("steps") and train.get("batch_size"):
+        tokens = train["steps"] * train["batch_size"] * (_get(spec, "data", "seq_len") or 0)
+    derived = {
+        "method": comp.get("method") if comp else ("pretrain" if run.get("kind") == "train" else None),
+        "compression": _num(comp.get("compression")) if comp else math.nan,
+        "importance": comp.get("importance") if comp else None,
+        "tokens": _num(tokens),
+        "seed": train.get("seed", 0),
+    }
+    row = {
+        "id": run["id"], "stage": run.get("stage"), "kind": run.get("kind", "train"),
+        "state": status.get("state", "pending"), "error": status.get("error"),
+        "status_time": _num(status.get("time")), "started": _num(status.get("started")),
+        "deps": ",".join(run.get("deps") or []), "base_id": base_id,
+        "label_keys": ",".join(sorted(labels)),
+        "model_name": _get(spec, "model", "name"),
+        "spec_lr": _num(_get(spec, "optim", "lr")),
+        "lr_used": _num(_get(final, "tuned", "value", default=_get(spec, "optim", "lr"))),
+        "tuned_from": _get(final, "tuned", "from_run"),
+        **derived,
+    }
+    for k, v in labels.items():
+        row[k] = v
+    for k in STANDARD:  # labels win (they are what the grid varied), else the spec's value
+        if k in labels:
+            row[k] = _num(labels[k]) if k in ("compression", "tokens") else labels[k]
+    return row
+
+
+def _final_fields(final: dict) -> dict:
+    steps = final.get("steps") or 0
+    return {
+        "loss": _num(final.get("train_loss_last100")),
+        "heldout": _num(final.get("heldout_loss")),
+        "final_train_loss": _num(final.get("final_train_loss")),
+        "final_kind": final.get("kind"),
+        "steps": steps,
+        "tokens_seen": _num(final.get("tokens")),
+        "tokens_per_step": _num(final.get("tokens")) / steps if steps else math.nan,
+        "train_seconds": _num(final.get("train_seconds")),
+        "wall_seconds": _num(final.get("wall_seconds")),
+        "tokens_per_s": _num(final.get("tokens_per_s")),
+        "flops_per_token": _num(final.get("flops_per_token")),
+        "fixed_flops_per_step": _num(final.get("fixed_flops_per_step", 0)),
+        "train_flops": _num(final.get("train_flops")),
+        "params": _num(_get(final, "model", "params", "total")),
+        "base_params": _num(_get(final, "base", "params", "total")),
+        "achieved": _num(_get(final, "plan", "achieved")),
+        "d_model": _num(_get(final, "model", "d_model")),
+        "d_ff": _num(_get(final, "model", "d_ff")),
+    }
+
+
+def load_study(results_root: Path, grid: str) -> Study:
+    """Read `<results_root>/<grid>/` into a Study (every frame sorted by run id)."""
+    root = Path(results_root) / grid
+    runs_dir = root / "runs"
+    ids = sorted(p.name for p in runs_dir.iterdir() if (p / "run.json").exists()) if runs_dir.exists() else []
+    rows, finals, evals, label_names = [], {}, {}, set()
+    for rid in ids:
+        d = runs_dir / rid
+        run = read_json(d / "run.json")
+        status = _read(d / "status.json") or {"state": "pending"}
+        final = _read(d / "final.json") if status.get("state") == "completed" else None
+        row = _run_row(run, status, final)
+        label_names |= set((run.get("labels") or {}).keys())
+        rows.append(row)
+        if final is not None and row["kind"] == "train":
+            finals[rid] = _final_fields(final)
+        if status.get("state") == "completed" and row["kind"] == "eval":
+            ev = _read(d / "eval.json")
+            if ev is not None:
+                evals[rid] = ev
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        runs = pd.DataFrame(columns=["id", "stage", "kind", "state", "error", "base_id", *STANDARD, "lr_used"])
+    train = _train_frame(runs, finals)
+    return Study(grid=grid, root=root, runs=runs, train=train, evals=_eval_frame(runs, train, evals),
+                 events=_events(root), labels=sorted(label_names))
+
+
+def _train_frame(runs: pd.DataFrame, finals: dict[str, dict]) -> pd.DataFrame:
+    t = runs[runs.id.isin(list(finals))].copy()
+    f = pd.DataFrame.from_dict(finals, orient="index")
+    t = t.join(f, on="id") if len(t) else t.reindex(columns=[*t.columns, *f.columns])
+    # the base a compress run started from: its tokens per parameter, from the base's own record
+    tpp = (t.tokens_seen / t.params).where(t.method == "pretrain") if len(t) else pd.Series(dtype=float)
+    base_tpp = dict(zip(t.id, tpp))
+    t["base_tpp"] = [base_tpp.get(b, math.nan) if isinstance(b, str) else math.nan for b in t.base_id] \
+        if len(t) else []
+    if "ratio" in t.columns:
+        t["base_ratio"] = pd.to_numeric(t["ratio"], errors="coerce")
+        t["base_ratio"] = t.base_ratio.where(t.base_ratio.notna(), t.base_tpp.round())
+    else:
+        t["base_ratio"] = t.base_tpp.round() if len(t) else []
+    return t.sort_values("id").reset_index(drop=True)
+
+
+def _eval_frame(runs: pd.DataFrame, train: pd.DataFrame, evals: dict[str, dict]) -> pd.DataFrame:
+    rows = []
+    by_id = {r["id"]: r for r in runs.to_dict("records")} if len(runs) else {}
+    for rid, ev in sorted(evals.items()):
+        r = dict(by_id[rid])
+        parent = ev.get("parent") or (r["deps"].split(",")[0] if r.get("deps") else None)
+        p = by_id.get(parent, {})
+        for k in STANDARD:  # not inherited as labels: the scored run's own values
+            if r.get(k) is None or (isinstance(r[k], float) and math.isnan(r[k])):
+                r[k] = p.get(k)
+        row = {**r, "parent": parent, "parent_stage": p.get("stage"),
+               "average": _num(ev.get("average"))}
+        for task, metric in sorted((ev.get("primary") or {}).items()):
+            row[f"task:{task}"] = _num(_get(ev, "tasks", task, metric))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df) and len(train):
+        df = df.merge(train[["id", "base_ratio", "base_tpp"]].rename(columns={"id": "parent"}), on="parent",
+                      how="left")
+    return df
+
+
+def _events(root: Path) -> pd.DataFrame:
+    ev = pd.DataFrame(read_jsonl(root / "events.jsonl"))
+    if ev.empty:
+        return pd.DataFrame(columns=["run", "state", "time"])
+    return ev.sort_values(["time", "run", "state"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,119 @@
+"""REPORT.md: what was run, the tables, the figures and the trend verdicts (no "now" in it)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Optional
+
+from pcbench.report import fmt, reference
+from pcbench.report.load import Study
+from pcbench.report.tables import PAPER_GRIDS, Table
+from pcbench.report.trends import DECISION, Verdict
+
+STATES = ["completed", "failed", "running", "submitted", "pending"]
+
+
+def _utc(t: float) -> str:
+    return datetime.fromtimestamp(float(t), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def runs_summary(study: Study) -> str:
+    """Runs by stage and state, total train wall time and FLOPs, and the events log's time span."""
+    r = study.runs
+    if r.empty:
+        return "No runs recorded in this store.\n"
+    counts = r.groupby(["stage", "kind", "state"]).size().unstack("state", fill_value=0)
+    counts = counts.reindex(columns=[s for s in STATES if s in counts.columns] +
+                            sorted(set(counts.columns) - set(STATES)), fill_value=0)
+    counts["total"] = counts.sum(axis=1)
+    lines = [fmt.md_table(counts.reset_index())]
+    t = study.train
+    lines.append(f"- runs: {len(r)} ({', '.join(f'{k}: {v}' for k, v in r.state.value_counts().sort_index().items())})")
+    if len(t):
+        lines.append(f"- train wall time (sum of final records): {fmt.duration(t.wall_seconds.sum())} over "
+                     f"{len(t)} completed train runs; training time {fmt.duration(t.train_seconds.sum())}")
+        lines.append(f"- train FLOPs (sum of final records): {fmt.sci(t.train_flops.sum())}; tokens trained: "
+                     f"{fmt.tokens(t.tokens_seen.sum())}")
+    ev = study.events
+    if len(ev):
+        t0, t1 = ev.time.min(), ev.time.max()
+        lines.append(f"- events log: {len(ev)} state changes from {_utc(t0)} to {_utc(t1)} "
+                     f"(span {fmt.duration(t1 - t0)})")
+    return "\n".join(lines) + "\n"
+
+
+def verdict_md(tag: str, v: Verdict) -> str:
+    out = [f"**({tag}) \"{v.claim}\": {v.verdict.upper()}.**", ""]
+    out += [f"- {line}" for line in v.lines]
+    if v.exceptions:
+        out.append(f"- Does not hold in {len(v.exceptions)} cell(s):")
+        out += [f"  - {e}" for e in v.exceptions]
+    elif v.n:
+        out.append("- Holds (point estimate) in every cell.")
+    return "\n".join(out) + "\n"
+
+
+def table_md(t: Table, level: int = 3) -> str:
+    out = [f"{'#' * level} {t.title}", "", t.markdown.rstrip(), ""]
+    out += [f"_{n}_" for n in t.notes]
+    out.append(f"\n(CSV: [tables/{t.name}.csv](tables/{t.name}.csv))\n")
+    return "\n".join(out) + "\n"
+
+
+def lr_text(used: Optional[Table]) -> str:
+    if used is None or used.data.empty:
+        return ""
+    lines = []
+    for (stage, method), d in used.data.groupby(["stage", "method"], sort=True):
+        parts = [f"{lr:g} (runs: {n}{'; tuned from ' + src if src else ''})" for lr, n, src in
+                 zip(d.lr, d.runs, d.tuned_from)]
+        lines.append(f"- stage `{stage}`, {fmt.value('method', method)}: lr {'; '.join(parts)}")
+    return "\n".join(lines) + "\n"
+
+
+def reference_md(grid: str) -> str:
+    if grid not in PAPER_GRIDS:
+        return ""
+    s = reference.summary()
+    return "\n".join([
+        "## The paper's numbers", "",
+        "Transcribed once in `pcbench/report/paper_reference.yaml` (each cell with its table and row). Cells by "
+        "position: exact (as printed), inferred (column inferred: our text copy lost the row's empty cells), "
+        "lost (the worse of the HPR/PC pair, missing in our copy; never invented; known_elsewhere: recovered "
+        "from Table 3). All cells: [tables/paper_reference.csv](tables/paper_reference.csv).", "",
+        fmt.md_table(s), ""])
+
+
+def report(study: Study, sections: dict) -> str:
+    """Assemble REPORT.md from computed pieces (see build_report)."""
+    s = sections
+    out = [f"# pcbench report: grid `{study.grid}`", "",
+           "Built from this grid's results store only (run.json, status.json, final.json, metrics.jsonl, "
+           "recovery.jsonl, eval.json, events.jsonl). Loss: training cross-entropy averaged over the last 100 "
+           "steps (the paper's metric). gap = loss(PC) - loss(HPR): negative means PC is better.", "",
+           "## What was run", "", runs_summary(study)]
+    out += ["## Verdicts", "", f"_Decision rule: {DECISION}_", "", verdict_md("a", s["verdict_ratio"]),
+            verdict_md("b", s["verdict_tokens"])]
+    out += ["## Results", ""] + ([table_md(t) for t in s["pair"]] or ["No completed PC/HPR runs yet.", ""])
+    if s["trend"]:
+        out += ["## Trends", ""] + [table_md(t) for t in s["trend"]]
+    if s["lr_sweep"] is not None or s["lr_used"] is not None:
+        out += ["## Learning rates", ""]
+        if s["lr_sweep"] is not None:
+            out.append(table_md(s["lr_sweep"]))
+        out += ["Learning rate each method used:", "", lr_text(s["lr_used"])]
+    for key in ("importance", "base", "downstream", "recovery", "cost"):
+        items = s.get(key)
+        for t in (items if isinstance(items, list) else [items]):
+            if t is not None:
+                out.append(table_md(t, level=2))
+    if s["figures"]:
+        out += ["## Figures", ""]
+        out += [f"- {caption}: [figures/{name}](figures/{name})\n\n  ![{caption}](figures/{name})" for name, caption
+                in s["figures"]]
+        out.append("")
+    out += ["## Failed runs", ""]
+    failed = s["failed"]
+    out.append(failed.markdown if len(failed.data) else "None.\n")
+    out.append(reference_md(study.grid))
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,331 @@
+"""Report: tables/trends from a hand-made store, verdicts, determinism, the paper's numbers, store-only reads."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pcbench.report import build_report, reference
+from pcbench.report.stats import ols_slope, t975
+
+GRID = "toy"
+# (ratio, method, tokens, seed) -> train loss (last 100); gap = PC - HPR per cell:
+#   20:1: +0.010, +0.005, +0.001 at 1k/2k/4k      80:1: -0.010, -0.015 (seeds -0.01, -0.02), -0.020
+LOSSES = {
+    (20, "hpr", 1000, 0): 3.000, (20, "pc", 1000, 0): 3.010,
+    (20, "hpr", 2000, 0): 2.900, (20, "pc", 2000, 0): 2.905,
+    (20, "hpr", 4000, 0): 2.800, (20, "pc", 4000, 0): 2.801,
+    (20, "hpr", 8000, 0): 2.750,                      # its PC partner failed
+    (80, "hpr", 1000, 0): 2.800, (80, "pc", 1000, 0): 2.790,
+    (80, "hpr", 2000, 0): 2.700, (80, "pc", 2000, 0): 2.690,
+    (80, "hpr", 2000, 1): 2.720, (80, "pc", 2000, 1): 2.700,
+    (80, "hpr", 4000, 0): 2.600, (80, "pc", 4000, 0): 2.580,
+}
+
+
+def _w(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, sort_keys=True))
+
+
+def _wl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _final(kind: str, loss: float, tokens: int, params: int, fixed: float = 0.0) -> dict:
+    steps = max(tokens // 100, 1)
+    return {"kind": kind, "steps": steps, "tokens": tokens, "train_loss_last100": loss, "last_k": 100,
+            "final_train_loss": loss, "heldout_loss": loss + 0.5, "train_seconds": tokens / 1000,
+            "wall_seconds": tokens / 1000 + 1, "tokens_per_s": 1000.0, "flops_per_token": 6 * params,
+            "fixed_flops_per_step": fixed, "train_flops": 6 * params * tokens + fixed * steps,
+            "model": {"params": {"total": params}, "d_model": 8, "d_ff": 32},
+            "base": {"params": {"total": 1000}}, "plan": {"compression": 0.5, "achieved": 0.5}}
+
+
+def _run(root: Path, rid: str, stage: str, labels: dict, spec: dict, state: str, final=None, kind="train",
+         deps=(), error=None, t=0.0) -> None:
+    d = root / "runs" / rid
+    _w(d / "run.json", {"id": rid, "stage": stage, "kind": kind, "labels": labels, "spec": spec,
+                        "deps": list(deps), "tune": None})
+    status = {"state": state, "time": 1_800_000_000.0 + t, "started": 1_800_000_000.0 + t - 5}
+    if error:
+        status["error"] = error
+    _w(d / "status.json", status)
+    if final is not None:
+        _w(d / "final.json", final)
+    events = root / "events.jsonl"
+    with open(events, "a") as f:
+        f.write(json.dumps({"run": rid, "state": "running", "time": 1_800_000_000.0 + t - 5}) + "\n")
+        f.write(json.dumps({"run": rid, "state": state, "time": 1_800_000_000.0 + t}) + "\n")
+
+
+def make_store(results: Path, swap: bool = False, grid: str = GRID) -> Path:
+    """The fixture store; `swap` exchanges the HPR and PC numbers (every gap changes sign)."""
+    root = results / grid
+    for i, ratio in enumerate((20, 80)):
+        _run(root, f"base-r{ratio}", "base", {"ratio": ratio},
+             {"compress": None, "model": {"name": "tiny"}, "train": {"tokens": ratio * 1000, "seed": 0},
+              "optim": {"lr": 0.01}}, "completed", _final("pretrain", 4.0 - ratio / 100, ratio * 1000, 1000),
+             t=i)
+    for i, ((ratio, method, tokens, seed), loss) in enumerate(sorted(LOSSES.items())):
+        if swap:
+            loss = LOSSES.get((ratio, "pc" if method == "hpr" else "hpr", tokens, seed), loss)
+        rid = f"compress-r{ratio}-{method}-{tokens}-s{seed}"
+        spec = {"compress": {"method": method, "compression": 0.5, "importance": "random"},
+                "model": {"name": "hf", "path": f"run:base-r{ratio}"},
+                "train": {"tokens": tokens, "seed": seed}, "optim": {"lr": 0.001 if method == "pc" else 0.004}}
+        _run(root, rid, "compress", {"ratio": ratio, "method": method, "compression": 0.5, "tokens": tokens,
+                                     "seed": seed}, spec, "completed",
+             _final(method, loss, tokens, 500, fixed=1e4 if method == "pc" else 0.0), deps=[f"base-r{ratio}"],
+             t=10 + i)
+        d = root / "runs" / rid
+        _wl(d / "metrics.jsonl", [{"step": s, "loss": loss + 1 / s, "loss_avg": loss + 1 / s, "lr": 0.001,
+                                   "tokens": s * 100, "seconds": s} for s in (1, 2, 5, 10)])
+        if method == "pc":
+            _wl(d / "recovery.jsonl", [{"step": 0, "recovery/d_model/mean": 0.0, "recovery/d_ff/mean": 0.0},
+                                       {"step": 10, "recovery/d_model/mean": 0.02, "recovery/d_ff/mean": 0.04,
+                                        "tensors": {"w": {"in": 0.02}}}])
+    _run(root, "compress-r20-pc-8000-s0", "compress", {"ratio": 20, "method": "pc", "compression": 0.5,
+                                                       "tokens": 8000, "seed": 0},
+         {"compress": {"method": "pc", "compression": 0.5}, "model": {"path": "run:base-r20"},
+          "train": {"tokens": 8000}}, "failed", error="RuntimeError: out of memory", deps=["base-r20"], t=50)
+    for i, (method, avg) in enumerate((("hpr", 0.40), ("pc", 0.45))):
+        parent = f"compress-r80-{method}-4000-s0"
+        rid = f"eval-{method}"
+        _run(root, rid, "eval", {"ratio": 80, "method": method, "compression": 0.5, "tokens": 4000, "seed": 0},
+             {"model": f"run:{parent}", "tasks": ["a", "b"]}, "completed", kind="eval", deps=[parent], t=60 + i)
+        _w(root / "runs" / rid / "eval.json", {"model": parent, "parent": parent, "average": avg,
+                                               "primary": {"a": "acc", "b": "acc"},
+                                               "tasks": {"a": {"acc": avg - 0.1}, "b": {"acc": avg + 0.1}}})
+    return root
+
+
+def _row(md: str, *starts: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:len(starts)] == list(starts):
+            return cells
+    raise AssertionError(f"no row {starts} in\n{md}")
+
+
+@pytest.fixture()
+def report(tmp_path: Path) -> Path:
+    make_store(tmp_path / "results")
+    return build_report(tmp_path / "results", GRID, tmp_path / "out")
+
+
+def test_pair_table_cells_means_std_n_and_better_mark(report: Path):
+    md = (report / "tables" / "table_compress.md").read_text()
+    header = _row(md, "compression", "ratio", "method")
+    assert header[3:] == ["1k", "2k", "4k", "8k"]
+    hpr80, pc80 = _row(md, "50%", "80:1", "HPR"), _row(md, "50%", "80:1", "PC")
+    # two seeds at 80:1, 2k: HPR 2.70/2.72, PC 2.69/2.70 -> mean ± s.d. (n=2); PC is the better one
+    assert hpr80[4] == f"2.7100 ± {math.sqrt(2 * 0.01 ** 2):.4f} (n=2)"
+    assert pc80[4] == f"**2.6950** ± {math.sqrt(2 * 0.005 ** 2):.4f} (n=2)"
+    assert pc80[3] == "**2.7900**" and hpr80[3] == "2.8000"
+    hpr20, pc20 = _row(md, "50%", "20:1", "HPR"), _row(md, "50%", "20:1", "PC")
+    assert hpr20[3:6] == ["**3.0000**", "**2.9000**", "**2.8000**"]
+    assert pc20[3:6] == ["3.0100", "2.9050", "2.8010"]
+    assert hpr20[6] == "2.7500" and pc20[6] == ""          # no pair at 8k: not marked; the failed PC is absent
+    csv = pd.read_csv(report / "tables" / "table_compress.csv")
+    c = csv[(csv.ratio == 80) & (csv.tokens == 2000)].set_index("method")
+    assert c.loc["hpr", "mean"] == pytest.approx(2.71) and c.loc["hpr", "n"] == 2
+    assert c.loc["hpr", "std"] == pytest.approx(0.0141421356, abs=1e-9)
+    assert c.loc["hpr", "seeds"] == "0,1"
+    assert bool(c.loc["pc", "better"]) and not bool(c.loc["hpr", "better"])
+
+
+def test_gaps_and_token_slope_equal_hand_computed(report: Path):
+    gaps = pd.read_csv(report / "tables" / "gaps.csv")
+    g = gaps[(gaps.ratio == 80) & (gaps.tokens == 2000)].iloc[0]
+    assert g.gap == pytest.approx(-0.015) and g.n_pairs == 2
+    assert g.gap_sd == pytest.approx(math.sqrt(2 * 0.005 ** 2))
+    slopes = pd.read_csv(report / "tables" / "trend_tokens.csv").set_index("ratio")
+    # OLS by hand on x = log2(tokens) = 9.97, 10.97, 11.97 (centred -1, 0, 1): slope = (y3 - y1) / 2
+    assert slopes.loc[20, "slope"] == pytest.approx((0.001 - 0.010) / 2)
+    assert slopes.loc[80, "slope"] == pytest.approx((-0.020 - -0.010) / 2)
+    # 20:1 residuals: interval = slope ± t(0.975, 1) * se, se = sqrt(SSR / (k-2) / Sxx)
+    y = [0.010, 0.005, 0.001]
+    fit = [sum(y) / 3 + (-0.0045) * x for x in (-1, 0, 1)]
+    se = math.sqrt(sum((a - b) ** 2 for a, b in zip(y, fit)) / 1 / 2)
+    assert slopes.loc[20, "hi"] == pytest.approx(-0.0045 + 12.7062 * se)
+    assert "OLS residual" in slopes.loc[20, "ci"]
+    s, _ = ols_slope([math.log2(t) for t in (1000, 2000, 4000)], y)
+    assert s == pytest.approx(-0.0045)
+
+
+def test_verdicts_from_the_data_and_they_flip(tmp_path: Path, report: Path):
+    text = (report / "REPORT.md").read_text()
+    assert '"PC gains more over HPR on the 80:1 base than on the 20:1 base": SUPPORTED.' in text
+    assert '"the PC gain grows with retraining tokens": SUPPORTED.' in text
+    # (b) mean of the two cells' slopes with a t-interval over cells (df 1)
+    m, sd = (-0.0045 - 0.005) / 2, abs(-0.0045 + 0.005) / math.sqrt(2)
+    assert f"Mean slope = {m:+.4f} (95% CI {m - t975(1) * sd / math.sqrt(2):+.4f}" in text
+    # (a) d = gap(80) - gap(20) = -0.020, -0.020, -0.021
+    assert f"Mean d = {(-0.02 - 0.02 - 0.021) / 3:+.4f}" in text
+    make_store(tmp_path / "swapped", swap=True)
+    flipped = (build_report(tmp_path / "swapped", GRID, tmp_path / "out2") / "REPORT.md").read_text()
+    assert '80:1 base than on the 20:1 base": NOT SUPPORTED.' in flipped
+    assert '"the PC gain grows with retraining tokens": NOT SUPPORTED.' in flipped
+    assert "Does not hold in 2 cell(s)" in flipped
+
+
+def test_report_contents_failed_runs_bases_evals_cost(report: Path):
+    text = (report / "REPORT.md").read_text()
+    assert "# pcbench report: grid `toy`" in text
+    assert "compress-r20-pc-8000-s0" in text and "RuntimeError: out of memory" in text
+    assert "- runs: 20 (completed: 19, failed: 1)" in text
+    base = (report / "tables" / "base_models.md").read_text()
+    assert _row(base, "base", "80:1")[5] == "3.2000"          # 4.0 - 80/100
+    down = (report / "tables" / "downstream_compress.md").read_text()
+    assert _row(down, "50%", "80:1", "PC")[3] == "**0.4500**"   # higher is better for evals
+    cost = pd.read_csv(report / "tables" / "cost.csv").set_index("method")
+    assert cost.loc["pc", "fixed_flops_per_step"] == 1e4 and cost.loc["hpr", "fixed_flops_per_step"] == 0
+    lr = (report / "REPORT.md").read_text()
+    assert "stage `compress`, PC: lr 0.001" in lr and "stage `compress`, HPR: lr 0.004" in lr
+    for fig in ("loss_vs_tokens_compress.png", "gap_vs_tokens.png", "gap_vs_ratio.png", "downstream.png",
+                "recovery.png", "curves.png"):
+        assert (report / "figures" / fig).stat().st_size > 1000, fig
+
+
+def test_second_build_is_byte_identical(tmp_path: Path, report: Path):
+    def snapshot(d: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+                if p.is_file() and p.suffix in (".md", ".csv")}
+
+    first = snapshot(report)
+    assert "REPORT.md" in first and len(first) > 10
+    again = build_report(tmp_path / "results", GRID, tmp_path / "out")
+    assert snapshot(again) == first
+    other = build_report(tmp_path / "results", GRID, tmp_path / "elsewhere")
+    assert snapshot(other) == first
+
+
+def test_reads_nothing_outside_the_store(tmp_path: Path, monkeypatch):
+    store = make_store(tmp_path / "results")
+    cwd = tmp_path / "cwd"
+    make_store(cwd / "results", swap=True)                    # decoys: a different store and a grid YAML
+    (cwd / "experiments").mkdir()
+    (cwd / "experiments" / f"{GRID}.yaml").write_text("name: toy\n")
+    (store / "grid.yaml").write_text("name: toy\nbroken: [\n")  # a grid YAML inside the store: never read
+    monkeypatch.chdir(cwd)
+    opened: list[str] = []
+    real_open = io.open
+
+    def spy(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(os.path.abspath(os.fspath(file)))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    out = build_report(tmp_path / "results", GRID, tmp_path / "out")
+    monkeypatch.undo()
+    data = [p for p in opened if p.endswith((".json", ".jsonl", ".yaml", ".yml"))]
+    allowed = (str(store) + os.sep, str(reference.REFERENCE))
+    assert data and all(p.startswith(allowed[0]) or p == allowed[1] for p in data), data
+    assert str(store / "grid.yaml") not in opened
+    assert "SUPPORTED." in (out / "REPORT.md").read_text() and not list(cwd.glob("paper_figures"))
+
+
+def test_reference_transcription():
+    a2 = reference.table_a2()
+    cell = lambda df, **kv: df[pd.concat([df[k] == v for k, v in kv.items()], axis=1).all(axis=1)].iloc[0]  # noqa
+    c = cell(a2, model="300M", ratio=80, compression=0.35, method="hpr", tokens=1.25e9)
+    assert c.loss == 3.1759 and c.position == "inferred" and "Table A.2" in c.source
+    c = cell(a2, model="300M", ratio=80, compression=0.35, method="hpr", tokens=2.5e9)
+    assert math.isnan(c.loss) and c.position == "lost" and c.lost == "worse-of-pair"
+    c = cell(a2, model="300M", ratio=80, compression=0.35, method="pc", tokens=10e9)
+    assert c.loss == 3.0711 and c.position == "inferred"
+    c = cell(a2, model="800M", ratio=80, compression=0.65, method="pc", tokens=7.5e9)
+    assert c.loss == 2.9815 and c.position == "inferred"
+    c = cell(a2, model="800M", ratio=80, compression=0.5, method="pc", tokens=1.25e9)
+    assert c.loss == 3.0217 and c.position == "exact" and "3,0217" in c.note
+    c = cell(a2, model="800M", ratio=80, compression=0.5, method="hpr", tokens=2.5e9)
+    assert math.isnan(c.loss) and c.known_loss == 2.9733 and "Table 3" in c.known_from
+    assert cell(a2, model="800M", ratio=20, compression=0.35, method="hpr", tokens=5e9).loss == 2.931
+    assert cell(a2, model="300M", ratio=20, compression=0.65, method="pc", tokens=2.5e9).loss == 3.356
+    assert len(a2) == 120 and a2.position.value_counts().to_dict() == {"exact": 65, "lost": 30, "inferred": 25}
+    # every 80:1 column has exactly one of the pair
+    r80 = a2[a2.ratio == 80].groupby(["model", "compression", "tokens"]).loss.count()
+    assert (r80 == 1).all() and len(r80) == 30
+    t1 = reference.table1()
+    assert len(t1) == 60 and (t1.ratio == 80).all() and set(t1.table) == {"1"}
+    t3 = reference.table3()
+    assert cell(t3, importance="random", method="hpr", tokens=5e9).loss == 2.93
+    assert t3[t3.importance == "magnitude"].loss.isna().all()
+    assert cell(reference.base_losses(), model="300M", ratio=20).loss == 3.145
+    p = reference.poster()
+    assert cell(p, compression=0.9, method="hpr", tokens=1e9).loss == 3.387
+    assert cell(p, compression=0.5, variant="dataset alignment", method="pc", tokens=6e9).loss == 2.6216
+    assert len(p) == 32 and p.loss.notna().all()
+
+
+def test_paper_grid_shows_the_papers_numbers_beside_ours(tmp_path: Path):
+    root = tmp_path / "results" / "paper_gpt2"
+    for model, ratio, tokens in (("gpt2-800m", 80, 2.5e9), ("gpt2-300m", 80, 1.25e9)):
+        base = f"base-{model}-{ratio}"
+        _run(root, base, "base", {"model": model, "ratio": ratio},
+             {"compress": None, "model": {"name": model}, "train": {"tokens": 1}}, "completed",
+             _final("pretrain", 3.0, 1000, 10))
+        comp = 0.5 if model == "gpt2-800m" else 0.35
+        for method, loss in (("hpr", 2.99), ("pc", 2.98)):
+            _run(root, f"c-{model}-{method}", "compress", {"model": model, "ratio": ratio, "method": method,
+                                                           "compression": comp, "tokens": tokens},
+                 {"compress": {"method": method, "compression": comp, "importance": "random"},
+                  "model": {"path": f"run:{base}"}, "train": {"tokens": int(tokens)}}, "completed",
+                 _final(method, loss, 1000, 5), deps=[base])
+    out = build_report(tmp_path / "results", "paper_gpt2", tmp_path / "out")
+    md = (out / "tables" / "table_compress.md").read_text()
+    assert _row(md, "50%", "gpt2-800m", "80:1", "HPR (paper)")[5] == "lost (2.9733 T3)"
+    assert _row(md, "50%", "gpt2-800m", "80:1", "PC (paper)")[5] == "**2.9652**"
+    assert _row(md, "35%", "gpt2-300m", "80:1", "HPR (paper)")[4] == "**3.1759** (i)"
+    assert _row(md, "35%", "gpt2-300m", "80:1", "PC (paper)")[4] == "lost"
+    base = (out / "tables" / "base_models.md").read_text()
+    assert "2.7234" in base and "3.0041" in base
+    assert "The paper's numbers" in (out / "REPORT.md").read_text()
+    t1 = (out / "tables" / "table1_compress.md").read_text()
+    assert _row(t1, "50%", "gpt2-800m", "PC (paper)")[4] == "**2.9652**"
+    ref = pd.read_csv(out / "tables" / "paper_reference.csv")
+    assert len(ref) == 4 + 120 + 8 + 32
+
+
+def test_llama_grid_matches_the_poster_including_dataset_alignment(tmp_path: Path):
+    root = tmp_path / "results" / "paper_llama3_1b"
+    _run(root, "align-0", "align", {}, {"compress": None, "model": {"name": "llama3.2-1b"}, "train": {"tokens": 1}},
+         "completed", _final("pretrain", 2.5, 1000, 10))
+    for method, loss in (("hpr", 3.30), ("pc", 3.20)):
+        _run(root, f"compress-{method}", "compress", {"method": method, "compression": 0.9, "tokens": 1e9},
+             {"compress": {"method": method, "compression": 0.9, "importance": "random"},
+              "model": {"name": "llama3.2-1b"}, "train": {"tokens": 1000000000}}, "completed",
+             _final(method, loss, 1000, 5))
+        _run(root, f"aligned-{method}", "aligned", {"method": method, "tokens": 1e9},
+             {"compress": {"method": method, "compression": 0.5, "importance": "random"},
+              "model": {"name": "hf", "path": "run:align-0"}, "train": {"tokens": 1000000000}}, "completed",
+             _final(method, loss - 0.5, 1000, 5), deps=["align-0"])
+    out = build_report(tmp_path / "results", "paper_llama3_1b", tmp_path / "out")
+    md = (out / "tables" / "table_compress.md").read_text()
+    assert _row(md, "90%", "HPR (paper)")[2] == "3.3870" and _row(md, "90%", "PC (paper)")[2] == "**3.3155**"
+    md = (out / "tables" / "table_aligned.md").read_text()
+    assert _row(md, "50%", "HPR (paper)")[2] == "**2.7644**" and _row(md, "50%", "PC (paper)")[2] == "2.7656"
+
+
+def test_cli_report_takes_a_grid_name_or_yaml(tmp_path: Path, capsys):
+    from pcbench.cli import main
+
+    make_store(tmp_path / "results")
+    assert main(["report", GRID, "--results", str(tmp_path / "results"), "--out", str(tmp_path / "a")]) == 0
+    yml = tmp_path / "g.yaml"
+    yml.write_text(f"name: {GRID}\nresults_dir: {tmp_path / 'results'}\nstages: {{}}\n")
+    assert main(["report", str(yml), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / GRID / "REPORT.md").read_bytes() == (tmp_path / "b" / GRID / "REPORT.md").read_bytes()
+    assert main(["report", "nosuch", "--results", str(tmp_path / "results")]) == 2
+    assert "no results for grid 'nosuch'" in capsys.readouterr().err
