@@ -108,10 +108,21 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """`pcbench report GRID`: GRID is a grid YAML (only its `name` and `results_dir` are read) or a grid name."""
+    from pcbench.config import load_yaml
     from pcbench.report import build_report
 
-    out = build_report(Path(args.results) / args.name if args.name else None, grid_path=args.grid,
-                       results=args.results, out_root=Path(args.out))
+    name, results = args.grid, args.results
+    path = Path(args.grid)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        data = load_yaml(path) or {}
+        name = data.get("name") or path.stem
+        if args.results == "results" and data.get("results_dir"):  # the flag's default: the grid's own store
+            results = data["results_dir"]
+    name = args.name or name
+    if not (Path(results) / name / "runs").is_dir():
+        raise SpecError("report", f"no results for grid {name!r} under {results}/ (run it first: pcbench run GRID)")
+    out = build_report(Path(results), name, out_root=Path(args.out))
     print(f"report written to {out}")
     return 0
 
