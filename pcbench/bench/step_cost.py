@@ -387,7 +387,7 @@ def plot(rec: dict, path: Path) -> None:
                 ax.plot(c["cell"]["tokens"], c["ratios"][key], "s", color="C2", ms=7,
                         label=f"measured, {c['cell']['micro_batches']} micro-batches of {c['cell']['rows']} rows")
             ax.annotate(f"{c['ratios'][key]:.2f}", (c["cell"]["tokens"], c["ratios"][key]),
-                        textcoords="offset points", xytext=(7, -3 if c["cell"]["micro_batches"] > 1 else 5),
+                        textcoords="offset points", xytext=(7, -12 if c["cell"]["micro_batches"] > 1 else 5),
                         fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(toks, [f"{t // 1024}k" if t % 1024 == 0 else str(t) for t in toks])
