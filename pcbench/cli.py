@@ -91,7 +91,8 @@ def status_table(grid, store, only: Optional[str] = None) -> str:
             row["loss"] = None if loss is None or (isinstance(loss, float) and math.isnan(loss)) else round(loss, 4)
             row["heldout"] = None if final.get("heldout_loss") is None else round(final["heldout_loss"], 4)
         elif ev:
-            row["score"] = round(ev.get("average", float("nan")), 4)
+            avg = ev.get("average")
+            row["score"] = None if avg is None else round(avg, 4)
         if st.get("state") == "failed":
             row["error"] = (st.get("error") or "")[:80]
         rows.append(row)
@@ -177,9 +178,15 @@ def cmd_eval(args) -> int:
     from pcbench.config import EvalSpec
     from pcbench.evaluate import lm_eval_scores
 
-    spec = EvalSpec(model=args.model, tasks=args.tasks.split(","), batch_size=args.batch_size, limit=args.limit)
+    spec = EvalSpec(model=args.model, tasks=args.tasks.split(","), batch_size=args.batch_size, limit=args.limit,
+                    threads=args.threads)
     spec.validate("eval")
-    print(json.dumps(lm_eval_scores(spec), indent=2, sort_keys=True))
+    try:
+        scores = lm_eval_scores(spec)
+    except RuntimeError as e:  # e.g. a hub task whose dataset cannot be fetched offline
+        print(f"pcbench: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(scores, indent=2, sort_keys=True))
     return 0
 
 
@@ -275,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tasks", default="pcb_cloze,pcb_continuation")
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--limit", type=int, default=None)
+    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("export", help="copy a run's exported HF checkpoint")

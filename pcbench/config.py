@@ -166,6 +166,7 @@ class TrainSpec:
         require(self.ckpt_every >= 0 and self.eval_every >= 0, f"{path}.ckpt_every", "must be >= 0")
         require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints", "must be >= 1")
         require(self.device in ("auto", "cpu", "cuda"), f"{path}.device", "auto, cpu or cuda")
+        require(self.threads is None or self.threads > 0, f"{path}.threads", "must be positive")
         require(self.last_k > 0, f"{path}.last_k", "must be positive")
 
 
@@ -245,6 +246,7 @@ class EvalSpec:
     limit: Optional[int] = None
     device: str = "auto"
     include_path: Optional[str] = None  # extra lm-eval task YAMLs; the local suite is always added
+    threads: Optional[int] = None  # torch CPU threads while scoring (None: torch's default)
 
     def validate(self, path: str = "spec") -> None:
         require(bool(self.tasks), f"{path}.tasks", "give at least one task")
@@ -252,6 +254,7 @@ class EvalSpec:
         require(self.limit is None or self.limit > 0, f"{path}.limit", "must be positive")
         require(self.num_fewshot >= 0, f"{path}.num_fewshot", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), f"{path}.device", "auto, cpu or cuda")
+        require(self.threads is None or self.threads > 0, f"{path}.threads", "must be positive")
 
 
 # ---------------------------------------------------------------------------------------------

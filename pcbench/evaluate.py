@@ -161,6 +161,8 @@ def lm_eval_scores(spec: EvalSpec) -> dict:
         raise SpecError("model", f"{spec.model} is not a Hugging Face checkpoint directory (no config.json)")
     if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise SpecError("model", f"{spec.model} has no tokenizer files (save the tokenizer next to the model)")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     suite = build_tasks()
     include = [str(suite)] + ([spec.include_path] if spec.include_path else [])
     with _quiet_lm_eval():

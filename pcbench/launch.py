@@ -99,7 +99,28 @@ def plan_submission(grid: Grid, store: Store, only: Optional[str] = None,
         else:
             reason = {"pending": "new", "failed": "retry"}.get(state, "interrupted: resume")
             out.append(Decision(run, "submit", reason))
+    _rerun_lost_exports(out, store)
     return out
+
+
+def _export_missing(store: Store, run_id: str) -> bool:
+    path = (store.final(run_id) or {}).get("export_path")
+    return not path or not (Path(path) / "config.json").is_file()
+
+
+def _rerun_lost_exports(decisions: list[Decision], store: Store) -> None:
+    """A completed run whose exported model a submitted run loads (`run:<id>`) but which is gone
+    (e.g. records from git, work directory cleared) is run again, and so on up its own inputs."""
+    by_id = {d.run.id: d for d in decisions}
+    for d in reversed(decisions):  # dependents come after their inputs
+        if d.action != "submit":
+            continue
+        spec = json.dumps(to_dict(d.run.spec))
+        for dep in d.run.deps:
+            up = by_id.get(dep)
+            if (up is not None and up.action == "skip" and up.reason == "completed"
+                    and f'"run:{dep}"' in spec and _export_missing(store, dep)):
+                up.action, up.reason = "submit", "completed, but its exported model is gone: rerun"
 
 
 def merged_resources(run: Run, override: dict) -> Resources:

@@ -177,3 +177,29 @@ def test_bad_executor_and_missing_slurm_resources_refused_before_submitting(tmp_
     with pytest.raises(SpecError, match="unknown executor"):
         launch.submit(grid, store, "kubernetes")
     assert not store.root.exists()  # nothing written
+
+
+def test_completed_input_whose_export_is_gone_is_rerun(tmp_path):
+    """Records come from git but the work directory is empty: a pending run that loads a completed
+    run's export gets that run re-run first; with the export present it is skipped."""
+    from pcbench.atomic import write_json
+
+    grid = load_grid(tiny_grid(tmp_path))
+    store = launch.store_for(grid, tmp_path / "results", tmp_path / "work")
+    base = next(r for r in grid.runs if r.stage == "base")
+    store.write_run(base.record())
+    store.set_status(base.id, "completed")
+    export = tmp_path / "work" / "gone" / "model"
+    write_json(store.paths(base.id).final, {"export_path": str(export)})
+
+    plan = {d.run.id: d for d in launch.plan_submission(grid, store)}
+    assert plan[base.id].action == "submit" and "exported model is gone" in plan[base.id].reason
+    assert all(d.action == "submit" for d in plan.values())
+    # Only the base is needed: selecting just the base itself does not rerun it.
+    only_base = launch.plan_submission(grid, store, only="stage=base")
+    assert [d.action for d in only_base] == ["skip"]
+
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    plan = {d.run.id: d for d in launch.plan_submission(grid, store)}
+    assert plan[base.id].action == "skip" and plan[base.id].reason == "completed"
