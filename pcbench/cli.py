@@ -66,11 +66,18 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
             row["tokens"] = t.tokens if t.tokens is not None else t.steps * t.batch_size * spec.data.seq_len
             row["batch"] = f"{spec.data.seq_len}x{t.batch_size}"
         rows.append(row)
+    from pcbench.report import fmt
+
     df = pd.DataFrame(rows)
     per_stage = df.groupby(df.run.str.rsplit("-", n=1).str[0], sort=False).size()
+    shown = df.drop(columns=["run"]).astype(object).where(df.notna(), "-")
+    shown["hours"] = [f"{h:.2f}" for h in df.hours]
+    shown["gpu_hours"] = [f"{h:.1f}" for h in df.gpu_hours]
+    if "tokens" in df:
+        shown["tokens"] = [fmt.tokens(t) if t is not None else "-" for t in df.tokens]
     lines = [f"grid {grid.name}: {len(df)} runs ({', '.join(f'{s}: {n}' for s, n in per_stage.items())})"]
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
-        lines.append(df.drop(columns=["run"]).astype(object).where(df.notna(), "-").to_string(index=False))
+        lines.append(shown.to_string(index=False))
     todo = df[df.action == "submit"]
     lines.append(f"to submit: {len(todo)} runs, {todo.gpu_hours.sum():,.0f} GPU-hours estimated "
                  f"({df.gpu_hours.sum():,.0f} for the whole grid)")
