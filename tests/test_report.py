@@ -178,6 +178,14 @@ def test_verdicts_from_the_data_and_they_flip(tmp_path: Path, report: Path):
     assert "Does not hold in 2 cell(s)" in flipped
 
 
+def test_headline_counts_cells_and_gap_range(report: Path):
+    text = (report / "REPORT.md").read_text()
+    # gaps: 20:1 +0.010/+0.005/+0.001, 80:1 -0.010/-0.015/-0.020 -> PC wins 3 of 6, mean -0.029/6
+    assert ("stage `compress`: PC has the lower loss in 3 of 6 cells; gap PC-HPR from -0.0200 to +0.0100 "
+            f"(mean {-0.029 / 6:+.4f}); 20:1 base: PC better in 0 of 3, mean gap {0.016 / 3:+.4f}; "
+            f"80:1 base: PC better in 3 of 3, mean gap {-0.045 / 3:+.4f}") in text
+
+
 def test_report_contents_failed_runs_bases_evals_cost(report: Path):
     text = (report / "REPORT.md").read_text()
     assert "# pcbench report: grid `toy`" in text

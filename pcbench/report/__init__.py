@@ -35,6 +35,7 @@ def build_report(results_root: Path, grid: str, out_root: Path = Path("paper_fig
         "pair": [t for s in tables.pair_stages(study)
                  for t in (tables.pair_table(study, s), tables.table1_view(study, s)) if t is not None],
         "trend": trends.trend_tables(cells, slopes, effect),
+        "headline": trends.headline(cells),
         "verdict_ratio": trends.verdict_ratio(effect),
         "verdict_tokens": trends.verdict_tokens(slopes),
         "lr_sweep": tables.lr_sweep_table(study),

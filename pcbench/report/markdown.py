@@ -92,6 +92,8 @@ def report(study: Study, sections: dict) -> str:
            "recovery.jsonl, eval.json, events.jsonl). Loss: training cross-entropy averaged over the last 100 "
            "steps (the paper's metric). gap = loss(PC) - loss(HPR): negative means PC is better.", "",
            "## What was run", "", runs_summary(study)]
+    if s.get("headline"):
+        out += ["## Headline", ""] + [f"- {line}" for line in s["headline"]] + [""]
     out += ["## Verdicts", "", f"_Decision rule: {DECISION}_", "", verdict_md("a", s["verdict_ratio"]),
             verdict_md("b", s["verdict_tokens"])]
     out += ["## Results", ""] + ([table_md(t) for t in s["pair"]] or ["No completed PC/HPR runs yet.", ""])

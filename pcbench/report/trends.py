@@ -139,6 +139,24 @@ def ratio_effect(cells: pd.DataFrame, keys_by: dict[str, list[str]]) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def headline(cells: pd.DataFrame) -> list[str]:
+    """Plain-language summary of the gaps: per stage, in how many cells PC beats HPR, the gap's range,
+    and the same split by base ratio."""
+    if cells.empty:
+        return []
+    lines = []
+    for stage, c in cells.groupby("stage", sort=True):
+        won = int((c.gap < 0).sum())
+        line = (f"stage `{stage}`: PC has the lower loss in {won} of {len(c)} cells; gap PC-HPR from "
+                f"{fmt.signed(c.gap.min())} to {fmt.signed(c.gap.max())} (mean {fmt.signed(c.gap.mean())})")
+        ratios = c.dropna(subset=["base_ratio"]).groupby("base_ratio", sort=True)
+        if ratios.ngroups > 1:
+            line += "; " + "; ".join(f"{fmt.value('ratio', r)} base: PC better in {int((g.gap < 0).sum())} of "
+                                     f"{len(g)}, mean gap {fmt.signed(g.gap.mean())}" for r, g in ratios)
+        lines.append(line)
+    return lines
+
+
 def _ci_text(est: float, lo: float, hi: float) -> str:
     if math.isnan(lo):
         return f"{fmt.signed(est)} (no interval)"
