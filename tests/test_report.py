@@ -186,11 +186,26 @@ def test_headline_counts_cells_and_gap_range(report: Path):
             f"80:1 base: PC better in 3 of 3, mean gap {-0.045 / 3:+.4f}") in text
 
 
+def test_busy_wall_time_is_the_union_of_run_intervals():
+    from pcbench.report.markdown import busy_seconds
+
+    ev = pd.DataFrame([
+        {"run": "a", "state": "running", "time": 0.0}, {"run": "a", "state": "completed", "time": 10.0},
+        {"run": "b", "state": "submitted", "time": 1.0},
+        {"run": "b", "state": "running", "time": 5.0}, {"run": "b", "state": "failed", "time": 15.0},
+        # an hour idle between two invocations, then c ran 20 s after a killed attempt
+        {"run": "c", "state": "running", "time": 3600.0}, {"run": "c", "state": "running", "time": 3700.0},
+        {"run": "c", "state": "completed", "time": 3720.0},
+    ])
+    assert busy_seconds(ev) == pytest.approx(15.0 + 20.0)
+
+
 def test_report_contents_failed_runs_bases_evals_cost(report: Path):
     text = (report / "REPORT.md").read_text()
     assert "# pcbench report: grid `toy`" in text
     assert "compress-r20-pc-8000-s0" in text and "RuntimeError: out of memory" in text
     assert "- runs: 20 (completed: 19, failed: 1)" in text
+    assert "wall time with at least one run running: " in text
     base = (report / "tables" / "base_models.md").read_text()
     assert _row(base, "base", "80:1")[5] == "3.2000"          # 4.0 - 80/100
     down = (report / "tables" / "downstream_compress.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -15,6 +16,26 @@ STATES = ["completed", "failed", "running", "submitted", "pending"]
 
 def _utc(t: float) -> str:
     return datetime.fromtimestamp(float(t), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def busy_seconds(events) -> float:
+    """Wall time during which at least one run was running: the union of each run's intervals from
+    `running` to its next state change in the events log (gaps between invocations do not count)."""
+    spans = []
+    for _, ev in events.sort_values(["time"], kind="stable").groupby("run", sort=True):
+        start = None
+        for state, t in zip(ev.state, ev.time):
+            if state == "running":  # a second `running` (resumed after a kill) restarts the span
+                start = t
+            elif start is not None:
+                spans.append((start, t))
+                start = None
+    total, end = 0.0, -math.inf
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def runs_summary(study: Study) -> str:
@@ -38,7 +59,8 @@ def runs_summary(study: Study) -> str:
     if len(ev):
         t0, t1 = ev.time.min(), ev.time.max()
         lines.append(f"- events log: {len(ev)} state changes from {_utc(t0)} to {_utc(t1)} "
-                     f"(span {fmt.duration(t1 - t0)})")
+                     f"(span {fmt.duration(t1 - t0)}); wall time with at least one run running: "
+                     f"{fmt.duration(busy_seconds(ev))}")
     return "\n".join(lines) + "\n"
 
 

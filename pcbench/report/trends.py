@@ -147,8 +147,10 @@ def headline(cells: pd.DataFrame) -> list[str]:
     lines = []
     for stage, c in cells.groupby("stage", sort=True):
         won = int((c.gap < 0).sum())
-        line = (f"stage `{stage}`: PC has the lower loss in {won} of {len(c)} cells; gap PC-HPR from "
-                f"{fmt.signed(c.gap.min())} to {fmt.signed(c.gap.max())} (mean {fmt.signed(c.gap.mean())})")
+        spread = (f"gap PC-HPR {fmt.signed(c.gap.iloc[0])}" if len(c) == 1 else
+                  f"gap PC-HPR from {fmt.signed(c.gap.min())} to {fmt.signed(c.gap.max())} "
+                  f"(mean {fmt.signed(c.gap.mean())})")
+        line = f"stage `{stage}`: PC has the lower loss in {won} of {len(c)} cell{'s' * (len(c) != 1)}; {spread}"
         ratios = c.dropna(subset=["base_ratio"]).groupby("base_ratio", sort=True)
         if ratios.ngroups > 1:
             line += "; " + "; ".join(f"{fmt.value('ratio', r)} base: PC better in {int((g.gap < 0).sum())} of "
