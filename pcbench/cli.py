@@ -39,6 +39,9 @@ def cmd_run(args) -> int:
                         resources=_resources(args), progress=None)
     print(f"{len(out.submitted)} run(s) {'submitted' if args.executor == 'slurm' else 'run'}, "
           f"{len(out.skipped)} skipped, {len(out.failed)} failed, {len(out.blocked)} blocked")
+    if not out.submitted and out.skipped and all(store.state(r) == "completed" for r in out.skipped):
+        print(f"nothing to do: every selected run is already completed in {store.root} "
+              "(to run the grid yourself, give another store: --results DIR)")
     if args.executor == "slurm" and args.wait:
         for rid, job in out.jobs.items():
             try:
