@@ -56,6 +56,7 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
     import pandas as pd
 
     from pcbench.launch import merged_resources, plan_submission
+    from pcbench.report import fmt
 
     rows = []
     for d in plan_submission(grid, store, only, retry_failed):
@@ -69,8 +70,6 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
             row["tokens"] = t.tokens if t.tokens is not None else t.steps * t.batch_size * spec.data.seq_len
             row["batch"] = f"{spec.data.seq_len}x{t.batch_size}"
         rows.append(row)
-    from pcbench.report import fmt
-
     df = pd.DataFrame(rows)
     per_stage = df.groupby(df.run.str.rsplit("-", n=1).str[0], sort=False).size()
     shown = df.drop(columns=["run"]).astype(object).where(df.notna(), "-")
