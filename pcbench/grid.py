@@ -79,6 +79,17 @@ class Tune:
 
 
 @dataclass
+class Extend:
+    """Extend a sweep along `axis` one log2 step (`factor`) beyond an edge that holds the best `metric`,
+    at most `max_steps` times per sweep line, until the best is bracketed (`pcbench/sweep.py`)."""
+
+    axis: str = "lr"
+    max_steps: int = 3
+    factor: float = 2.0
+    metric: str = "train_loss_last100"
+
+
+@dataclass
 class Override:
     when: dict
     set: dict
@@ -94,6 +105,7 @@ class StageSpec:
     spec: dict = field(default_factory=dict)
     overrides: list[Override] = field(default_factory=list)
     tune: Optional[Tune] = None
+    extend: Optional[Extend] = None  # a sweep stage: extend it until its best value is bracketed
     resources: dict = field(default_factory=dict)
     hours: Any = 1.0  # estimated wall hours per run, a number or a ${...} template (dry-run totals)
 
@@ -462,6 +474,10 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
         for axis, values in st.axes.items():
             require(isinstance(values, list) and values, f"stages.{name}.axes.{axis}",
                     "an axis must be a non-empty list of values")
+        if st.extend is not None:
+            from pcbench.sweep import validate_extend
+
+            validate_extend(st, f"stages.{name}.extend")
     base_res = from_dict(Resources, gs.resources, "resources")
     base_res.validate("resources")
 
