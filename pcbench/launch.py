@@ -25,6 +25,7 @@ from typing import Optional
 
 import submitit
 
+from pcbench import sweep
 from pcbench.config import SpecError, to_dict
 from pcbench.grid import Grid, Resources, Run
 from pcbench.jobs import RunJob
@@ -85,7 +86,12 @@ class Decision:
 
 def plan_submission(grid: Grid, store: Store, only: Optional[str] = None,
                     retry_failed: bool = False) -> list[Decision]:
-    """What to do with each selected run, without doing it."""
+    """What to do with each selected run, without doing it. Sweeps with `extend` first gain the
+    extension runs their records call for; runs tuned from a sweep still being extended wait."""
+    lines = sweep.extend_grid(grid, store)
+    for line in lines:
+        if line.status == "limit":
+            print(f"[pcbench] sweep {line.describe()}: the tuned value is not bracketed", file=sys.stderr)
     out = []
     for run in grid.select(only):
         st = store.status(run.id)
@@ -100,6 +106,7 @@ def plan_submission(grid: Grid, store: Store, only: Optional[str] = None,
             reason = {"pending": "new", "failed": "retry"}.get(state, "interrupted: resume")
             out.append(Decision(run, "submit", reason))
     _rerun_lost_exports(out, store)
+    sweep.hold(out, sweep.waiting_runs(grid, lines))
     return out
 
 
@@ -156,20 +163,41 @@ class Outcome:
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     jobs: dict = field(default_factory=dict)  # run id -> submitit job (slurm/debug)
+    waiting: int = 0  # runs held until a sweep is bracketed (see pcbench/sweep.py)
 
 
 def submit(grid: Grid, store: Store, executor: str = "local", *, only: Optional[str] = None,
            retry_failed: bool = False, resources: Optional[dict] = None, progress: Optional[bool] = None,
            log_dir: Optional[Path] = None) -> Outcome:
-    """Run or submit what `plan_submission` says; returns what happened."""
+    """Run or submit what `plan_submission` says; returns what happened. Locally, rounds repeat while
+    runs wait for a sweep that the last round's runs may have extended or bracketed."""
     if executor not in EXECUTORS:
         raise SpecError("--executor", f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    total = Outcome()
+    while True:  # retry failed runs in the first round only
+        out = _submit_round(grid, store, executor, only, retry_failed and not total.submitted, resources,
+                            progress, log_dir)
+        for f in ("submitted", "failed", "blocked"):
+            getattr(total, f).extend(getattr(out, f))
+        total.jobs.update(out.jobs)
+        total.skipped = [r for r in out.skipped if r not in total.submitted]  # not what an earlier round ran
+        total.waiting = out.waiting
+        if executor == "slurm" or not out.submitted or not out.waiting:
+            if out.waiting:
+                print(f"[pcbench] {out.waiting} run(s) wait for a sweep to be bracketed: run this command "
+                      "again once the sweep's jobs have finished", file=sys.stderr)
+            return total
+
+
+def _submit_round(grid: Grid, store: Store, executor: str, only: Optional[str], retry_failed: bool,
+                  resources: Optional[dict], progress: Optional[bool], log_dir: Optional[Path]) -> Outcome:
     override = resources or {}
     decisions = plan_submission(grid, store, only, retry_failed)
     if executor == "slurm":
         check_slurm_resources(decisions, override)
     _prepare(store, grid)
-    outcome = Outcome(skipped=[d.run.id for d in decisions if d.action == "skip"])
+    outcome = Outcome(skipped=[d.run.id for d in decisions if d.action == "skip"],
+                      waiting=sum(d.reason.startswith(sweep.WAIT) for d in decisions))
     todo = [d.run for d in decisions if d.action == "submit"]
     if not todo:
         return outcome
