@@ -122,6 +122,9 @@ class OptimSpec:
     warmup: float = 0.01  # fraction of steps (< 1) or a number of steps (>= 1)
     warmup_start: float = 0.1
     final_lr: float = 0.1
+    # global: clip the norm over everything trained; compressed (PC): clip the small network's
+    # gradient before it is pushed into P/R, then each block's P/R gradient (pcbench.parallel.update)
+    clip: Literal["global", "compressed"] = "global"
 
     def validate(self, path: str) -> None:
         require(self.lr > 0, f"{path}.lr", f"must be positive, got {self.lr}")
@@ -151,6 +154,8 @@ class TrainSpec:
     device: str = "auto"  # auto | cpu | cuda
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicate; fsdp: FSDP2 (fully_shard) per decoder layer
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
     last_k: int = 100  # the paper's metric: mean training loss over the last k steps
 
     def validate(self, path: str) -> None:
@@ -188,6 +193,7 @@ class CompressSpec:
     base_device: Literal["auto", "cpu"] = "auto"  # PC: keep the frozen base on CPU
     decay_projections: bool = True  # PC: apply weight decay to P and R
     recovery_every: int = 10  # PC: log P mass on pruned dimensions every N steps
+    blockwise_step: bool = False  # PC: push and step P/R block by block (decoder layer, embedding, head)
 
     def validate(self, path: str) -> None:
         require(0 < self.compression < 1, f"{path}.compression",
@@ -226,6 +232,13 @@ class RunSpec:
             self.compress.validate(f"{path}.compress")
             require(self.model.path is not None or _preset_has_weights(self.model.name),
                     f"{path}.model.path", "compression needs a pretrained base: give a checkpoint path")
+        pc = self.compress is not None and self.compress.method == "pc"
+        require(self.optim.clip == "global" or pc, f"{path}.optim.clip",
+                "`compressed` clips the small network of Projected Compression; use it with compress.method: pc")
+        if self.compress is not None and self.compress.blockwise_step:
+            require(pc, f"{path}.compress.blockwise_step", "only Projected Compression (method: pc) steps block-wise")
+            require(self.optim.clip == "compressed" or self.optim.grad_clip == 0, f"{path}.compress.blockwise_step",
+                    "a global norm needs every gradient at once: use optim.clip: compressed or optim.grad_clip: 0")
 
 
 def _preset_has_weights(name: str) -> bool:

@@ -30,9 +30,10 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def setup(device_pref: str = "auto") -> DistEnv:
+def setup(device_pref: str = "auto", group: bool = False) -> DistEnv:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
-    (nccl on CUDA, gloo on CPU); a single process when WORLD_SIZE is unset or 1."""
+    (nccl on CUDA, gloo on CPU); a single process when WORLD_SIZE is unset or 1, which still gets
+    a one-rank group (an in-memory store) with `group` (FSDP and DCP need one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,6 +42,11 @@ def setup(device_pref: str = "auto") -> DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    elif group and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                store=dist.HashStore())
     return DistEnv(rank, world, local_rank, device)
 
 
@@ -51,6 +57,15 @@ def all_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(x)
         x /= env.world
     return x
+
+
+def all_gather_object(obj, env: DistEnv) -> list:
+    """Every rank's `obj`, in rank order (`[obj]` in one process)."""
+    if env.world == 1:
+        return [obj]
+    out = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(env: DistEnv) -> None:
