@@ -120,6 +120,7 @@ class OptimSpec:
     eps: float = 1e-8
     grad_clip: float = 1.0
     warmup: float = 0.01  # fraction of steps (< 1) or a number of steps (>= 1)
+    decay_norms: bool = False  # weight decay on vectors too (norms, biases), as the authors' code does
     warmup_start: float = 0.1
     final_lr: float = 0.1
     # global: clip the norm over everything trained; compressed (PC): clip the small network's

@@ -320,7 +320,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
     if env.world > 1:
         net = DDP(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     o = spec.optim
-    opt = torch.optim.AdamW(trainable.param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+    opt = torch.optim.AdamW(trainable.param_groups(o.weight_decay, decay_norms=o.decay_norms), lr=o.lr,
+                            betas=(o.beta1, o.beta2),
                             eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, steps, o.warmup, o.warmup_start, o.final_lr))

@@ -13,11 +13,11 @@ from transformers import PreTrainedModel
 
 
 def decay_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
-                 decay_filter=lambda name, p: p.ndim >= 2) -> list[dict]:
-    """AdamW groups: matrices decay, vectors (norms, biases) do not."""
+                 decay_filter=lambda name, p: p.ndim >= 2, decay_norms: bool = False) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norms, biases) do not, unless `decay_norms`."""
     decay, no_decay = [], []
     for name, p in named:
-        (decay if decay_filter(name, p) else no_decay).append(p)
+        (decay if decay_norms or decay_filter(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -29,8 +29,8 @@ class Direct(nn.Module):
         super().__init__()
         self.model = model
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        return decay_groups(self.model.named_parameters(), weight_decay)
+    def param_groups(self, weight_decay: float, decay_norms: bool = False) -> list[dict]:
+        return decay_groups(self.model.named_parameters(), weight_decay, decay_norms=decay_norms)
 
     def optimized_parameters(self) -> list[nn.Parameter]:
         return [p for g in self.param_groups(0.0) for p in g["params"]]

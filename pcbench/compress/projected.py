@@ -176,10 +176,10 @@ class Projected(Direct):
         projected = set(self.names.values())
         return [(n, p) for n, p in self.model.named_parameters() if n not in projected]
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, decay_norms: bool = False) -> list[dict]:
         proj = [(n, p) for n, p in self.tensors.named_parameters()]
         decay_proj = weight_decay if self.decay_projections else 0.0
-        groups = decay_groups(self._direct_params(), weight_decay)
+        groups = decay_groups(self._direct_params(), weight_decay, decay_norms=decay_norms)
         if proj:
             groups.append({"params": [p for _, p in proj], "weight_decay": decay_proj})
         return groups
