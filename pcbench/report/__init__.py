@@ -21,7 +21,7 @@ __all__ = ["build_report"]
 
 def build_report(results_root: Path, grid: str, out_root: Path = Path("paper_figures")) -> Path:
     """Write the report of grid `grid` (store `<results_root>/<grid>`) under `out_root/<grid>/`; return that dir."""
-    from pcbench.report import markdown, tables, trends
+    from pcbench.report import markdown, scaling, tables, trends, tuning
     from pcbench.report.load import load_study
 
     study = load_study(Path(results_root), grid)
@@ -46,6 +46,8 @@ def build_report(results_root: Path, grid: str, out_root: Path = Path("paper_fig
         "recovery": tables.recovery_table(study),
         "cost": tables.cost_table(study),
         "failed": tables.failed_table(study),
+        "claims": scaling.claims_table(study),  # the opening table (scaling grids only)
+        "tuning": tuning.tuning_table(study),   # tuned values, flagged where their sweep does not bracket them
     }
     written: set[Path] = set()
     all_tables = [t for v in sections.values() for t in (v if isinstance(v, list) else [v])

@@ -112,8 +112,10 @@ def report(study: Study, sections: dict) -> str:
     out = [f"# pcbench report: grid `{study.grid}`", "",
            "Built from this grid's results store only (run.json, status.json, final.json, metrics.jsonl, "
            "recovery.jsonl, eval.json, events.jsonl). Loss: training cross-entropy averaged over the last 100 "
-           "steps (the paper's metric). gap = loss(PC) - loss(HPR): negative means PC is better.", "",
-           "## What was run", "", runs_summary(study)]
+           "steps (the paper's metric). gap = loss(PC) - loss(HPR): negative means PC is better.", ""]
+    if s.get("claims") is not None:
+        out.append(table_md(s["claims"], level=2))
+    out += ["## What was run", "", runs_summary(study)]
     if s.get("headline"):
         out += ["## Headline", ""] + [f"- {line}" for line in s["headline"]] + [""]
     out += ["## Verdicts", "", f"_Decision rule: {DECISION}_", "", verdict_md("a", s["verdict_ratio"]),
@@ -126,7 +128,7 @@ def report(study: Study, sections: dict) -> str:
         if s["lr_sweep"] is not None:
             out.append(table_md(s["lr_sweep"]))
         out += ["Learning rate each method used:", "", lr_text(s["lr_used"])]
-    for key in ("importance", "base", "downstream", "recovery", "cost"):
+    for key in ("tuning", "importance", "base", "downstream", "recovery", "cost"):
         items = s.get(key)
         for t in (items if isinstance(items, list) else [items]):
             if t is not None:
