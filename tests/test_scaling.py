@@ -48,6 +48,31 @@ def test_known_slope_and_crossover_recovered_within_interval():
     assert lo < true_crossover(80, 6.4e5) < hi and hi - lo < 2  # within a factor of 4 in tokens
 
 
+def test_interaction_kept_only_where_justified_and_crossover_follows_it():
+    rng = np.random.default_rng(3)
+    cells = synthetic(rng)
+    lt, lr = np.log2(cells.tokens), np.log2(cells.ratio)
+    cells["gap"] += 0.004 * (lt - lt.mean()) * (lr - lr.mean())  # the token slope flattens with the ratio
+    fit = scaling.fit_gap(cells, interactions=scaling.INTERACTIONS)
+    assert "log2_tokens*log2_ratio" in fit.terms
+    assert "log2_tokens*log2_params (not justified)" in fit.dropped
+    est, lo, hi = fit.estimate("log2_tokens*log2_ratio")
+    assert lo < 0.004 < hi
+    est, lo, hi = fit.estimate("log2_tokens")  # centred: the average token slope is still B
+    assert lo < B < hi
+    # per base: slope B + 0.004 (log2 r - mean), crossover where the gap with the interaction is 0
+    for r in RATIOS:
+        x = {"log2_tokens": 0.0, "log2_ratio": math.log2(r), "log2_params": math.log2(6.4e5), "compression": 0.5}
+        s_true = B + 0.004 * (math.log2(r) - lr.mean())
+        s_est, s_lo, s_hi = fit.token_slope(x)
+        assert s_lo < s_true < s_hi
+        g0 = truth(1.0, r, 6.4e5, 0.5) - 0.004 * lt.mean() * (math.log2(r) - lr.mean())
+        g, glo, ghi = fit.crossover(x)
+        assert glo < -g0 / s_true < ghi
+    plain = scaling.fit_gap(synthetic(np.random.default_rng(4)), interactions=scaling.INTERACTIONS)
+    assert not [t for t in plain.terms if "*" in t]
+
+
 def test_intervals_cover_the_truth_at_about_95_percent():
     """200 seeded replications: each coefficient's and the crossover's 95% interval covers the truth
     in 90-99% of them (nominal 95%; binomial s.d. 1.5%)."""
@@ -76,18 +101,21 @@ def test_fit_on_the_papers_numbers(capsys):
     assert np.allclose(a2.gap, a2.pc - a2.hpr)
     lines = []
     for name, cells in (("Table A.2 (+ Table 3)", a2), ("Table A.2 + poster", both)):
-        fit = scaling.fit_gap(cells, label=name)
-        assert fit.dropped == [] and fit.df == len(cells) - 5
-        # OLS: residuals orthogonal to every covariate
-        X = np.column_stack([np.ones(len(cells))] + [scaling.covariates(cells)[t] for t in fit.terms])
+        fit = scaling.fit_gap(cells, label=name, interactions=scaling.INTERACTIONS)
+        assert not [d for d in fit.dropped if "*" not in d] and fit.df == len(cells) - len(fit.terms) - 1
+        # OLS: residuals orthogonal to every column of the design
+        X = np.array([fit.row(x) for x in scaling.covariates(cells).to_dict("records")])
         assert np.allclose(X.T @ (cells.gap.to_numpy() - X @ fit.coef), 0, atol=1e-9)
-        lines.append(f"{name}: {fit.n} cells, df {fit.df}, residual s.d. {fit.sigma:.5f}")
+        lines.append(f"{name}: {fit.n} cells, df {fit.df}, residual s.d. {fit.sigma:.5f}, "
+                     f"left out: {fit.dropped or 'none'}")
         for t in fit.names():
             est, lo, hi = fit.estimate(t)
             assert lo < est < hi
             lines.append(f"  {t:12s} {est:+.5f} [{lo:+.5f}, {hi:+.5f}]  {scaling.decide(est, lo, hi)}")
         for r in scaling.crossovers(fit, cells).itertuples():
-            lines.append(f"  crossover {r.ratio:.0f}:1 {r.params:.3g} params: {r.note}")
+            at = "" if math.isnan(r.tokens) else f"{r.tokens:.3g} [{r.tokens_lo:.3g}, {r.tokens_hi:.3g}] tokens, "
+            lines.append(f"  crossover {r.ratio:.0f}:1 {r.params:.3g} params: {at}{r.note} "
+                         f"(token slope there {r.slope:+.5f} [{r.slope_lo:+.5f}, {r.slope_hi:+.5f}])")
     print("\n".join(lines))
 
 

@@ -1,17 +1,20 @@
 """One estimator of the PC - HPR gap as a function of scale, for our records and the paper's numbers.
 
     gap = loss(PC) - loss(HPR)   (per cell: base x compression x retraining tokens, mean over seeds)
-    gap ~ a + b log2(tokens) + c log2(ratio) + d log2(params) [+ e compression]
+    gap ~ a + b log2(tokens) + c log2(ratio) + d log2(params) [+ e compression] [+ interactions]
 
 fitted by ordinary least squares to cell means, with 95% t-intervals (residual variance, df = cells
-- terms). A term whose covariate does not vary in the data is left out (and named). `compression`
-enters as a nuisance term: the grids differ in their levels. The paper's three claims are negative
+- terms). Covariates are centred at the cells' means, so b, c, d are average effects. A term whose
+covariate does not vary in the data is left out (and named); a candidate interaction (tokens x
+ratio, tokens x size) stays only where its own interval excludes 0. `compression` enters as a
+nuisance term: the grids differ in their levels. The paper's three claims are negative
 coefficients: (a) c < 0, the PC gain grows with the base's tokens per parameter; (b) d < 0, with
 the base's size; (c) b < 0, with the retraining tokens.
 
 The crossover: the retraining tokens at which the fitted gap is 0 (PC overtakes HPR when b < 0),
-per base ratio and size at compression 50%, log2 t* = -(a + c log2 r + d log2 p + e 0.5) / b, with
-a delta-method t-interval on log2 t*; reported only where b's own interval excludes 0.
+per base ratio and size at compression 50% (the gap is linear in log2 tokens there: t* solves
+g0 + s log2 t = 0), with a delta-method t-interval on log2 t*; reported only where the token slope
+s at that base has an interval excluding 0.
 
 Verdicts (`decide`): supported / not supported when the 95% interval excludes 0 (on the claim's /
 the other side); "no effect at this scale, bounded" when it lies within +-BOUND; else "not decided",
@@ -41,6 +44,8 @@ CLAIMS = {  # term -> the paper's claim (the gain grows with ...): a negative co
     "log2_tokens": "(c) PC's gain over HPR grows with the retraining tokens",
 }
 REF_COMPRESSION = 0.5
+# candidate interactions: kept in a fit only where their own interval excludes 0
+INTERACTIONS = ("log2_tokens*log2_ratio", "log2_tokens*log2_params")
 
 # Parameter counts of the paper's bases (total, embeddings included) and the Llama base's ratio.
 PAPER_PARAMS = {"300M": 3.04e8, "800M": 8.34e8, "Llama-3.2-1B": 1.236e9}
@@ -50,7 +55,9 @@ LLAMA_RATIO = float(round(9e12 / 1.236e9))
 
 @dataclass
 class Fit:
-    """An OLS fit of gap on `terms` (coefficients in `coef`, intercept first)."""
+    """An OLS fit of gap on `terms` (coefficients in `coef`, intercept first). Covariates are centred
+    at `center` (the cells' means), so each main effect is the average effect over the cells even
+    when an interaction `u*v` (product of centred covariates) is in the fit."""
 
     terms: list[str]
     coef: np.ndarray
@@ -58,6 +65,7 @@ class Fit:
     df: int
     sigma: float
     n: int
+    center: dict = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     label: str = ""
 
@@ -69,31 +77,37 @@ class Fit:
         if term not in self.names():
             return math.nan, math.nan, math.nan
         i = self.names().index(term)
-        est, se = float(self.coef[i]), math.sqrt(max(float(self.cov[i, i]), 0.0))
+        return self._interval(float(self.coef[i]), np.eye(len(self.coef))[i])
+
+    def _interval(self, est: float, grad: np.ndarray) -> tuple[float, float, float]:
+        se = math.sqrt(max(float(grad @ self.cov @ grad), 0.0))
         h = t975(self.df) * se if self.df >= 1 else math.nan
         return est, est - h, est + h
 
     def row(self, x: dict) -> np.ndarray:
-        return np.array([1.0] + [float(x[t]) for t in self.terms])
+        """The design row of raw covariates `x` (log2_tokens, log2_ratio, log2_params, compression)."""
+        c = {k: float(x[k]) - self.center.get(k, 0.0) for k in self.center}
+        return np.array([1.0] + [math.prod(c[v] for v in t.split("*")) for t in self.terms])
 
     def predict(self, x: dict) -> float:
         return float(self.row(x) @ self.coef)
 
+    def token_slope(self, x: dict) -> tuple[float, float, float]:
+        """d gap / d log2(tokens) at covariates `x` (with its interval): b plus any interactions."""
+        g = self.row({**x, "log2_tokens": self.center.get("log2_tokens", 0.0) + 1.0}) - \
+            self.row({**x, "log2_tokens": self.center.get("log2_tokens", 0.0)})
+        return self._interval(float(g @ self.coef), g)
+
     def crossover(self, x: dict) -> tuple[float, float, float]:
         """log2 retraining tokens where the fitted gap is 0 at covariates `x` (tokens ignored), with a
         delta-method 95% interval; NaN when the fit has no token term."""
-        if "log2_tokens" not in self.terms:
+        if not any("log2_tokens" in t.split("*") for t in self.terms):
             return math.nan, math.nan, math.nan
-        i = self.names().index("log2_tokens")
-        z = self.row({**x, "log2_tokens": 0.0})
-        b = float(self.coef[i])
-        rest = float(z @ self.coef)  # a + c x_c + ... (the token term is zeroed)
-        g = -rest / b
-        grad = -z / b
-        grad[i] = rest / b**2
-        se = math.sqrt(max(float(grad @ self.cov @ grad), 0.0))
-        h = t975(self.df) * se if self.df >= 1 else math.nan
-        return g, g - h, g + h
+        z0 = self.row({**x, "log2_tokens": 0.0})
+        dz = self.row({**x, "log2_tokens": 1.0}) - z0  # the gap is linear in log2 tokens
+        g0, slope = float(z0 @ self.coef), float(dz @ self.coef)
+        lt = -g0 / slope
+        return self._interval(lt, -z0 / slope + g0 / slope**2 * dz)
 
 
 def covariates(df: pd.DataFrame) -> pd.DataFrame:
@@ -104,17 +118,10 @@ def covariates(df: pd.DataFrame) -> pd.DataFrame:
                          "compression": df.compression.astype(float)}, index=df.index)
 
 
-def fit_gap(cells: pd.DataFrame, terms: Sequence[str] = TERMS, label: str = "") -> Optional[Fit]:
-    """OLS of `gap` on `terms` over cells (columns tokens, ratio, params, compression, gap); terms
-    that do not vary are dropped. None when there are no more cells than coefficients."""
-    c = cells.dropna(subset=["gap", "tokens", "ratio", "params", "compression"])
-    if c.empty:
-        return None
-    X = covariates(c)
-    keep = [t for t in terms if X[t].nunique() > 1]
-    dropped = [t for t in terms if t not in keep]
-    A = np.column_stack([np.ones(len(c))] + [X[t].to_numpy() for t in keep])
-    y = c.gap.to_numpy(float)
+def _ols(X: pd.DataFrame, y: np.ndarray, terms: list[str], center: dict, label: str,
+         dropped: list[str]) -> Optional[Fit]:
+    cols = [np.ones(len(X))] + [np.prod([X[v].to_numpy() - center[v] for v in t.split("*")], axis=0) for t in terms]
+    A = np.column_stack(cols)
     n, p = A.shape
     if n <= p or np.linalg.matrix_rank(A) < p:
         return None
@@ -122,8 +129,31 @@ def fit_gap(cells: pd.DataFrame, terms: Sequence[str] = TERMS, label: str = "") 
     resid = y - A @ coef
     df = n - p
     s2 = float(resid @ resid) / df
-    cov = s2 * np.linalg.inv(A.T @ A)
-    return Fit(keep, coef, cov, df, math.sqrt(s2), n, dropped, label)
+    return Fit(list(terms), coef, s2 * np.linalg.inv(A.T @ A), df, math.sqrt(s2), n, center, dropped, label)
+
+
+def fit_gap(cells: pd.DataFrame, terms: Sequence[str] = TERMS, label: str = "",
+            interactions: Sequence[str] = ()) -> Optional[Fit]:
+    """OLS of `gap` on `terms` over cells (columns tokens, ratio, params, compression, gap); terms
+    that do not vary are dropped. Each candidate interaction (`"log2_tokens*log2_ratio"`) is kept
+    only where justified: its own 95% interval excludes 0 in the fit with the candidates. None when
+    there are no more cells than coefficients."""
+    c = cells.dropna(subset=["gap", "tokens", "ratio", "params", "compression"])
+    if c.empty:
+        return None
+    X = covariates(c)
+    keep = [t for t in terms if X[t].nunique() > 1]
+    dropped = [t for t in terms if t not in keep]
+    cand = [i for i in interactions if all(v in keep for v in i.split("*"))]
+    center = {k: float(X[k].mean()) for k in X.columns}
+    y = c.gap.to_numpy(float)
+    fit = _ols(X, y, keep + cand, center, label, dropped)
+    if fit is None or not cand:
+        return fit
+    justified = [i for i in cand if (lambda e: e[1] > 0 or e[2] < 0)(fit.estimate(i))]
+    out = fit if justified == cand else _ols(X, y, keep + justified, center, label, dropped)
+    out.dropped = dropped + [f"{i} (not justified)" for i in cand if i not in justified]
+    return out
 
 
 # -- verdicts --------------------------------------------------------------------------------------
@@ -215,15 +245,17 @@ def _ci(est: float, lo: float, hi: float) -> str:
 
 def crossovers(fit: Optional[Fit], cells: pd.DataFrame) -> pd.DataFrame:
     """Per (ratio, params) of the cells: fitted crossover tokens at 50% compression with its interval,
-    only where the token slope's interval excludes 0 (noted when outside the measured budgets)."""
+    only where the token slope there has an interval excluding 0 (noted when outside the measured
+    budgets)."""
     if fit is None or cells.empty:
         return pd.DataFrame()
-    b, blo, bhi = fit.estimate("log2_tokens")
     t_min, t_max = float(cells.tokens.min()), float(cells.tokens.max())
     rows = []
     for (r, p), _ in cells.groupby(["ratio", "params"], sort=True):
-        x = {"log2_ratio": math.log2(r), "log2_params": math.log2(p), "compression": REF_COMPRESSION}
-        row = {"fit": fit.label, "ratio": r, "params": p, "slope": b}
+        x = {"log2_tokens": 0.0, "log2_ratio": math.log2(r), "log2_params": math.log2(p),
+             "compression": REF_COMPRESSION}
+        b, blo, bhi = fit.token_slope(x) if "log2_tokens" in fit.terms else (math.nan,) * 3
+        row = {"fit": fit.label, "ratio": r, "params": p, "slope": b, "slope_lo": blo, "slope_hi": bhi}
         if math.isnan(b) or blo <= 0 <= bhi:
             row.update(log2_tokens=math.nan, lo=math.nan, hi=math.nan, tokens=math.nan, tokens_lo=math.nan,
                        tokens_hi=math.nan, note="none: the token slope's interval contains 0")
@@ -273,11 +305,11 @@ def claims_table(study):
     mine = our_cells(study)
     if mine.empty or not (study.grid == "scaling" or all(mine[c].nunique() > 1 for c in ("tokens", "ratio", "params"))):
         return None
-    ours = fit_gap(mine, label="ours")
+    ours = fit_gap(mine, label="ours", interactions=INTERACTIONS)
     if ours is None:
         return None
     sources = {"paper_a2": paper_cells(poster=False), "paper_all": paper_cells(poster=True)}
-    fits = {k: fit_gap(c, label=k) for k, c in sources.items()}
+    fits = {k: fit_gap(c, label=k, interactions=INTERACTIONS) for k, c in sources.items()}
     paper = fits["paper_all"]
     data = claims(fits, ours)
     names = {"paper_a2": "Table A.2", "paper_all": "with the poster"}
@@ -297,13 +329,16 @@ def claims_table(study):
     xo = pd.concat([*xo_p.values(), xo_o], ignore_index=True)
     data = pd.concat([data, xo.assign(claim="crossover")], ignore_index=True)
     dropped = ", ".join(ours.dropped) or "none"
+    inter = lambda f: ", ".join(t for t in f.terms if "*" in t) or "none"  # noqa: E731
     notes = [f"Coefficients of one OLS fit per source: gap = loss(PC) - loss(HPR) ~ a + b log2(tokens) + "
-             f"c log2(ratio) + d log2(params) + e compression, over cell means (seeds averaged); per doubling, "
-             f"95% t-intervals. Ours: {ours.n} cells, df {ours.df}, residual s.d. {fmt.num(ours.sigma)}, terms "
-             f"left out (constant here): {dropped}. The paper: {fits['paper_a2'].n} Table A.2 pairs where both "
+             f"c log2(ratio) + d log2(params) + e compression (+ justified interactions), over cell means (seeds "
+             f"averaged), covariates centred (b, c, d: average effects per doubling), 95% t-intervals. Ours: "
+             f"{ours.n} cells, df {ours.df}, residual s.d. {fmt.num(ours.sigma)}, interactions kept: {inter(ours)}; "
+             f"left out: {dropped}. The paper: {fits['paper_a2'].n} Table A.2 pairs where both "
              f"numbers survive (the 20:1 rows, and the two 80:1 cells whose HPR number Table 3 gives: our copy "
              f"lost the worse of every other 80:1 pair), then with the poster's Llama rows ({paper.n} cells; "
-             f"base ratio {LLAMA_RATIO:.0f}:1 from 9T pretraining tokens).",
+             f"base ratio {LLAMA_RATIO:.0f}:1 from 9T pretraining tokens); interactions kept: "
+             f"{inter(fits['paper_a2'])} / {inter(paper)}.",
              f"Verdict: supported / not supported when the 95% interval excludes 0; no effect at this scale, "
              f"bounded, when it lies within +-{BOUND}; else not decided (with the replicates it would need)."]
     return Table("claims", "The paper's claims: fitted on its numbers and on ours", fmt.md_table(md), data, notes)
