@@ -46,6 +46,7 @@ class Resources:
     tasks_per_node: Optional[int] = None  # default: one task per GPU (torch.distributed), else 1
     cpus_per_task: int = 2
     mem_gb: Optional[float] = None
+    gpu_mem_gb: Optional[float] = None  # memory per GPU (GiB): runs whose memory plan exceeds it are refused
     timeout_min: Optional[int] = None
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -55,10 +56,16 @@ class Resources:
     slurm_additional: dict = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
-        for f in ("gpus_per_node", "cpus_per_task", "array_parallelism"):
-            require(getattr(self, f) >= 0, f"{path}.{f}", "must be >= 0")
-        require(self.nodes >= 1, f"{path}.nodes", "must be >= 1")
-        require(self.timeout_min is None or self.timeout_min > 0, f"{path}.timeout_min", "must be positive")
+        require(self.gpus_per_node >= 0, f"{path}.gpus_per_node", f"must be >= 0, got {self.gpus_per_node}")
+        for f in ("cpus_per_task", "array_parallelism", "nodes"):
+            require(getattr(self, f) >= 1, f"{path}.{f}", f"must be >= 1, got {getattr(self, f)}")
+        require(self.tasks_per_node is None or self.tasks_per_node >= 1, f"{path}.tasks_per_node",
+                f"must be >= 1, got {self.tasks_per_node}")
+        require(self.timeout_min is None or self.timeout_min > 0, f"{path}.timeout_min",
+                f"must be a positive number of minutes, got {self.timeout_min}")
+        require(self.mem_gb is None or self.mem_gb > 0, f"{path}.mem_gb", f"must be positive, got {self.mem_gb}")
+        require(self.gpu_mem_gb is None or self.gpu_mem_gb > 0, f"{path}.gpu_mem_gb",
+                f"must be positive, got {self.gpu_mem_gb}")
 
     @property
     def tasks(self) -> int:
@@ -544,7 +551,33 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
             seen[r.id] = r
         by_stage[name] = out
         runs.extend(out)
+    _check_references(runs)
     return Grid(gs, runs, source, stages)
+
+
+def references(run: Run) -> list[tuple[str, str]]:
+    """(field, run id) of every `run:<id>` model this run loads."""
+    spec = run.spec
+    if isinstance(spec, EvalSpec):
+        return [("model", spec.model[4:])] if spec.model.startswith("run:") else []
+    path = spec.model.path or ""
+    return [("model.path", path[4:])] if path.startswith("run:") else []
+
+
+def _check_references(runs: list[Run]) -> None:
+    """Every `run:<id>` names a run of this grid that the run depends on (its `from` parent or a
+    tuned-from run), so it is complete before the reference is resolved."""
+    ids = [r.id for r in runs]
+    for run in runs:
+        for f, rid in references(run):
+            if rid in run.deps:
+                continue
+            if rid in ids:
+                why = "is a run of this grid that this run does not depend on (load it through `from`)"
+            else:
+                close = difflib.get_close_matches(rid, ids, n=1)
+                why = "is not a run of this grid" + (f" (did you mean {close[0]!r}?)" if close else "")
+            raise SpecError(f"stages.{run.stage}.spec.{f}", f"run:{rid} {why}")
 
 
 def _validate_train(spec: RunSpec, path: str) -> None:

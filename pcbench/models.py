@@ -43,6 +43,8 @@ class Preset:
     tokenizer: str = "gpt2"
     weights: Optional[str] = None  # "smollm2-gguf" | "hub:<id>" | None
     description: str = ""
+    vocab: Optional[int] = None  # hub presets: the checkpoint's vocabulary (shape-only planning)
+    tied: bool = False  # hub presets: the checkpoint ties its embedding and head
 
 
 PRESETS: dict[str, Preset] = {
@@ -68,7 +70,10 @@ PRESETS: dict[str, Preset] = {
                  description="a Llama-family HF checkpoint from model.path"),
     "llama3.2-1b": Preset("llama", 16, 2048, 32, 8192, kv_heads=8, head_dim=64, tokenizer="model",
                           weights="hub:meta-llama/Llama-3.2-1B",
-                          description="Llama-3.2-1B from a path or the HF cache"),
+                          description="Llama-3.2-1B from a path or the HF cache", vocab=128256, tied=True),
+    "llama3.1-8b": Preset("llama", 32, 4096, 32, 14336, kv_heads=8, head_dim=128, tokenizer="model",
+                          weights="hub:meta-llama/Llama-3.1-8B",
+                          description="Llama-3.1-8B from a path or the HF cache", vocab=128256),
 }
 
 

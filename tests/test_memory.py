@@ -1,0 +1,276 @@
+"""The memory plan (`pcbench.memory`): the breakdown of a hand-computed config, the activation
+coefficients against saved-tensor hooks, ddp vs fsdp scaling, the refusal before submission and
+the dry-run column. Plan-vs-measured peaks are the benchmark's (`pcbench bench memory`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pcbench import memory, models
+from pcbench.config import ModelSpec, load_run_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# llama-tiny: 2 layers, d 64, 4 heads of 16 (q width 64), 2 KV heads (kv width 32), d_ff 192; bpe-512.
+D, F, HQ, HKV, HEADS, L, V = 64, 192, 64, 32, 4, 2, 512
+MATRICES = {  # per layer: name -> (out, in)
+    "q": (HQ, D), "k": (HKV, D), "v": (HKV, D), "o": (D, HQ), "gate": (F, D), "up": (F, D), "down": (D, F)}
+PARAMS = 2 * V * D + L * (sum(a * b for a, b in MATRICES.values()) + 2 * D) + D  # untied head, norms
+
+
+def tiny_spec(tmp_path: Path, method=None, **train) -> "object":
+    d = {"model": {"name": "llama-tiny"}, "data": {"tokenizer": "bpe-512", "seq_len": 32},
+         "train": {"steps": 2, "batch_size": 8, "micro_batch_size": 2, "device": "cpu", **train}}
+    if method:
+        cfg = tmp_path / "base"
+        models.build_config(ModelSpec(name="llama-tiny"), V, 32).save_pretrained(cfg)
+        d["model"] = {"name": "hf", "path": str(cfg)}
+        d["compress"] = {"method": method, "compression": 0.5}
+    return load_run_spec(d)
+
+
+def test_breakdown_of_a_hand_computed_config(tmp_path):
+    p = memory.plan(tiny_spec(tmp_path), world=2)  # 8 rows over 2 processes: 4 rows, micro-batch 2
+    assert PARAMS == 164160
+    c = p.components
+    assert c["network"] == c["network_gradients"] == c["ddp_buckets"] == 4 * PARAMS
+    assert c["optimizer"] == 8 * PARAMS
+    tokens = 2 * 32
+    per_token_layer = 24 * D + 16 * F + 8 * HQ + 8 * HKV + 4 * HEADS + 8  # fp32, SwiGLU
+    assert per_token_layer == 5400  # what saved-tensor hooks count on this model (test below)
+    assert c["activations"] == tokens * (L * per_token_layer + 12 * D + 12)
+    assert c["logits"] == tokens * V * 16
+    assert c["optimizer_transient"] == 2 * 4 * V * D  # CPU AdamW: two temporaries of the largest tensor
+    assert p.phases["forward_backward"] == 4 * 4 * PARAMS + 4 * PARAMS + c["activations"] + c["logits"]
+    assert p.peak == max(p.phases.values()) and p.peak_phase == "forward_backward"
+    assert (p.micro_batch, p.accumulation, p.precision) == (2, 2, "fp32")
+
+
+def test_projections_of_a_hand_computed_pc_plan(tmp_path):
+    spec = tiny_spec(tmp_path, "pc")
+    p = memory.plan(spec, world=1)
+    w = memory.widths(memory.model_config(spec), 0.5)
+    dc, fc = w["d_model"], w["d_ff"]
+    assert dc < D and fc < F
+    small_out = {"q": HQ, "k": HKV, "v": HKV, "o": dc, "gate": fc, "up": fc, "down": dc}
+    small_in = {"q": dc, "k": dc, "v": dc, "o": HQ, "gate": dc, "up": dc, "down": fc}
+    pr = 0
+    for name, (n_out, n_in) in MATRICES.items():
+        k_out, k_in = small_out[name], small_in[name]
+        pr += (k_out * n_out if k_out != n_out else 0) + (n_in * k_in if k_in != n_in else 0) + k_out * k_in
+    pr = L * pr + 2 * (D * dc + V * dc)  # embedding and head: P_in [d, d_c] and R [V, d_c]
+    base = L * sum(a * b for a, b in MATRICES.values()) + 2 * V * D
+    small = 2 * V * dc + L * (HQ * dc * 2 + HKV * dc * 2 + 3 * dc * fc + 2 * dc) + dc
+    c = p.components
+    assert c["projections"] == c["projection_gradients"] == 4 * pr
+    assert c["frozen_base"] == 4 * base
+    assert c["network"] == 4 * small
+    direct = 2 * L * dc + dc  # norms: trained directly, stepped by AdamW with P and R
+    assert c["optimizer"] == 8 * (pr + direct)
+    bf16 = memory.plan(load_run_spec({**_spec_dict(spec), "compress": {"method": "pc", "compression": 0.5,
+                                                                       "base_dtype": "bfloat16"}}))
+    assert bf16.components["frozen_base"] == 2 * base
+
+
+def _spec_dict(spec) -> dict:
+    from pcbench.config import to_dict
+
+    return {k: v for k, v in to_dict(spec).items() if v is not None}
+
+
+def _saved_bytes(preset: str, bf16: bool, tokens_rows: int, seq: int = 32) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward."""
+    model = models.build_model(models.build_config(ModelSpec(name=preset), V, seq))
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randint(0, V, (tokens_rows, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(input_ids=x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for k, n in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_coefficients_match_saved_tensors(preset, precision):
+    seq = 32
+    cfg = models.build_config(ModelSpec(name=preset), V, seq).to_dict()
+    measured = {rows: _saved_bytes(preset, precision == "bf16", rows, seq) for rows in (2, 4)}
+    per_token = (measured[4] - measured[2]) / (2 * seq)
+    a = memory.activation_bytes(cfg, 1, precision)
+    assert per_token == a["layers"] + a["outside"]
+    # what does not grow with tokens: RoPE tables, and under autocast the bf16 weight copies
+    fixed = measured[2] - 2 * seq * per_token
+    mats = sum(p.numel() for n, p in models.build_model(models.build_config(ModelSpec(name=preset), V, seq))
+               .named_parameters() if p.ndim == 2 and "embed" not in n)
+    assert fixed == 2 * seq * (cfg.get("head_dim") or 16) * 4 + (2 * mats if precision == "bf16" else 0)
+
+
+def test_checkpointing_keeps_layer_inputs_and_one_layer():
+    cfg = models.build_config(ModelSpec(name="llama-tiny"), V, 32).to_dict()
+    full = memory.activation_bytes(cfg, 100, "fp32")
+    ck = memory.activation_bytes(cfg, 100, "fp32", checkpointing=True)
+    assert full["layers"] == L * full["per_layer"]
+    assert ck["layers"] == L * 100 * D * 4 + full["per_layer"] < full["layers"]
+
+
+def test_fsdp_divides_what_it_shards_and_ddp_replicates(tmp_path):
+    spec = tiny_spec(tmp_path, "pc", batch_size=16, micro_batch_size=2)
+    sharded = ("network", "projections", "frozen_base", "optimizer", "projection_gradients")
+    one = memory.plan(spec, 1, parallel="fsdp")
+    for world in (2, 4, 8):
+        f = memory.plan(spec, world, parallel="fsdp")
+        d = memory.plan(spec, world, parallel="ddp")
+        for k in sharded:
+            assert one.components[k] / world <= f.components[k] <= one.components[k] / world * 1.25, (k, world)
+            assert d.components[k] == one.components[k]
+        assert f.components["activations"] == d.components["activations"] == one.components["activations"]
+        assert f.components["fsdp_gathered"] > 0 and "ddp_buckets" not in f.components
+        assert d.components["ddp_buckets"] == one.components["network"]
+        assert f.persistent < d.persistent
+    assert memory.plan(spec, 8, parallel="fsdp").peak < memory.plan(spec, 2, parallel="fsdp").peak
+    # with gradient accumulation FSDP2 keeps the network's gradients unsharded
+    acc = memory.plan(spec, 4, parallel="fsdp")
+    assert acc.accumulation == 2 and acc.components["network_gradients"] == one.components["network"]
+    no_acc = memory.plan(spec, 4, parallel="fsdp", micro_batch=4)
+    assert no_acc.accumulation == 1 and no_acc.components["network_gradients"] < one.components["network"]
+
+
+def test_blockwise_stepping_plans_one_block_of_gradients(tmp_path):
+    spec = tiny_spec(tmp_path, "pc")
+    whole = memory.plan(spec, 1)
+    block = memory.plan(spec, 1, blockwise=True)
+    assert block.blockwise and "push" not in block.phases
+    assert block.components["block_gradients_and_step"] < whole.components["projection_gradients"]
+    assert max(block.phases["blockwise_step"], block.phases["forward_backward"]) == block.peak
+    assert block.peak <= whole.peak
+
+
+def test_shape_only_presets_plan_without_weights():
+    spec = load_run_spec({"model": {"name": "llama3.1-8b"}, "data": {"tokenizer": "model", "seq_len": 1024},
+                          "train": {"tokens": 10 ** 9, "batch_size": 512, "micro_batch_size": 2, "device": "cuda",
+                                    "parallel": "fsdp", "activation_checkpointing": True},
+                          "compress": {"method": "pc", "compression": 0.5, "align": 64, "base_dtype": "bfloat16"}})
+    cfg = memory.model_config(spec)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]) == \
+        (32, 4096, 14336, 128256)
+    assert not cfg["tie_word_embeddings"]
+    p = memory.plan(spec, 8)
+    base = 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336) + 2 * 128256 * 4096
+    assert p.components["frozen_base"] == pytest.approx(2 * base / 8, rel=1e-3)
+    assert p.precision == "bf16" and p.fits(80) and not memory.plan(spec, 1, parallel="ddp").fits(80)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the CLI
+
+GRID = {
+    "name": "memtest",
+    "resources": {"gpus_per_node": 1, "gpu_mem_gb": 20},
+    "stages": {"pretrain": {
+        "spec": {"model": {"name": "gpt2-300m"},
+                 "data": {"tokenizer": "gpt2", "seq_len": 512},
+                 "train": {"steps": 10, "batch_size": 64, "micro_batch_size": 32, "device": "cuda"}}}},
+}
+
+
+def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pcbench.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("memgrid") / "grid.yaml"
+    p.write_text(yaml.safe_dump(GRID))
+    return p
+
+
+def test_refusal_names_the_numbers_and_what_fits(grid_file):
+    from pcbench.grid import load_grid
+
+    grid = load_grid(grid_file)
+    run = grid.runs[0]
+    msg = memory.refusal(run.id, run.spec, 1, 1, 20)
+    assert msg is not None and "\n" not in msg
+    p = memory.plan(run.spec, 1, device="cuda")
+    assert f"needs {p.needs() / memory.GiB:.1f} GB" in msg and "the 20 GB asked" in msg
+    alts = memory.alternatives(run.spec, 1, 1, 20)
+    assert {a.parallel for a in alts} == {"ddp", "fsdp"} and any(a.activation_checkpointing for a in alts)
+    assert any(a.parallel == "ddp" and a.micro_batch < p.micro_batch for a in alts)
+    for a in alts:  # every alternative named fits, by the same planner
+        assert a.fits(20) and f"{a.setting()} ({a.needs() / memory.GiB:.1f} GB)" in msg, msg
+    fsdp = next(a for a in alts if a.parallel == "fsdp")
+    assert not memory.plan(run.spec, fsdp.world // 2, device="cuda", parallel="fsdp").fits(20)
+    assert memory.refusal(run.id, run.spec, 1, 1, 200) is None
+
+
+def test_cli_refuses_before_submitting(grid_file, tmp_path):
+    res = tmp_path / "results"
+    r = _cli(["run", str(grid_file), "--results", str(res), "--work", str(tmp_path / "work")])
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("pcbench: error: resources.gpu_mem_gb:"), r.stderr
+    assert "Traceback" not in r.stderr and "would fit:" in lines[0]
+    assert not list(res.glob("**/status.json")) and not list(res.glob("**/final.json"))
+    # --gpu-mem overrides the grid's figure: enough memory, so the dry run shows no refusal
+    ok = _cli(["run", str(grid_file), "--results", str(res), "--dry-run", "--gpu-mem", "200"])
+    assert ok.returncode == 0, ok.stderr
+    assert "refused on submission" not in ok.stdout
+
+
+def test_dry_run_shows_gb_per_gpu(grid_file, tmp_path):
+    from pcbench.grid import load_grid
+
+    r = _cli(["run", str(grid_file), "--results", str(tmp_path / "results"), "--dry-run"])
+    assert r.returncode == 0, r.stderr
+    header = next(ln for ln in r.stdout.splitlines() if ln.lstrip().startswith("run"))
+    assert "GB/GPU" in header
+    run = load_grid(grid_file).runs[0]
+    gb = memory.plan(run.spec, 1, device="cuda").gb
+    assert f"{gb:.1f}" in next(ln for ln in r.stdout.splitlines() if run.id in ln)
+    assert "over the GPU memory asked, refused on submission: " + run.id in r.stdout
+
+
+def test_the_8b_grid_fits_80gb_gpus():
+    from pcbench.grid import load_grid
+
+    grid = load_grid(ROOT / "experiments" / "paper_llama3_8b.yaml")
+    resolve = memory.grid_resolver(grid)
+    train = [r for r in grid.runs if r.kind == "train"]
+    assert train
+    for run in train:
+        assert run.resources.gpus_per_node == 8 and run.spec.train.parallel == "fsdp"
+        p = memory.run_plan(run, run.resources, resolve)
+        assert p is not None and p.world == 8 and p.fits(80), (run.id, p.gb)
+    assert memory.over_limit(train, lambda r: r.resources, resolve) == []
+
+
+def test_run_record_holds_the_plan_beside_the_measured_peak(tmp_path):
+    from pcbench.train import RunPaths, train
+
+    spec = load_run_spec({"model": {"name": "gpt2-nano"},
+                          "data": {"corpus": "books", "tokenizer": "bpe-512", "seq_len": 32, "eval_batches": 1},
+                          "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 2, "log_every": 1,
+                                    "ckpt_every": 0, "threads": 1, "device": "cpu"}})
+    rec = train(spec, RunPaths(record=tmp_path / "record", work=tmp_path / "work"), progress=False)
+    plan = rec["memory_plan"]
+    assert "error" not in plan, plan
+    assert plan["peak_bytes"] == memory.plan(spec, 1, device="cpu").peak > 0
+    assert plan["world_size"] == 1 and plan["parallel"] == "ddp"
+    assert rec["peak_memory_bytes"] > plan["peak_bytes"]  # CPU: the process's whole peak RSS
+    assert "RSS" in rec["peak_memory_method"]
