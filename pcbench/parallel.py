@@ -44,7 +44,11 @@ def block_of(name: str) -> str:
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward (HF's non-reentrant checkpointing)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 def _is_projected(trainable) -> bool:
@@ -283,7 +287,7 @@ class Sharded(Replicated):
         if not self.env.main:
             return None
         dtype = next(iter(sd.values())).dtype
-        full = AutoModelForCausalLM.from_config(model.config, torch_dtype=dtype)
+        full = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
         full.load_state_dict(sd, strict=False)
         missing = set(full.state_dict()) - set(sd)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
