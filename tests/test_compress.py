@@ -162,6 +162,22 @@ def _grads(pc: Projected) -> dict[str, torch.Tensor]:
     return out
 
 
+def cost_free_and_autograd_grads(pc: Projected, ref: Projected, micro: list[torch.Tensor]):
+    """(`_grads` of `pc` after the cost-free step, of `ref` after autograd through P.W.P inside
+    every forward), accumulated over the micro-batches `micro` (also used by test_cuda)."""
+
+    def loss_of(logits, ids):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    pc.before_step()
+    for ids in micro:
+        (loss_of(pc.model(input_ids=ids).logits, ids) / len(micro)).backward()
+    pc.after_backward()
+    for ids in micro:
+        (loss_of(ref.reference_logits(ids), ids) / len(micro)).backward()
+    return _grads(pc), _grads(ref)
+
+
 @pytest.mark.parametrize("family", sorted(MODELS))
 @pytest.mark.parametrize("sides,residual", VARIANTS)
 def test_cost_free_gradients_equal_autograd_through_projections(family, sides, residual):
@@ -173,18 +189,7 @@ def test_cost_free_gradients_equal_autograd_through_projections(family, sides, r
     pc = Projected(m, plan, sides=sides, residual=residual).double()
     _perturb(pc, 2)  # away from one-hot so every term of the chain rule matters
     ref = copy.deepcopy(pc)
-    micro = calib(n=3, rows=2, seq=9, seed=5)
-
-    def loss_of(logits, ids):
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-
-    pc.before_step()
-    for ids in micro:
-        (loss_of(pc.model(input_ids=ids).logits, ids) / len(micro)).backward()
-    pc.after_backward()
-    for ids in micro:
-        (loss_of(ref.reference_logits(ids), ids) / len(micro)).backward()
-    got, want = _grads(pc), _grads(ref)
+    got, want = cost_free_and_autograd_grads(pc, ref, calib(n=3, rows=2, seq=9, seed=5))
     assert set(got) == set(want) and len(got) > 0
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-11, msg=k)
@@ -233,3 +238,160 @@ def test_bf16_base_storage_still_starts_at_hpr():
     ids = calib(1)[0]
     assert torch.equal(pc.model(input_ids=ids).logits, hpr(input_ids=ids).logits)
     assert all(t.base.dtype == torch.bfloat16 for t in pc.tensors.values())
+
+
+# -- the closed-form push (`ProjectedTensor.push`) -----------------------------------------------
+
+TENSOR_CASES = [  # (keep_out?, keep_in?, trainable out, trainable in): every layout the map produces
+    (True, True, True, True), (True, True, False, True), (True, True, True, False),
+    (True, False, True, False), (False, True, False, True),
+]
+
+
+def _tensor(case, residual: bool, cache_seed: int = 0, dtype=torch.float64, base_dtype=torch.float64):
+    from pcbench.compress.projected import ProjectedTensor
+
+    has_out, has_in, t_out, t_in = case
+    g = torch.Generator().manual_seed(cache_seed)
+    w = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    keep = [torch.tensor([0, 3, 4, 8, 11]) if has_out else None, torch.tensor([1, 2, 6]) if has_in else None]
+    t = ProjectedTensor(w, keep, (t_out, t_in), residual, base_dtype=base_dtype).to(dtype)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
+    return t
+
+
+@pytest.mark.parametrize("case", TENSOR_CASES)
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("cache", [True, False])
+def test_push_equals_autograd_and_accumulates(case, residual, cache):
+    """float64: push(G) after step_weight == backward(G) through materialise, added to existing
+    .grad (twice, as over two pushes), for every side layout, fixed selections and residual."""
+    t, ref = _tensor(case, residual), _tensor(case, residual)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(t.small_shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    for p, q in zip(t.parameters(), ref.parameters()):
+        p.grad = torch.full_like(p, 0.5)
+        q.grad = torch.full_like(q, 0.5)
+    for G in grads:
+        w = t.step_weight(cache=cache)
+        torch.testing.assert_close(w, ref.materialise().detach(), rtol=0, atol=0)
+        t.push(G.clone())
+        ref.materialise().backward(G.clone())
+        assert t._mid is None  # the step's intermediate is dropped by the push
+    params = dict(t.named_parameters())
+    assert set(params) == {n for n, _ in ref.named_parameters()} and params
+    for n, q in ref.named_parameters():
+        torch.testing.assert_close(params[n].grad, q.grad, rtol=1e-12, atol=1e-14, msg=n)
+    if case[2] and case[3]:
+        assert t.cache_numel() > 0
+    # Without a preceding step_weight (no cache) the push recomputes and still agrees.
+    for p in t.parameters():
+        p.grad = None
+    t.push(grads[0])
+    for q in ref.parameters():
+        q.grad = None
+    ref.materialise().backward(grads[0])
+    for n, q in ref.named_parameters():
+        torch.testing.assert_close(params[n].grad, q.grad, rtol=1e-12, atol=1e-14, msg=n)
+
+
+@pytest.mark.parametrize("case", TENSOR_CASES)
+@pytest.mark.parametrize("cache", [True, False])
+def test_push_and_materialise_flops_are_what_runs(case, cache):
+    """`flops()` and `push_flops()` equal the matmul FLOPs torch counts for step_weight + push."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t = _tensor(case, residual=True)
+    G = torch.randn(t.small_shape, dtype=torch.float64)
+    with FlopCounterMode(display=False) as fc:
+        t.step_weight(cache=True)
+    assert fc.get_total_flops() == t.flops()
+    t._mid = t._mid if cache else None
+    with FlopCounterMode(display=False) as fc:
+        t.push(G)
+    assert fc.get_total_flops() == t.push_flops(cache)
+
+
+def test_fixed_flops_per_step_is_the_floor():
+    """Per step: materialise once plus the push; one-sided tensors cost two materialisations,
+    two-sided ones less than the old materialise + recompute + backward (4x materialise)."""
+    m = tiny("llama-tiny")
+    plan = make_plan(m, 0.5, importance.random(m, 0))
+    pc, nocache = Projected(m, plan), Projected(m, plan, cache=False)
+    mat = sum(t.flops() for t in pc.tensors.values())
+    assert pc.fixed_flops_per_step() == sum(t.flops() + t.push_flops() for t in pc.tensors.values())
+    for t in pc.tensors.values():
+        two = t.p_out is not None and t.p_in is not None
+        assert t.push_flops() == t.flops() if not two else t.push_flops() < 2 * t.flops()
+    assert pc.fixed_flops_per_step() < nocache.fixed_flops_per_step() < 4 * mat
+    two_sided = [t for t in pc.tensors.values() if t.p_out is not None and t.p_in is not None]
+    assert two_sided and pc.step_cache_bytes() == 4 * sum(t.cache_numel() for t in two_sided)
+    assert nocache.step_cache_bytes() == 0
+
+
+class _RecomputePC(Projected):
+    """The previous push: recompute W_c with autograd and backward G through it."""
+
+    def after_backward(self) -> None:
+        small = dict(self.model.named_parameters())
+        for key, t in self.tensors.items():
+            w = small[self.names[key]]
+            if w.grad is not None:
+                with torch.enable_grad():
+                    t.materialise(w.device).backward(w.grad)
+                w.grad = None
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("sides", ["in", "out", "both"])
+def test_closed_form_push_trains_bitwise_like_the_autograd_recompute(family, sides):
+    """fp32, real optimiser steps with micro-batches: the closed-form push reproduces the
+    autograd-recompute path bit for bit (same products in the same order), so the losses of
+    studies trained before it are unchanged."""
+    from pcbench.train import Stepper
+
+    m = MODELS[family]()
+    plan = make_plan(m, 0.5, importance.random(m, 1))
+    batch = calib(1, rows=4, seq=10, seed=3)[0]
+    runs = []
+    for cls in (Projected, _RecomputePC):
+        pc = cls(m, plan, sides=sides, residual=True)
+        if sides == "in":
+            assert any(t.idx_out is not None for t in pc.tensors.values())  # fixed selections in play
+        if sides == "out":
+            assert any(t.idx_in is not None for t in pc.tensors.values())
+        opt = torch.optim.AdamW(pc.param_groups(0.1), lr=1e-2)
+        stepper = Stepper(pc, pc.model, opt, None, micro=2)
+        losses = [stepper(batch, i) for i in range(3)]
+        runs.append((losses, [p.detach().clone() for p in pc.parameters()]))
+    (l1, p1), (l2, p2) = runs
+    assert l1 == l2 and l1[-1][0] < l1[0][0]
+    assert len(p1) == len(p2) and all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_bf16_base_push_matches_autograd_and_is_close_to_fp32():
+    """bf16 base, fp32 projections: the push equals autograd through the same bf16-stored P.W.P,
+    and is close to the fp32-base gradients (the base is rounded to bf16, nothing else)."""
+    torch.manual_seed(0)
+    m = tiny()
+    plan = make_plan(m, 0.5, importance.random(m, 0))
+    ids = calib(1)[0]
+    got = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        pc = Projected(m, plan, base_dtype=dtype)
+        _perturb(pc, 2)
+        ref = copy.deepcopy(pc)
+        pc.before_step()
+        pc.model(input_ids=ids).logits.float().pow(2).mean().backward()
+        pc.after_backward()
+        ref.reference_logits(ids).float().pow(2).mean().backward()
+        g, want = _grads(pc), _grads(ref)
+        for k in want:
+            torch.testing.assert_close(g[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+        assert all(p.grad.dtype == torch.float32 for p in pc.tensors.parameters())
+        got[dtype] = g
+    rel = {k: float((got[torch.bfloat16][k] - v).norm() / v.norm()) for k, v in got[torch.float32].items()}
+    assert max(rel.values()) < 2e-2, rel  # bf16 rounding of W (2^-9 relative) and nothing more
+    assert max(rel.values()) > 0  # the bf16 base really is rounded

@@ -5,8 +5,14 @@ dims becomes a `ProjectedTensor`; vectors (norms, biases) are sliced and trained
 small network. Per optimiser step the training loop calls `before_step` (materialise every W_c
 into the small network, no grad), runs all micro-batches through the small network (gradients
 accumulate in its weights), then `after_backward` pushes each weight gradient G back into that
-tensor's P_out, P_in and R with one recomputed backward per tensor (memory stays bounded by one
-tensor). Tokens never pass through P.W.P, so the per-token cost equals hard pruning's.
+tensor's P_out, P_in and R in closed form (dP_out = G (W P_in)^T, dP_in = (P_out W)^T G, dR = G),
+the same products autograd's backward through P.W.P would run, accumulated into `.grad` the same
+way. Tokens never pass through P.W.P, so the per-token cost equals hard pruning's.
+
+Per step and tensor that is the floor: one materialisation, then one large product per trained
+projection. A two-sided tensor reuses the intermediate its materialisation computed (P_out W or
+W P_in, whichever order is cheaper), held from `before_step` to `after_backward` (`cache=True`;
+`step_cache_bytes` says how much); without the cache the push recomputes it (one more product).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class ProjectedTensor(nn.Module):
         self.small_shape = (k_out, k_in)
         if residual:
             self.residual = nn.Parameter(torch.zeros(k_out, k_in, device=w.device))
+        self._mid: Optional[torch.Tensor] = None  # `step_weight`'s intermediate, until `push`
 
     def _param_dtype(self) -> torch.dtype:
         for p in (self.p_out, self.p_in, self.residual):
@@ -71,33 +78,80 @@ class ProjectedTensor(nn.Module):
                 return p.dtype
         return torch.float32
 
-    def materialise(self, device: Optional[torch.device] = None) -> torch.Tensor:
-        """W_c on `device` (default: where the projections live). Differentiable in P and R."""
-        dev = device or (self.p_out if self.p_out is not None else self.p_in if self.p_in is not None
-                         else self.base).device
+    def _device(self) -> torch.device:
+        return (self.p_out if self.p_out is not None else self.p_in if self.p_in is not None else self.base).device
+
+    def _base_on(self, dev: torch.device) -> torch.Tensor:
+        """The base in the parameters' dtype on `dev`, with the fixed selections applied."""
         w = self.base.to(device=dev, dtype=self._param_dtype(), non_blocking=True)
         if self.idx_out is not None:
             w = w.index_select(0, self.idx_out.to(dev))
         if self.idx_in is not None:
             w = w.index_select(1, self.idx_in.to(dev))
+        return w
+
+    def _out_first(self) -> bool:
+        """Two-sided: multiply (P_out W) P_in (True) or P_out (W P_in), whichever is cheaper."""
+        k_out, k_in = self.small_shape
+        n_out, n_in = self.base.shape
+        return k_out * n_out * n_in + k_out * n_in * k_in <= n_out * n_in * k_in + k_out * n_out * k_in
+
+    def materialise(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """W_c on `device` (default: where the projections live). Differentiable in P and R."""
+        return self._materialise(device or self._device())[0]
+
+    def _materialise(self, dev: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(W_c, the two-sided intermediate P_out W or W P_in, else None)."""
+        w, mid = self._base_on(dev), None
         if self.p_out is not None and self.p_in is not None:
-            k_out, k_in = self.small_shape
-            n_out, n_in = w.shape
-            # Multiply in the cheaper order: (P_out W) P_in vs P_out (W P_in).
-            if k_out * n_out * n_in + k_out * n_in * k_in <= n_out * n_in * k_in + k_out * n_out * k_in:
-                w = (self.p_out @ w) @ self.p_in
+            if self._out_first():
+                mid = self.p_out @ w
+                w = mid @ self.p_in
             else:
-                w = self.p_out @ (w @ self.p_in)
+                mid = w @ self.p_in
+                w = self.p_out @ mid
         elif self.p_out is not None:
             w = self.p_out @ w
         elif self.p_in is not None:
             w = w @ self.p_in
         if self.residual is not None:
             w = w + self.residual
+        return w, mid
+
+    @torch.no_grad()
+    def step_weight(self, device: Optional[torch.device] = None, cache: bool = True) -> torch.Tensor:
+        """W_c without autograd; with `cache`, keep the two-sided intermediate for `push`."""
+        w, mid = self._materialise(device or self._device())
+        self._mid = mid if cache else None
         return w
 
+    @torch.no_grad()
+    def push(self, grad: torch.Tensor) -> None:
+        """Accumulate dL/dP_out, dL/dP_in, dL/dR for dL/dW_c = `grad` into their `.grad`, as
+        autograd's backward through `materialise` would (same products, same order); uses and
+        drops the intermediate `step_weight(cache=True)` kept, else recomputes it."""
+        g = grad.to(self._param_dtype())
+        mid, self._mid = self._mid, None
+        if self.p_out is not None or self.p_in is not None:
+            w = self._base_on(g.device)
+            if self.p_out is not None and self.p_in is not None:
+                if self._out_first():  # W_c = A P_in, A = P_out W
+                    a = mid if mid is not None else self.p_out @ w
+                    _accumulate(self.p_in, a.t() @ g)
+                    _accumulate(self.p_out, (g @ self.p_in.t()) @ w.t())
+                else:  # W_c = P_out B, B = W P_in
+                    b = mid if mid is not None else w @ self.p_in
+                    _accumulate(self.p_out, g @ b.t())
+                    _accumulate(self.p_in, w.t() @ (self.p_out.t() @ g))
+            elif self.p_out is not None:
+                _accumulate(self.p_out, g @ w.t())
+            else:
+                _accumulate(self.p_in, w.t() @ g)
+        if self.residual is not None:
+            _accumulate(self.residual, g)
+
     def flops(self) -> int:
-        """FLOPs to materialise once (the backward to P costs about twice that)."""
+        """FLOPs to materialise once."""
         n_out, n_in = self.base.shape
         k_out, k_in = self.small_shape
         f = 0
@@ -108,6 +162,29 @@ class ProjectedTensor(nn.Module):
         elif self.p_in is not None:
             f = 2 * (n_out if self.idx_out is None else k_out) * n_in * k_in
         return f
+
+    def push_flops(self, cache: bool = True) -> int:
+        """FLOPs of `push`: one-sided, one product the size of the materialisation; two-sided, the
+        three products of the backward through the cheaper order, plus the intermediate's
+        recomputation without the cache. Residual-only gradients cost nothing."""
+        n_out, n_in = self.base.shape
+        k_out, k_in = self.small_shape
+        if self.p_out is None or self.p_in is None:
+            return self.flops()
+        if self._out_first():  # G P_in^T, A^T G, (G P_in^T) W^T; A = P_out W
+            f = 2 * (k_out * k_in * n_in + n_in * k_out * k_in + k_out * n_in * n_out)
+            return f + (0 if cache else 2 * k_out * n_out * n_in)
+        # G B^T, P_out^T G, W^T (P_out^T G); B = W P_in
+        f = 2 * (k_out * k_in * n_out + n_out * k_out * k_in + n_in * n_out * k_in)
+        return f + (0 if cache else 2 * n_out * n_in * k_in)
+
+    def cache_numel(self) -> int:
+        """Elements `step_weight(cache=True)` holds until `push`: the two-sided intermediate."""
+        if self.p_out is None or self.p_in is None:
+            return 0
+        n_out, n_in = self.base.shape
+        k_out, k_in = self.small_shape
+        return k_out * n_in if self._out_first() else n_out * k_in
 
     @torch.no_grad()
     def dropped_mass(self) -> dict[str, float]:
@@ -123,21 +200,32 @@ class ProjectedTensor(nn.Module):
         return out
 
 
+def _accumulate(p: nn.Parameter, grad: torch.Tensor) -> None:
+    """`p.grad += grad` (or `= grad` when none), as autograd accumulates."""
+    if p.grad is None:
+        p.grad = grad
+    else:
+        p.grad.add_(grad)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
 class Projected(Direct):
-    """Projected Compression of `base` under `plan`; `self.model` is the small stock network."""
+    """Projected Compression of `base` under `plan`; `self.model` is the small stock network.
+    `cache`: keep each two-sided tensor's intermediate (P_out W or W P_in) from `before_step` to
+    `after_backward`, one matmul less per such tensor and step for `step_cache_bytes()` of memory."""
 
     def __init__(self, base: PreTrainedModel, plan: Plan, sides: str = "both", residual: bool = True,
-                 base_dtype: torch.dtype = torch.float32, decay_projections: bool = True):
+                 base_dtype: torch.dtype = torch.float32, decay_projections: bool = True, cache: bool = True):
         if sides not in ("in", "out", "both"):
             raise ValueError(f"sides must be in, out or both, got {sides!r}")
         super().__init__(prune(base, plan))
         self.plan = plan
         self.sides = sides
         self.decay_projections = decay_projections
+        self.cache = cache
         self.tensors = nn.ModuleDict()
         self.names: dict[str, str] = {}  # module key -> parameter name
         small = dict(self.model.named_parameters())
@@ -186,22 +274,36 @@ class Projected(Direct):
 
     # -- the cost-free step --------------------------------------------------------------------
     @torch.no_grad()
-    def before_step(self) -> None:
+    def _write_small(self, cache: bool) -> None:
         small = dict(self.model.named_parameters())
         for key, t in self.tensors.items():
             w = small[self.names[key]]
-            w.copy_(t.materialise(w.device))
+            w.copy_(t.step_weight(w.device, cache=cache))
             w.grad = None
 
+    def before_step(self) -> None:
+        """Materialise every W_c into the small network (keeping intermediates if `cache`)."""
+        self._write_small(self.cache)
+
+    @torch.no_grad()
     def after_backward(self) -> None:
+        """Push each small weight's gradient into its tensor's P/R `.grad` (accumulating), then
+        drop the small weight's gradient and the step's cached intermediates."""
         small = dict(self.model.named_parameters())
         for key, t in self.tensors.items():
             w = small[self.names[key]]
             if w.grad is None:
+                t._mid = None
                 continue
-            with torch.enable_grad():
-                t.materialise(w.device).backward(w.grad.to(t._param_dtype()))
+            t.push(w.grad)
             w.grad = None
+
+    def step_cache_bytes(self) -> int:
+        """Memory `cache` holds during a step: every two-sided tensor's intermediate."""
+        if not self.cache:
+            return 0
+        return sum(t.cache_numel() * torch.empty((), dtype=t._param_dtype()).element_size()
+                   for t in self.tensors.values())
 
     # -- reporting -----------------------------------------------------------------------------
     def step_metrics(self, step: int) -> dict:
@@ -223,12 +325,11 @@ class Projected(Direct):
         return {self.names[k]: t.dropped_mass() for k, t in self.tensors.items()}
 
     def fixed_flops_per_step(self) -> int:
-        """Materialise (1x) + recompute (1x) + backward to P (2x) per tensor."""
-        return 4 * sum(t.flops() for t in self.tensors.values())
+        """Materialise once + push (`ProjectedTensor.push_flops`) per tensor."""
+        return sum(t.flops() + t.push_flops(self.cache) for t in self.tensors.values())
 
-    @torch.no_grad()
     def export(self) -> PreTrainedModel:
-        self.before_step()
+        self._write_small(cache=False)
         return self.model
 
     # -- slow reference (tests and the naive benchmark only) -----------------------------------
