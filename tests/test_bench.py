@@ -12,6 +12,7 @@ import torch
 
 from pcbench.bench import step_cost, throughput
 from pcbench.bench.machine import machine_info
+from pcbench.compress.projected import Projected
 
 TINY = ["--model", "llama-tiny", "--vocab", "97", "--seq", "16", "--threads", "1", "--device", "cpu"]
 
@@ -83,8 +84,37 @@ def test_step_cost_writes_json_png_and_trains(tmp_path, capsys):
     assert m["naive"]["losses"] == pytest.approx(m["pc"]["losses"], rel=1e-4)
     assert r["pc_over_hpr"] == pytest.approx(med["pc"] / med["hpr"])
     assert r["naive_over_pc"] == pytest.approx(med["naive"] / med["pc"])
-    assert f["tokens_x_per_token"] == f["per_token"] * 64 and f["pc_fixed_per_step"] == 4 * f["materialise_once"]
+    base, plan = step_cost.build_base("llama-tiny", 97, 16, 0.5, seed=0)
+    pc = Projected(base, plan, sides="both", residual=True)
+    assert f["materialise_once"] == sum(t.flops() for t in pc.tensors.values())
+    assert f["tokens_x_per_token"] == f["per_token"] * 64 and f["pc_fixed_per_step"] == pc.fixed_flops_per_step()
+    assert f["materialise_once"] < f["pc_fixed_per_step"] < 4 * f["materialise_once"]  # below the old path
     assert r["pc_over_hpr_predicted"] == pytest.approx(1 + f["pc_fixed_per_step"] / f["tokens_x_per_token"])
+    # The fixed part, measured inside every timed PC step: materialise + push, shorter than the step.
+    fixed, mat, push = (m["pc"][k] for k in ("fixed_seconds", "materialise_seconds", "push_seconds"))
+    for s in (fixed, mat, push):
+        _timing_ok(s, 2)
+        assert 0 < s["median_ci95"][0] <= s["median"] <= s["median_ci95"][1]
+    assert fixed["repeats"] == pytest.approx([a + b for a, b in zip(mat["repeats"], push["repeats"])])
+    assert all(a < b for a, b in zip(fixed["repeats"], m["pc"]["step_seconds"]["repeats"]))
+    for k in step_cost.METHODS:
+        _timing_ok(m[k]["optimiser_seconds"], 2)
+    assert r["pc_over_hpr_fixed"] == pytest.approx(1 + fixed["median"] / med["hpr"])
+    for key in ("pc_over_hpr", "pc_over_hpr_fixed"):
+        lo, hi = r[key + "_ci95"]
+        assert 0 < lo <= hi
+    assert cell["seconds"]["pc_fixed_measured"] == fixed["median"] and cell["pc_step_cache_mib"] > 0
+
+
+def test_bootstrap_interval_covers_and_narrows():
+    wide = step_cost.bootstrap_ci(statistics.median, [1.0, 2.0, 3.0, 10.0, 2.5])
+    assert 1.0 <= wide[0] < 2.5 < wide[1] <= 10.0
+    assert step_cost.bootstrap_ci(step_cost.ratio_of_medians, [2.0] * 20, [1.0] * 20) == [2.0, 2.0]
+    g = torch.Generator().manual_seed(0)
+    few, many = (1 + 0.1 * torch.randn(n, generator=g) for n in (8, 400))
+    lo8, hi8 = step_cost.bootstrap_ci(statistics.median, few.tolist())
+    lo400, hi400 = step_cost.bootstrap_ci(statistics.median, many.tolist())
+    assert hi400 - lo400 < hi8 - lo8 and lo400 < 1.0 < hi400
 
 
 @pytest.mark.parametrize("method", step_cost.METHODS)

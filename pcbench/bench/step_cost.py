@@ -5,15 +5,22 @@ Per cell (tokens per optimiser step, split into micro-batches) and method, in on
 - `pc`: cost-free `Projected` (materialise once per step, push gradients into P/R once);
 - `naive`: `NaiveProjected`, autograd through P.W.P inside every micro-batch forward.
 Each optimiser step is the training loop's `Stepper`; warm-up steps are excluded, repeats are
-interleaved across methods (order rotated), medians reported. Peak memory per method: on CUDA
+interleaved across methods (order rotated), medians reported with 95% bootstrap intervals.
+
+PC's fixed part is measured directly: the seconds of `before_step` (materialise) and
+`after_backward` (push) inside every timed PC step (device-synchronised), and of the optimiser
+step of every method (step hooks). PC/HPR is reported three ways: the whole-step ratio of
+medians, 1 + fixed / HPR step (the fixed part measured, the rest assumed equal to HPR's), and the
+FLOP prediction 1 + fixed FLOPs / token FLOPs. Peak memory per method: on CUDA
 `max_memory_allocated` (reset per probe), on CPU peak RSS of a fresh subprocess per probe.
 
-    pcbench bench step-cost [--device auto] [--repeats 5] [--threads 2] [--out results/bench]
+    pcbench bench step-cost [--device auto] [--repeats 20] [--threads 2] [--out results/bench]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -23,8 +30,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,11 +62,6 @@ class NaiveProjected(Projected):
 
     def after_backward(self) -> None:
         pass
-
-    @torch.no_grad()
-    def export(self):
-        Projected.before_step(self)
-        return self.model
 
 
 class NaiveNet(nn.Module):
@@ -231,14 +234,77 @@ MEMORY_METHOD = {
 # The benchmark
 
 
+def bootstrap_ci(stat: Callable[..., float], *samples: list[float], n: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of `stat(*samples)`, each sample resampled independently."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(x, float) for x in samples]
+    draws = [stat(*(a[rng.integers(0, len(a), len(a))] for a in arrays)) for _ in range(n)]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def with_ci(values: list[float]) -> dict:
+    """`summary` plus the bootstrap interval of the median."""
+    return {**summary(values), "median_ci95": bootstrap_ci(np.median, values)}
+
+
+class PartTimer:
+    """Seconds of the fixed part of each PC step (`before_step`, `after_backward`, wrapped on the
+    instance) and of each optimiser step (optimizer step hooks), device-synchronised."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, list[float]] = {}
+        self.active = False
+
+    def _record(self, part: str, seconds: float) -> None:
+        if self.active:
+            self.seconds.setdefault(part, []).append(seconds)
+
+    def wrap(self, obj, name: str, part: str) -> None:
+        inner = getattr(obj, name)
+
+        @functools.wraps(inner)
+        def timed(*a, **kw):
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = inner(*a, **kw)
+            sync(self.device)
+            self._record(part, time.perf_counter() - t0)
+            return out
+
+        setattr(obj, name, timed)
+
+    def optimiser(self, opt: torch.optim.Optimizer, part: str) -> None:
+        t0 = [0.0]
+
+        def pre(*_):
+            sync(self.device)
+            t0[0] = time.perf_counter()
+
+        def post(*_):
+            sync(self.device)
+            self._record(part, time.perf_counter() - t0[0])
+
+        opt.register_step_pre_hook(pre)
+        opt.register_step_post_hook(post)
+
+
 def time_cell(cell: Cell, base, plan, device: torch.device, args: argparse.Namespace):
     """(measurements per method, load samples, FLOP facts): warm-up, then `repeats` interleaved
-    timed steps of every method on one fixed batch, order rotated per repeat."""
+    timed steps of every method on one fixed batch, order rotated per repeat; PC's materialise and
+    push and every method's optimiser step timed inside those steps."""
     total_steps = args.warmup + args.repeats
     built = {m: build_method(m, base, plan, device, args.lr, total_steps, cell.rows) for m in METHODS}
     pc = built["pc"][0]
+    parts = PartTimer(device)
+    parts.wrap(pc, "before_step", "pc/materialise")
+    parts.wrap(pc, "after_backward", "pc/push")
+    for m in METHODS:
+        parts.optimiser(built[m][1].opt, f"{m}/optimiser")
     info = {"small_config": built["hpr"][0].model.config, "fixed": pc.fixed_flops_per_step(),
-            "materialise": sum(t.flops() for t in pc.tensors.values())}
+            "materialise": sum(t.flops() for t in pc.tensors.values()),
+            "cache_mib": pc.step_cache_bytes() / 2.0 ** 20}
     info["per_token"] = models.flops_per_token(info["small_config"], args.seq)
     batch = fixed_batch(cell.total_rows, args.seq, args.vocab, args.seed, device)
     losses: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -248,6 +314,7 @@ def time_cell(cell: Cell, base, plan, device: torch.device, args: argparse.Names
         for i in range(args.warmup):
             losses[m].append(built[m][1](batch, i)[0])
     loads = []
+    parts.active = True
     for r in range(args.repeats):
         for m in METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]:
             sync(device)
@@ -261,9 +328,22 @@ def time_cell(cell: Cell, base, plan, device: torch.device, args: argparse.Names
     del built, pc
     gc.collect()
     tokens = cell.total_rows * args.seq
-    meas = {m: {"step_seconds": summary(times[m]), "losses": losses[m], "others_busy_cores": others[m],
+    sec = parts.seconds
+    fixed = [a + b for a, b in zip(sec["pc/materialise"], sec["pc/push"])]
+    meas = {m: {"step_seconds": with_ci(times[m]), "optimiser_seconds": with_ci(sec[f"{m}/optimiser"]),
+                "losses": losses[m], "others_busy_cores": others[m],
                 "tokens_per_s": tokens / summary(times[m])["median"]} for m in METHODS}
-    return meas, loads, info
+    meas["pc"].update({"fixed_seconds": with_ci(fixed), "materialise_seconds": with_ci(sec["pc/materialise"]),
+                       "push_seconds": with_ci(sec["pc/push"])})
+    return meas, loads, info, {"fixed": fixed, "hpr": times["hpr"], "pc": times["pc"]}
+
+
+def ratio_of_medians(a, b) -> float:
+    return float(np.median(a) / np.median(b))
+
+
+def one_plus_fixed(fixed, hpr) -> float:
+    return float(1 + np.median(fixed) / np.median(hpr))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -278,10 +358,11 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     for cell in cells:
         tokens = cell.total_rows * args.seq
-        meas, loads, info = time_cell(cell, base, plan, device, args)
+        meas, loads, info, raw = time_cell(cell, base, plan, device, args)
         per_token, fixed, materialise = info["per_token"], info["fixed"], info["materialise"]
         small_cfg = info["small_config"]
         med = {m: meas[m]["step_seconds"]["median"] for m in METHODS}
+        fixed_s = meas["pc"]["fixed_seconds"]["median"]
         token_flops = per_token * tokens
         rec = {
             "cell": {**asdict(cell), "label": cell.label(args.seq), "tokens": tokens},
@@ -293,6 +374,9 @@ def run(args: argparse.Namespace) -> dict:
                       "hpr_achieved_per_s": token_flops / med["hpr"]},
             "ratios": {
                 "pc_over_hpr": med["pc"] / med["hpr"],
+                "pc_over_hpr_ci95": bootstrap_ci(ratio_of_medians, raw["pc"], raw["hpr"]),
+                "pc_over_hpr_fixed": 1 + fixed_s / med["hpr"],
+                "pc_over_hpr_fixed_ci95": bootstrap_ci(one_plus_fixed, raw["fixed"], raw["hpr"]),
                 "pc_over_hpr_predicted": 1 + fixed / token_flops,
                 "naive_over_pc": med["naive"] / med["pc"],
                 "naive_over_pc_predicted": (token_flops + 3 * materialise * cell.micro_batches) / (token_flops + fixed),
@@ -300,7 +384,13 @@ def run(args: argparse.Namespace) -> dict:
                 "naive_over_pc_of_mins": meas["naive"]["step_seconds"]["min"] / meas["pc"]["step_seconds"]["min"],
             },
             "seconds": {"pc_minus_hpr": med["pc"] - med["hpr"],
-                        "pc_fixed_predicted_at_hpr_rate": fixed * med["hpr"] / token_flops},
+                        "pc_minus_hpr_ci95": bootstrap_ci(lambda a, b: float(np.median(a) - np.median(b)),
+                                                          raw["pc"], raw["hpr"]),
+                        "pc_fixed_measured": fixed_s, "pc_fixed_measured_ci95": meas["pc"]["fixed_seconds"]["median_ci95"],
+                        "pc_fixed_predicted_at_hpr_rate": fixed * med["hpr"] / token_flops,
+                        "optimiser_pc_minus_hpr": meas["pc"]["optimiser_seconds"]["median"]
+                        - meas["hpr"]["optimiser_seconds"]["median"]},
+            "pc_step_cache_mib": info["cache_mib"],
         }
         if args.memory != "off":
             rec["memory"] = {m: measure_memory({
@@ -316,10 +406,16 @@ def run(args: argparse.Namespace) -> dict:
               "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
               "batch_source": "one fixed random token batch per cell, the same for every method and step",
               "interleave": "per repeat one step of each method, order rotated; median over repeats",
+              "fixed_method": "PC's before_step (materialise) + after_backward (push), timed inside every "
+                              "timed PC step with device syncs; pc_over_hpr_fixed = 1 + median fixed / "
+                              "median HPR step; optimiser seconds from optimizer step hooks",
+              "interval": "95% percentile bootstrap (2000 resamples, each method's repeats resampled "
+                          "independently) of the median or of the ratio of medians",
               "memory_method": MEMORY_METHOD[device.type] if args.memory != "off" else None,
               "flop_model": "per token: models.flops_per_token of the small model (3x forward matmuls); "
-                            "PC fixed: Projected.fixed_flops_per_step = 4x materialise (once, recompute, "
-                            "2x backward); naive: 3x materialise per micro-batch (forward + backward)"}
+                            "PC fixed: Projected.fixed_flops_per_step = materialise once + closed-form "
+                            "push (ProjectedTensor.push_flops); naive: 3x materialise per micro-batch "
+                            "(forward + backward)"}
     machine["load_during"] = [l for r in results for l in r["load_during"]]
     return {"benchmark": "step-cost", "config": config, "machine": finish(machine), "cells": results}
 
@@ -329,19 +425,26 @@ def run(args: argparse.Namespace) -> dict:
 
 
 CONTENDED = 0.25  # other processes' mean busy cores during a step above which it counts as contended
-HEADER = (f"{'cell':<12} {'tokens':>6} {'hpr s':>8} {'pc s':>8} {'naive s':>8} {'pc/hpr':>7} {'pred':>6} "
-          f"{'naive/pc':>8} {'pred':>6}  step-peak MiB hpr/pc/naive  contended")
+HEADER = (f"{'cell':<12} {'tokens':>6} {'hpr s':>7} {'pc s':>7} {'naive s':>7} {'fixed s':>7} "
+          f"{'pc/hpr [95%]':>19} {'1+fixed/hpr [95%]':>19} {'pred':>6} {'naive/pc':>8} {'pred':>6}  "
+          f"step-peak MiB hpr/pc/naive  contended")
+
+
+def _ci(value: float, ci: list[float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f},{ci[1]:.3f}]"
 
 
 def row(rec: dict) -> str:
     m, r = rec["measurements"], rec["ratios"]
-    s = " ".join(f"{m[k]['step_seconds']['median']:>8.3f}" for k in METHODS)
+    s = " ".join(f"{m[k]['step_seconds']['median']:>7.3f}" for k in METHODS)
     mem = ""
     if "memory" in rec:
         mem = "/".join(f"{rec['memory'][k]['step_peak_mib']:.0f}" for k in METHODS)
     busy = [b for k in METHODS for b in m[k]["others_busy_cores"]]
     hit = sum(1 for b in busy if b is not None and b > CONTENDED)
-    return (f"{rec['cell']['label']:<12} {rec['cell']['tokens']:>6} {s} {r['pc_over_hpr']:>7.3f} "
+    return (f"{rec['cell']['label']:<12} {rec['cell']['tokens']:>6} {s} {m['pc']['fixed_seconds']['median']:>7.3f} "
+            f"{_ci(r['pc_over_hpr'], r['pc_over_hpr_ci95']):>19} "
+            f"{_ci(r['pc_over_hpr_fixed'], r['pc_over_hpr_fixed_ci95']):>19} "
             f"{r['pc_over_hpr_predicted']:>6.3f} {r['naive_over_pc']:>8.3f} {r['naive_over_pc_predicted']:>6.3f}  "
             f"{mem:<27}  {hit}/{len(busy)}")
 
@@ -350,8 +453,11 @@ def table(rec: dict) -> str:
     lines = [HEADER] + [row(c) for c in rec["cells"]]
     single = [c for c in rec["cells"] if c["cell"]["micro_batches"] == 1] or rec["cells"]
     big = max(single, key=lambda c: c["cell"]["tokens"])
+    r = big["ratios"]
     lines.append(f"PC/HPR at the largest one-micro-batch step ({big['cell']['tokens']} tokens): "
-                 f"{big['ratios']['pc_over_hpr']:.3f} measured, {big['ratios']['pc_over_hpr_predicted']:.3f} predicted")
+                 f"{_ci(r['pc_over_hpr'], r['pc_over_hpr_ci95'])} whole step, "
+                 f"{_ci(r['pc_over_hpr_fixed'], r['pc_over_hpr_fixed_ci95'])} as 1 + fixed/HPR, "
+                 f"{r['pc_over_hpr_predicted']:.3f} predicted")
     lines.append(f"load before {rec['machine']['load_before']} after {rec['machine']['load_after']}")
     return "\n".join(lines)
 
@@ -379,9 +485,19 @@ def plot(rec: dict, path: Path) -> None:
         ax.plot([c["cell"]["tokens"] for c in cells], [c["ratios"][key + "_predicted"] for c in cells], "o",
                 color="C1", mfc="none", ms=8, label="predicted (FLOPs), per cell")
         one = [c for c in cells if c["cell"]["micro_batches"] == 1]
-        if one:
-            ax.plot([c["cell"]["tokens"] for c in one], [c["ratios"][key] for c in one], "o-", color="C0",
-                    ms=6, label="measured, 1 micro-batch")
+        series = [(key, "C0", "o-", "measured whole step, 1 micro-batch")]
+        if key == "pc_over_hpr":
+            series.append(("pc_over_hpr_fixed", "C3", "^--", "measured 1 + fixed / HPR step, 1 micro-batch"))
+        for k, color, style, label in series:
+            if not one:
+                break
+            ys = [c["ratios"][k] for c in one]
+            err = None
+            if k + "_ci95" in one[0]["ratios"]:
+                err = [[y - c["ratios"][k + "_ci95"][0] for y, c in zip(ys, one)],
+                       [c["ratios"][k + "_ci95"][1] - y for y, c in zip(ys, one)]]
+            ax.errorbar([c["cell"]["tokens"] for c in one], ys, yerr=err, fmt=style, color=color, ms=6,
+                        capsize=3, label=label + (" (95% CI)" if err else ""))
         for c in cells:
             if c["cell"]["micro_batches"] > 1:
                 ax.plot(c["cell"]["tokens"], c["ratios"][key], "s", color="C2", ms=7,
@@ -392,7 +508,7 @@ def plot(rec: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(toks, [f"{t // 1024}k" if t % 1024 == 0 else str(t) for t in toks])
         ax.set_xlabel("tokens per optimiser step (log scale)")
-        ax.set_ylabel("step-time ratio (median over repeats)")
+        ax.set_ylabel("step-time ratio (medians over repeats)")
         ax.set_title(title)
         ax.legend(fontsize=8)
     m, c = rec["machine"], rec["config"]
@@ -408,8 +524,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pcbench bench step-cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per method and cell")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method and cell")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per method and cell")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method and cell")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--model", default="llama-bench")
