@@ -196,3 +196,12 @@ def test_report_opens_with_the_claims_table_only_where_it_applies(tmp_path):
     study.train = study.train[~study.train.base_id.fillna("").str.endswith("p640000")]
     study.train = study.train[study.train.id.str.endswith("p640000") == False]  # noqa: E712
     assert scaling.claims_table(study) is None
+
+
+def test_expected_halfwidths_match_a_fit_at_its_own_sigma():
+    cells = synthetic(np.random.default_rng(8))
+    fit = scaling.fit_gap(cells)
+    want = scaling.expected_halfwidths(cells.drop(columns="gap"), fit.sigma)
+    for t in scaling.TERMS:
+        est, lo, hi = fit.estimate(t)
+        assert want[t] == pytest.approx((hi - lo) / 2, rel=1e-9)

@@ -156,6 +156,18 @@ def fit_gap(cells: pd.DataFrame, terms: Sequence[str] = TERMS, label: str = "",
     return out
 
 
+def expected_halfwidths(cells: pd.DataFrame, sigma: float, terms: Sequence[str] = TERMS) -> dict[str, float]:
+    """Sizing a study before it runs: the 95% half-width of each coefficient that a fit over these
+    planned cells (tokens, ratio, params, compression; no gaps needed) would have at residual s.d.
+    `sigma` (e.g. a finished study's)."""
+    X = covariates(cells)
+    keep = [t for t in terms if X[t].nunique() > 1]
+    A = np.column_stack([np.ones(len(X))] + [X[t].to_numpy() - X[t].mean() for t in keep])
+    df = len(X) - A.shape[1]
+    se = sigma * np.sqrt(np.diag(np.linalg.inv(A.T @ A)))
+    return {t: float(t975(df) * e) for t, e in zip(["intercept", *keep], se)}
+
+
 # -- verdicts --------------------------------------------------------------------------------------
 def decide(est: float, lo: float, hi: float, claim_negative: bool = True, bound: float = BOUND) -> str:
     """supported / not supported (95% interval excludes 0), "no effect at this scale, bounded" (within
