@@ -63,6 +63,11 @@ class NaiveProjected(Projected):
     def after_backward(self) -> None:
         pass
 
+    @torch.no_grad()
+    def export(self):
+        Projected.before_step(self)
+        return self.model
+
 
 class NaiveNet(nn.Module):
     """The network the Stepper calls for `NaiveProjected`: logits via `reference_logits`."""
@@ -401,6 +406,8 @@ def run(args: argparse.Namespace) -> dict:
         print(row(rec), flush=True)
     config = {**{k: v for k, v in vars(args).items() if k not in ("out", "probe")}, "device": str(device),
               "methods": list(METHODS), "sides": "both", "residual": True, "importance": "random",
+              "threading_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME",
+                                                           "MKL_NUM_THREADS") if k in os.environ},
               "plan": {k: v for k, v in plan.to_dict().items() if k != "keep"},
               "base_params": models.count_params(base), "small_params": models.count_params(small_cfg),
               "precision": "bf16 autocast" if device.type == "cuda" else "fp32",

@@ -11,8 +11,10 @@ way. Tokens never pass through P.W.P, so the per-token cost equals hard pruning'
 
 Per step and tensor that is the floor: one materialisation, then one large product per trained
 projection. A two-sided tensor reuses the intermediate its materialisation computed (P_out W or
-W P_in, whichever order is cheaper), held from `before_step` to `after_backward` (`cache=True`;
-`step_cache_bytes` says how much); without the cache the push recomputes it (one more product).
+W P_in, whichever order is cheaper), held from `before_step` to `after_backward` (`cache=True`).
+Extra memory: k_out x n_in or n_out x k_in elements per two-sided tensor in the parameters' dtype,
+never more than its base and at 50% half of it (`step_cache_bytes`; 7.5 MiB fp32 on the
+step-cost benchmark's Llama cell). Without the cache the push recomputes it (one product more).
 """
 
 from __future__ import annotations
@@ -274,16 +276,13 @@ class Projected(Direct):
 
     # -- the cost-free step --------------------------------------------------------------------
     @torch.no_grad()
-    def _write_small(self, cache: bool) -> None:
+    def before_step(self) -> None:
+        """Materialise every W_c into the small network (keeping intermediates if `cache`)."""
         small = dict(self.model.named_parameters())
         for key, t in self.tensors.items():
             w = small[self.names[key]]
-            w.copy_(t.step_weight(w.device, cache=cache))
+            w.copy_(t.step_weight(w.device, cache=self.cache))
             w.grad = None
-
-    def before_step(self) -> None:
-        """Materialise every W_c into the small network (keeping intermediates if `cache`)."""
-        self._write_small(self.cache)
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -329,7 +328,10 @@ class Projected(Direct):
         return sum(t.flops() + t.push_flops(self.cache) for t in self.tensors.values())
 
     def export(self) -> PreTrainedModel:
-        self._write_small(cache=False)
+        """The small network with every W_c materialised (no intermediates kept)."""
+        self.before_step()
+        for t in self.tensors.values():
+            t._mid = None
         return self.model
 
     # -- slow reference (tests and the naive benchmark only) -----------------------------------
