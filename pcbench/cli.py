@@ -21,20 +21,61 @@ def _resources(args) -> dict:
 
 
 def _grid_and_store(args):
+    from pcbench import outputs
     from pcbench.grid import load_grid
     from pcbench.launch import store_for
 
     grid = load_grid(args.grid)
-    return grid, store_for(grid, args.results, args.work)
+    store = store_for(grid, args.results, args.work)
+    outputs.check_dir_path(store.root, "results directory")
+    outputs.check_dir_path(store.work, "work directory")
+    return grid, store
+
+
+class Problems(Exception):
+    """Several one-line problems found before anything ran (`pcbench: error: ...` each)."""
+
+    def __init__(self, problems: list):
+        self.problems = problems
+        super().__init__("; ".join(map(str, problems)))
+
+
+def _writable(path: Path, what: str) -> None:
+    """`path` (or the directory it would be created in) can be written."""
+    import os
+
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    for p in [existing, existing / "runs"] if existing == path else [existing]:
+        if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+            raise SpecError(what, f"{p} is not writable")
+
+
+def _claim_store(store) -> None:
+    """The results and work directories are pcbench's (or new) and writable, before any run."""
+    from pcbench import outputs
+
+    dirs = ((store.root, "results", "results directory"), (store.work, "work", "work directory"))
+    for path, kind, what in dirs:
+        outputs.claim(path, kind, what)
+        _writable(path, what)
+    for path, kind, what in dirs:
+        outputs.ensure_dir(path, kind, what)
 
 
 def cmd_run(args) -> int:
-    from pcbench import launch
+    from pcbench import launch, preflight
 
     grid, store = _grid_and_store(args)
+    problems = preflight.check_grid(grid, store, args.only, _resources(args), args.executor)
     if args.dry_run:
         print(dry_run_table(grid, store, args.only, args.retry_failed, _resources(args), args.executor))
+        if problems:
+            raise Problems(problems)
+        print("checks before the first job: ok")
         return 0
+    if problems:
+        raise Problems(problems)
+    _claim_store(store)
     out = launch.submit(grid, store, args.executor, only=args.only, retry_failed=args.retry_failed,
                         resources=_resources(args), progress=None)
     print(f"{len(out.submitted)} run(s) {'submitted' if args.executor == 'slurm' else 'run'}, "
@@ -119,9 +160,11 @@ def cmd_status(args) -> int:
 
 def cmd_report(args) -> int:
     """`pcbench report GRID`: GRID is a grid YAML (only its `name` and `results_dir` are read) or a grid name."""
+    from pcbench import outputs
     from pcbench.config import load_yaml
     from pcbench.report import build_report
 
+    outputs.check_dir_path(Path(args.out), "--out")
     name, results = args.grid, args.results
     path = Path(args.grid)
     if path.suffix in (".yaml", ".yml") or path.is_file():
@@ -130,8 +173,11 @@ def cmd_report(args) -> int:
         if args.results == "results" and data.get("results_dir"):  # the flag's default: the grid's own store
             results = data["results_dir"]
     name = args.name or name
+    outputs.check_dir_path(Path(results), "--results")
     if not (Path(results) / name / "runs").is_dir():
         raise SpecError("report", f"no results for grid {name!r} under {results}/ (run it first: pcbench run GRID)")
+    outputs.claim(Path(args.out) / name, "report", "--out")
+    _writable(Path(args.out) / name, "--out")
     out = build_report(Path(results), name, out_root=Path(args.out))
     print(f"report written to {out}")
     return 0
@@ -141,25 +187,40 @@ def cmd_train(args) -> int:
     from pcbench.config import load_run_spec
     from pcbench.train import RunPaths, train
 
+    from pcbench import outputs, preflight
+
     spec = load_run_spec(args.spec)
-    out = Path(args.out)
+    if spec.model.path:
+        preflight.check_model_dir(spec.model.path, "model.path", tokenizer=spec.data.tokenizer == "model")
+    if spec.compress is not None:
+        config = preflight.base_config(spec.model, spec.data.tokenizer, spec.data.seq_len)
+        if config is not None:
+            preflight.check_compression(config, spec.compress.compression, spec.compress.align,
+                                        "compress.compression")
+    out = outputs.ensure_dir(args.out, "train", "--out")
     rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"))
     print(json.dumps({k: rec[k] for k in ("train_loss_last100", "heldout_loss", "export_path") if k in rec}))
     return 0
 
 
 def cmd_compress(args) -> int:
-    from pcbench import models
+    from pcbench import models, outputs, preflight
     from pcbench.config import (CompressSpec, DataSpec, ModelSpec, OptimSpec, RunSpec, TrainSpec)
     from pcbench.train import RunPaths, train
 
-    if args.base in models.PRESETS:
+    out = Path(args.out).resolve()
+    outputs.claim(out, "model", "--out", replace=args.force)
+    work = outputs.claim(out.with_name(out.name + ".pcbench"), "compress-work", "--out (its state dir)")
+    if args.base in models.PRESETS and models.PRESETS[args.base].weights not in (None, "path"):
         model = ModelSpec(name=args.base)
-    elif Path(args.base).is_dir():
+    elif Path(args.base).exists() or "/" in args.base or args.base.startswith("."):
+        preflight.check_model_dir(args.base, "--base", hub_ok=False, tokenizer=args.tokenizer == "model")
         model = ModelSpec(name="hf", path=str(Path(args.base).resolve()))
     else:
         raise SpecError("--base", f"{args.base!r} is neither a checkpoint directory nor a preset "
                         f"({', '.join(n for n, p in models.PRESETS.items() if p.weights and p.weights != 'path')})")
+    if not 0 < args.compression < 1:
+        raise SpecError("--compression", f"must be a share of parameters in (0, 1), got {args.compression:g}")
     spec = RunSpec(
         model=model,
         data=DataSpec(corpus=args.corpus, tokenizer=args.tokenizer, seq_len=args.seq_len,
@@ -172,8 +233,11 @@ def cmd_compress(args) -> int:
                               importance_seed=args.seed, sides=args.sides, residual=args.residual,
                               distill=args.distill),
     )
-    out = Path(args.out).resolve()
-    work = out.with_name(out.name + ".pcbench")
+    spec.validate("compress")
+    config = preflight.base_config(model, args.tokenizer, args.seq_len)
+    if config is not None:
+        preflight.check_compression(config, args.compression, 1, "--compression")
+    _fresh_compress_state(work, spec)
     rec = train(spec, RunPaths(record=work / "record", work=work, export=out))
     plan = rec.get("plan", {})
     print(json.dumps({"export": str(out), "method": args.method, "requested": args.compression,
@@ -181,6 +245,25 @@ def cmd_compress(args) -> int:
                       "params_after": plan.get("params_after"), "train_loss_last100": rec["train_loss_last100"],
                       "heldout_loss": rec["heldout_loss"]}, indent=2))
     return 0
+
+
+def _fresh_compress_state(work: Path, spec) -> None:
+    """`compress` resumes its own interrupted run from `work`; state of another spec is dropped."""
+    import hashlib
+
+    from pcbench import outputs
+    from pcbench.config import to_dict
+
+    key = hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if outputs.kind_of(work) == "compress-work" and (outputs.read_marker(work) or {}).get("spec") != key:
+        for name in ("record", "ckpt", "plan.json"):  # pcbench's own files only
+            p = work / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    outputs.write_marker(work, "compress-work", spec=key)
 
 
 def cmd_eval(args) -> int:
@@ -200,18 +283,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from pcbench import outputs
+
     grid, store = _grid_and_store(args)
+    out = outputs.claim(args.out, "model", "OUT", replace=args.force)
+    if args.run not in grid.by_id():
+        raise SpecError("run", f"{args.run} is not a run of grid {grid.name}")
     final = store.final(args.run)
     if final is None or "export_path" not in final:
         raise SpecError("run", f"{args.run} has no exported model (state: {store.state(args.run)})")
-    shutil.copytree(final["export_path"], args.out, dirs_exist_ok=False)
+    src = Path(final["export_path"])
+    if not (src / "config.json").is_file():
+        raise SpecError("run", f"the export of {args.run} is gone from {src} (run the grid again to rebuild it)")
+    with outputs.staging(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(outputs.MARKER))
+        outputs.install(tmp, out, "model", "OUT")
     print(args.out)
     return 0
 
 
 def cmd_tasks(args) -> int:
+    from pcbench import outputs
     from pcbench.tasks import build_tasks
 
+    if args.out:
+        outputs.claim(args.out, "tasks", "--out")
     print(build_tasks(Path(args.out) if args.out else None))
     return 0
 
@@ -222,6 +318,20 @@ def cmd_bench(args) -> int:
     else:
         from pcbench.bench.step_cost import main as bench_main
     return bench_main(args.rest)
+
+
+def _number(typ, least, strict: bool = False):
+    """An argparse type: a `typ` >= `least` (> when `strict`)."""
+    def parse(text: str):
+        try:
+            v = typ(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if typ is int else ' number'}: {text!r}") from None
+        if v < least or (strict and v == least) or v != v:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {least}, got {text}")
+        return v
+    parse.__name__ = typ.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,9 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--retry-failed", action="store_true")
     sp.add_argument("--wait", action="store_true", help="slurm: wait for the submitted jobs")
     for flag, typ, h in (("--partition", str, "SLURM partition"), ("--account", str, "SLURM account"),
-                         ("--qos", str, "SLURM QOS"), ("--gpus", int, "GPUs per node"),
-                         ("--cpus", int, "CPUs per task"), ("--time", int, "time limit in minutes"),
-                         ("--mem", float, "memory in GB"), ("--nodes", int, "nodes per job")):
+                         ("--qos", str, "SLURM QOS"), ("--gpus", _number(int, 0), "GPUs per node"),
+                         ("--cpus", _number(int, 1), "CPUs per task"),
+                         ("--time", _number(int, 1), "time limit in minutes"),
+                         ("--mem", _number(float, 0, strict=True), "memory in GB"),
+                         ("--nodes", _number(int, 1), "nodes per job")):
         sp.add_argument(flag, type=typ, help=h)
     sp.set_defaults(fn=cmd_run)
 
@@ -270,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compression", type=float, required=True, help="share of all parameters removed")
     sp.add_argument("--steps", type=int, required=True, help="optimiser steps (0: prune/project and export)")
     sp.add_argument("--out", required=True, help="where the compressed HF checkpoint is written")
+    sp.add_argument("--force", action="store_true", help="replace an earlier pcbench model at --out (only its files)")
     sp.add_argument("--importance", default="random", choices=["magnitude", "activation", "random"])
     sp.add_argument("--sides", default="both", choices=["in", "out", "both"])
     sp.add_argument("--residual", default=True, action=argparse.BooleanOptionalAction)
@@ -298,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid_args(sp, only=False)
     sp.add_argument("run")
     sp.add_argument("out")
+    sp.add_argument("--force", action="store_true", help="replace an earlier pcbench model at OUT (only its files)")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("tasks", help="build the local lm-eval task suite; prints its include path")
@@ -311,22 +425,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> Optional[str]:
+    """The one-line message of an expected error, None for an unexpected one (a bug: traceback)."""
+    import subprocess
+
+    from pcbench.checkpoint import CorruptCheckpoint
+    from pcbench.train import NonFiniteLoss
+
+    if isinstance(e, (SpecError, NonFiniteLoss, CorruptCheckpoint)):
+        return str(e)
+    if isinstance(e, OSError) and (e.filename or e.strerror):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}" + (f" (and {e.filename2})" if e.filename2 else "")
+    if isinstance(e, subprocess.CalledProcessError):
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        tail = "; ".join(ln.strip() for ln in err.splitlines() if ln.strip())[-500:]
+        return f"{' '.join(map(str, e.cmd)) if isinstance(e.cmd, list) else e.cmd} failed ({e.returncode}): {tail}"
+    if type(e).__name__ == "FailedJobError":  # submitit: sbatch refused a submission
+        return "sbatch refused a submission: " + "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[-500:]
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """Expected errors (bad input, a refused output path, the file system, the scheduler) end as one
+    line `pcbench: error: ...` and a non-zero exit (2: bad input, 1: the environment or a failed
+    run). Anything else is a bug: one line too, and its traceback when PCBENCH_DEBUG=1."""
+    import os
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except SpecError as e:
-        print(f"pcbench: error: {e}", file=sys.stderr)
+    except Problems as e:
+        for p in e.problems:
+            print(f"pcbench: error: {p}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - known failure kinds get one clean line
-        from pcbench.checkpoint import CorruptCheckpoint
-        from pcbench.train import NonFiniteLoss
-
-        if isinstance(e, (NonFiniteLoss, CorruptCheckpoint)):
-            print(f"pcbench: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line
+        line = _one_line(e)
+        if line is None and os.environ.get("PCBENCH_DEBUG") == "1":
+            raise
+        if line is None:
+            print(f"pcbench: error: unexpected {type(e).__name__}: {' '.join(str(e).split())[:500]} "
+                  "(a bug: PCBENCH_DEBUG=1 shows the traceback)", file=sys.stderr)
             return 1
-        raise
+        print(f"pcbench: error: {' '.join(line.split())}", file=sys.stderr)
+        return 2 if isinstance(e, SpecError) else 1
 
 
 if __name__ == "__main__":

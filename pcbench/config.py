@@ -289,6 +289,29 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A YAML mapping; a key given twice is an error naming the key and both lines (YAML would
+    silently keep the last)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]}, again on line {line})",
+                    key_node.start_mark)
+            seen[key] = line
+        except TypeError:
+            continue  # an unhashable key: SafeLoader reports it
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_yaml(path: str | Path) -> Any:
     """Read a YAML file (numbers in scientific notation are floats); errors name the file."""
     p = Path(path)
@@ -297,7 +320,12 @@ def load_yaml(path: str | Path) -> Any:
     try:
         return yaml.load(p.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise SpecError(str(p), f"invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise SpecError(where, f"invalid YAML: {what}") from None
+    except OSError as e:
+        raise SpecError(str(p), f"cannot read: {e.strerror or e}") from None
 
 
 

@@ -6,7 +6,8 @@ from templates: `${expr}` is a small arithmetic expression over the run's labels
 inherited from the parent run), `params` (the model's exact parameter count) and `parent` (the
 parent run: `parent.id`, `parent.spec...`). `overrides` set fields for runs whose labels match;
 `exclude` drops combinations. A stage can `tune` one field from another stage's best run (e.g.
-each method's best learning rate from a sweep), resolved when the run starts.
+each method's best learning rate from a sweep), resolved when the run starts; a sweep stage can
+`extend` itself beyond an edge best until that best is bracketed (`pcbench/sweep.py`).
 
 Run ids are `<stage>-<hash>` of the resolved spec, so adding an axis value or editing another
 stage never renames existing runs.

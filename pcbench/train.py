@@ -430,16 +430,21 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
     return record
 
 
-def export_model(model, tokenizer, out: Path) -> None:
-    """Save a stock HF checkpoint (config + safetensors + tokenizer) atomically (temp dir + rename)."""
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.config.use_cache = True
-    model.save_pretrained(tmp, safe_serialization=True)
-    model.config.use_cache = False
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+def export_model(model, tokenizer, out: Path, what: str = "export") -> None:
+    """Save a stock HF checkpoint (config + safetensors + tokenizer), marked as a pcbench `model`.
 
+    Written into a temp dir next to `out` (removed whatever happens), then installed: `out` may be
+    missing, empty or an earlier pcbench model (its own files are replaced, others kept); anything
+    else raises `outputs.OutputError` naming `what`, and nothing is written."""
+    from pcbench import outputs
+
+    out = Path(out)
+    outputs.claim(out, "model", what)
+    with outputs.staging(out) as tmp:
+        model.config.use_cache = True
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            model.config.use_cache = False
+        tokenizer.save_pretrained(tmp)
+        outputs.install(tmp, out, "model", what)

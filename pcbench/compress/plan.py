@@ -59,15 +59,12 @@ def count_with_widths(model: nn.Module, widths: dict[str, int]) -> int:
     return total
 
 
-def target_widths(model: nn.Module, compression: float, align: int = 1) -> dict[str, int]:
-    """Widths (d_model, d_ff), keeping their ratio and multiples of `align` (d_model also of the
-    head count), whose parameter count is closest to (1 - compression) x the model's."""
-    if not 0 < compression < 1:
-        raise ValueError(f"compression must be in (0, 1), got {compression}")
+def width_options(model: nn.Module, align: int = 1) -> list[tuple[dict[str, int], int]]:
+    """Every (widths, parameter count) a plan can choose: d_model in steps of lcm(align, heads),
+    d_ff keeping its ratio to d_model (a multiple of `align`); ascending, the full width last."""
     sizes = index_set_sizes(model)
     full = {axis_kind(k): n for k, n in sizes.items()}
     d, f = full[D_MODEL], full.get("d_ff")
-    target = (1 - compression) * count_with_widths(model, full)
     # transformers' Llama-family configs refuse a hidden size that is not a multiple of the head
     # count (even with an explicit head_dim), so d_model moves in steps of lcm(align, heads).
     heads = getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1
@@ -79,13 +76,32 @@ def target_widths(model: nn.Module, compression: float, align: int = 1) -> dict[
             w["d_ff"] = max(align, int(round(dm * f / d / align)) * align)
         return w
 
+    return [(widths_for(dm), count_with_widths(model, widths_for(dm))) for dm in range(d_step, d + 1, d_step)]
+
+
+def achievable(model: nn.Module, align: int = 1) -> list[float]:
+    """The shares of all parameters removed that a plan can reach (ascending; 0 would remove nothing)."""
+    sizes = index_set_sizes(model)
+    total = count_with_widths(model, {axis_kind(k): n for k, n in sizes.items()})
+    return sorted({1 - n / total for w, n in width_options(model, align) if w[D_MODEL] < sizes[D_MODEL]})
+
+
+def target_widths(model: nn.Module, compression: float, align: int = 1) -> dict[str, int]:
+    """Widths (d_model, d_ff), keeping their ratio and multiples of `align` (d_model also of the
+    head count), whose parameter count is closest to (1 - compression) x the model's."""
+    if not 0 < compression < 1:
+        raise ValueError(f"compression must be in (0, 1), got {compression}")
+    sizes = index_set_sizes(model)
+    full = {axis_kind(k): n for k, n in sizes.items()}
+    d = full[D_MODEL]
+    target = (1 - compression) * count_with_widths(model, full)
     best, best_err = None, math.inf
-    for dm in range(d_step, d + 1, d_step):
-        err = abs(count_with_widths(model, widths_for(dm)) - target)
+    for widths, n in width_options(model, align):
+        err = abs(n - target)
         if err < best_err:
-            best, best_err = widths_for(dm), err
+            best, best_err = widths, err
     if best is None or best[D_MODEL] >= d:
-        raise ValueError(f"compression {compression} leaves no room to shrink d_model={d} (step {d_step})")
+        raise ValueError(f"compression {compression} leaves no room to shrink d_model={d}")
     return best
 
 

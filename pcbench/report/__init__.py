@@ -7,13 +7,16 @@
         figures/*.png      loss vs tokens, gap vs tokens / base ratio, downstream, recovery, curves
 
 It reads `<results_root>/<grid>/` and nothing else (never the grid YAML); the same store gives
-byte-identical tables and REPORT.md.
+byte-identical tables and REPORT.md. The report is built in a temp dir and installed as a pcbench
+output (`pcbench.outputs`): it replaces its own earlier files (and drops those it no longer makes),
+never anything else in `out_root/<grid>/`, and refuses a non-empty directory that is not a report.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pcbench import outputs
 from pcbench.atomic import write_text
 
 __all__ = ["build_report"]
@@ -21,13 +24,22 @@ __all__ = ["build_report"]
 
 def build_report(results_root: Path, grid: str, out_root: Path = Path("paper_figures")) -> Path:
     """Write the report of grid `grid` (store `<results_root>/<grid>`) under `out_root/<grid>/`; return that dir."""
-    from pcbench.report import markdown, scaling, tables, trends, tuning
     from pcbench.report.load import load_study
 
     study = load_study(Path(results_root), grid)
     if not study.root.is_dir():
         raise FileNotFoundError(f"no results store for grid {grid!r} at {study.root}")
-    out = Path(out_root) / grid
+    final = outputs.claim(Path(out_root) / grid, "report", "report --out")
+    with outputs.staging(final) as out:
+        _build(study, out)
+        outputs.install(out, final, "report", "report --out")
+    return final
+
+
+def _build(study, out: Path) -> None:
+    """Every file of the report, written under `out`."""
+    from pcbench.report import markdown, scaling, tables, trends, tuning
+
     cells, paired, keys_by = trends.gaps(study)
     slopes = trends.token_slopes(cells, paired, keys_by)
     effect = trends.ratio_effect(cells, keys_by)
@@ -61,9 +73,7 @@ def build_report(results_root: Path, grid: str, out_root: Path = Path("paper_fig
 
         written.add(_write(out / "tables" / "paper_reference.csv", reference.all_tables().to_csv(index=False)))
     sections["figures"] = _figures(study, cells, keys_by, out / "figures", written)
-    _remove_stale(out, written)
     write_text(out / "REPORT.md", markdown.report(study, sections))
-    return out
 
 
 def _write(path: Path, text: str) -> Path:
@@ -96,13 +106,3 @@ def _figures(study, cells, keys_by, d: Path, written: set[Path]) -> list[tuple[s
             written.add(path)
             made.append((name, caption))
     return made
-
-
-def _remove_stale(out: Path, written: set[Path]) -> None:
-    """Drop our own earlier outputs (tables/*.md|csv, figures/*.png) that this build did not write."""
-    for sub, exts in (("tables", {".md", ".csv"}), ("figures", {".png"})):
-        d = out / sub
-        if d.is_dir():
-            for p in sorted(d.iterdir()):
-                if p.is_file() and p.suffix in exts and p not in written:
-                    p.unlink()
