@@ -3,6 +3,11 @@
 `RunJob` is a submitit `Checkpointable`: on a SLURM timeout or preemption submitit requeues it and
 the run resumes from its own last checkpoint. It also runs as `python -m pcbench.jobs RESULTS WORK
 RUN_ID` (the local executor runs every run this way, in sequence).
+
+Exactly one process trains a run: the job takes the run's lock first (`Store.try_lock`; a dead
+holder's lock is free) and holds it until the run is recorded; a job that finds the lock held, or
+the run already completed once it holds the lock, does nothing. SIGINT/SIGTERM record the run
+`interrupted` (resumable; its checkpoints kept). Exit codes of `python -m pcbench.jobs`: `EXIT_*`.
 """
 
 from __future__ import annotations
@@ -16,8 +21,23 @@ from typing import Any, Optional
 
 import submitit
 
+from pcbench import interrupts
 from pcbench.config import RunSpec, SpecError, from_dict
 from pcbench.store import Store
+
+EXIT_OK = 0  # trained (or evaluated) and recorded completed
+EXIT_FAILED = 1
+EXIT_ALREADY = 3  # already completed when this job got the run's lock: nothing done
+EXIT_BUSY = 75  # another live process holds the run's lock (EX_TEMPFAIL)
+
+
+class RunBusy(RuntimeError):
+    """Another live process is training this run."""
+
+    def __init__(self, run_id: str, holder: Optional[dict]):
+        h = holder or {}
+        self.holder = h
+        super().__init__(f"run {run_id} is being run by pid {h.get('pid', '?')} on {h.get('host', '?')}")
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +117,10 @@ class RunJob(submitit.helpers.Checkpointable):
         self.progress = progress
 
     def __call__(self) -> dict:
+        with interrupts.graceful():
+            return self._call()
+
+    def _call(self) -> dict:
         store = Store(self.results, self.work)
         run = store.run(self.run_id)
         job_id, executor = None, "local"
@@ -109,15 +133,29 @@ class RunJob(submitit.helpers.Checkpointable):
         except RuntimeError:
             pass  # not inside a submitit job
         main = int(os.environ.get("RANK", "0")) == 0
-        if main:
-            store.set_status(self.run_id, "running", job_id=job_id, executor=executor,
-                             pid=os.getpid(), started=time.time())
+        lock = None
+        if main:  # the other ranks of a multi-process job follow rank 0
+            lock = store.try_lock(self.run_id)
+            if lock is None:
+                raise RunBusy(self.run_id, store.lock_holder(self.run_id))
         try:
+            return self._run_locked(store, run, job_id, executor, main)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run_locked(self, store: Store, run: dict, job_id, executor: str, main: bool) -> dict:
+        if main and store.health(self.run_id, run["kind"])[0] == "completed":
+            return {"run": self.run_id, "already": True}  # another process finished it meanwhile
+        try:
+            if main:
+                store.set_status(self.run_id, "running", job_id=job_id, executor=executor,
+                                 pid=os.getpid(), started=time.time())
             if run["kind"] == "train":
                 from pcbench.train import train
 
                 spec, tuned = resolved_train_spec(run, store)
-                record = train(spec, store.paths(self.run_id), progress=self.progress)
+                record = train(spec, store.paths(self.run_id), progress=self.progress, name=self.run_id)
                 if tuned and main:
                     from pcbench.atomic import write_json
 
@@ -129,12 +167,17 @@ class RunJob(submitit.helpers.Checkpointable):
                 record = run_eval(run, store)
             else:
                 raise SpecError("kind", f"unknown run kind {run['kind']!r}")
+        except interrupts.Interrupted as e:
+            if main:
+                store.set_status(self.run_id, "interrupted", job_id=job_id, error=str(e), step=e.step)
+            raise
         except BaseException as e:
             if main:
                 store.fail(self.run_id, e, job_id=job_id, step=getattr(e, "step", None))
             raise
         if main:
-            store.set_status(self.run_id, "completed", job_id=job_id)
+            with interrupts.deferred():  # recorded whole; a signal now only sets the exit code
+                store.set_status(self.run_id, "completed", job_id=job_id)
         return {"run": self.run_id, "train_loss_last100": record.get("train_loss_last100")}
 
 
@@ -145,13 +188,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: python -m pcbench.jobs RESULTS WORK RUN_ID", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        progress = {"1": True, "0": False}.get(os.environ.get("PCBENCH_PROGRESS", ""))
-        RunJob(*args, progress=progress)()
-    except Exception as e:  # noqa: BLE001 - recorded in the store; exit code tells the launcher
-        print(f"run {args[2]} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    with interrupts.graceful():  # from the start: a signal during start-up is one line too
+        try:
+            progress = {"1": True, "0": False}.get(os.environ.get("PCBENCH_PROGRESS", ""))
+            out = RunJob(*args, progress=progress)()
+        except interrupts.Interrupted as e:
+            if os.environ.get("PCBENCH_LAUNCHER") != "1":
+                print(f"[pcbench] {args[2]}: {e}; its checkpoints are kept, a rerun resumes it", file=sys.stderr)
+            return e.exit_code
+        except RunBusy as e:
+            print(f"[pcbench] {e}: not started here", file=sys.stderr)
+            return EXIT_BUSY
+        except Exception as e:  # noqa: BLE001 - recorded in the store; exit code tells the launcher
+            print(f"run {args[2]} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        signum = interrupts.requested()
+    if signum is not None:  # the run was recorded before the signal could stop it
+        return 128 + signum
+    return EXIT_ALREADY if out.get("already") else EXIT_OK
 
 
 if __name__ == "__main__":

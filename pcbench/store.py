@@ -2,6 +2,8 @@
 
     <results>/<grid>/runs/<run_id>/run.json       what the run is (stage, labels, resolved spec, deps)
                                   status.json    state: pending | submitted | running | completed | failed
+                                                 | interrupted (SIGINT/SIGTERM: resumable) | cancelled (SLURM)
+                                  .lock          held by the one process that trains the run
                                   metrics.jsonl  training curve
                                   recovery.jsonl PC: projection mass on pruned dimensions
                                   final.json     the final record (metric, held-out loss, cost, export path)
@@ -10,11 +12,14 @@
     <work>/<grid>/<run_id>/{ckpt/, model/, plan.json}
 
 Every file is written atomically; appends are locked, so many array tasks can write at once.
-Reports read this store and nothing else.
+Reports read this store and nothing else. Reading is tolerant: an unreadable (truncated, empty) record
+is logged once with its path, read as absent, and `health` never calls such a run completed.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import time
@@ -22,10 +27,66 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from pcbench.atomic import append_jsonl, read_json, read_jsonl, write_json
+from pcbench.atomic import OwnerLock, append_jsonl, lock_holder, read_jsonl, try_owner_lock, write_json
 from pcbench.train import RunPaths
 
-STATES = ("pending", "submitted", "running", "completed", "failed")
+log = logging.getLogger(__name__)
+
+STATES = ("pending", "submitted", "running", "completed", "failed", "interrupted", "cancelled")
+RESUMABLE = ("pending", "submitted", "running", "interrupted", "cancelled", "damaged")  # rerun resumes
+_warned: set[tuple] = set()
+
+
+def read_record(path: str | os.PathLike, problems: Optional[list[str]] = None) -> Optional[dict]:
+    """A JSON record, or None when it is absent or unreadable; an unreadable one is described in
+    `problems` ("PATH: why") and logged once per process (per file version)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        why = f"unreadable ({e.strerror})"
+    else:
+        try:
+            rec = json.loads(data.decode("utf-8"))
+            if isinstance(rec, dict):
+                return rec
+            why = "not a JSON object"
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = "empty" if not data.strip() else f"truncated or invalid JSON ({getattr(e, 'msg', e)})"
+    _damaged(path, why, problems)
+    return None
+
+
+def read_lines(path: str | os.PathLike, problems: Optional[list[str]] = None) -> list[dict]:
+    """A JSON-lines record; unreadable lines are skipped, described in `problems` and logged once."""
+    found: list[str] = []
+    out = read_jsonl(path, found)
+    for why in found:
+        _damaged(Path(path), why, problems)
+    return out
+
+
+def brief(problem: Optional[str]) -> str:
+    """`/long/path/final.json: why` -> `final.json (why)` (the full path is logged once)."""
+    path, _, why = (problem or "record").partition(": ")
+    return f"{Path(path).name} ({why})" if why else Path(path).name
+
+
+def _damaged(path: Path, why: str, problems: Optional[list[str]]) -> None:
+    msg = f"{path}: {why}"
+    if problems is not None:
+        problems.append(msg)
+    try:
+        st = path.stat()
+        key = (str(path), why, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (str(path), why)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("damaged record %s", msg)
 
 
 class Store:
@@ -56,11 +117,20 @@ class Store:
         write_json(self.run_dir(run["id"]) / "run.json", run)
 
     def run(self, run_id: str) -> dict:
-        return read_json(self.run_dir(run_id) / "run.json")
+        p = self.run_dir(run_id) / "run.json"
+        rec = read_record(p)
+        if rec is None:
+            raise FileNotFoundError(f"{p}: missing or damaged run record (rerun `pcbench run` to rewrite it)")
+        return rec
 
     def status(self, run_id: str) -> dict:
+        """The run's status; a damaged status.json reads as state `damaged` with `problem`."""
         p = self.run_dir(run_id) / "status.json"
-        return read_json(p) if p.exists() else {"state": "pending"}
+        problems: list[str] = []
+        st = read_record(p, problems)
+        if st is None:
+            return {"state": "damaged", "problem": problems[0]} if problems else {"state": "pending"}
+        return st
 
     def state(self, run_id: str) -> str:
         return self.status(run_id).get("state", "pending")
@@ -70,6 +140,8 @@ class Store:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         old = self.status(run_id)
+        if old.get("state") == "damaged":
+            old = {}
         status = {"state": state, "time": time.time(), "host": socket.gethostname(),
                   "attempts": old.get("attempts", 0) + (1 if state == "running" else 0), **fields}
         for keep in ("job_id", "started", "executor"):
@@ -86,24 +158,58 @@ class Store:
         return self.set_status(run_id, "failed", error=f"{type(exc).__name__}: {exc}",
                                traceback=tb[-4000:], **fields)
 
-    def final(self, run_id: str) -> Optional[dict]:
-        p = self.paths(run_id).final
-        return read_json(p) if p.exists() else None
+    def final(self, run_id: str, problems: Optional[list[str]] = None) -> Optional[dict]:
+        return read_record(self.paths(run_id).final, problems)
 
-    def eval_result(self, run_id: str) -> Optional[dict]:
-        p = self.run_dir(run_id) / "eval.json"
-        return read_json(p) if p.exists() else None
+    def eval_result(self, run_id: str, problems: Optional[list[str]] = None) -> Optional[dict]:
+        return read_record(self.run_dir(run_id) / "eval.json", problems)
 
     def metrics(self, run_id: str) -> list[dict]:
-        return read_jsonl(self.paths(run_id).metrics)
+        return read_lines(self.paths(run_id).metrics)
 
     def recovery(self, run_id: str) -> list[dict]:
-        return read_jsonl(self.paths(run_id).recovery)
+        return read_lines(self.paths(run_id).recovery)
+
+    def health(self, run_id: str, kind: Optional[str] = None) -> tuple[str, Optional[str]]:
+        """(state, problem) as a reader should believe it: `damaged` (with the path and what is wrong)
+        when status.json is unreadable or a `completed` run's final.json / eval.json is unreadable or
+        missing (`kind`: train | eval, else read from run.json). A damaged run is rerun (resumed)."""
+        st = self.status(run_id)
+        state = st.get("state", "pending")
+        if state == "damaged":
+            return state, st.get("problem")
+        if state != "completed":
+            return state, None
+        problems: list[str] = []
+        final, ev = self.final(run_id, problems), self.eval_result(run_id, problems)
+        if problems:
+            return "damaged", problems[0]
+        if kind is None:
+            kind = (read_record(self.run_dir(run_id) / "run.json") or {}).get("kind")
+        need = {"train": (final, "final.json"), "eval": (ev, "eval.json")}.get(kind or "")
+        if need is not None and need[0] is None:
+            return "damaged", f"{self.run_dir(run_id) / need[1]}: missing for a completed run"
+        return "completed", None
+
+    # -- the lock of the process that trains a run -------------------------------------------
+    def lock_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / ".lock"
+
+    def try_lock(self, run_id: str, wait_s: float = 1.0) -> Optional[OwnerLock]:
+        """Take the run's lock (None while a live process holds it); held while the run trains."""
+        return try_owner_lock(self.lock_path(run_id), wait_s)
+
+    def lock_holder(self, run_id: str) -> Optional[dict]:
+        """{pid, host, since} of the live process training the run, or None."""
+        return lock_holder(self.lock_path(run_id))
 
     def records(self) -> list[dict]:
         """Every run with its status and final record (what a report starts from)."""
         out = []
         for rid in self.run_ids():
-            out.append({**self.run(rid), "status": self.status(rid), "final": self.final(rid),
+            run = read_record(self.run_dir(rid) / "run.json")
+            if run is None:
+                continue  # damaged: logged with its path
+            out.append({**run, "status": self.status(rid), "final": self.final(rid),
                         "eval": self.eval_result(rid)})
         return out

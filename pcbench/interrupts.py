@@ -1,0 +1,84 @@
+"""Graceful stops: SIGINT (Ctrl-C) and SIGTERM become `Interrupted`, raised where it is safe.
+
+Inside `graceful()` (main thread; the old handlers come back on exit) the first signal is recorded.
+Outside a `deferred()` block it also raises `Interrupted` at once (like KeyboardInterrupt, but the
+caller prints one line and exits 128+signum); inside one (a training step, a checkpoint write) it is
+only recorded, and the code calls `stop_if_requested()` at its next safe point. Later signals (a
+terminal's Ctrl-C reaches a launcher and its job, which the launcher also forwards) change nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator, Optional
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """Stopped by a signal; `exit_code` is the shell's 128+signum (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: Optional[int] = None):
+        self.signum, self.step = signum, step
+        super().__init__(f"interrupted by {self.name}" + (f" at step {step}" if step is not None else ""))
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_state = {"signum": None, "defer": 0, "active": 0}
+
+
+def _handler(signum, frame) -> None:
+    first = _state["signum"] is None
+    if first:
+        _state["signum"] = signum
+    if first and _state["defer"] == 0:
+        raise Interrupted(signum)
+
+
+def requested() -> Optional[int]:
+    """The signal received inside `graceful()`, if any."""
+    return _state["signum"]
+
+
+def stop_if_requested(step: Optional[int] = None) -> None:
+    if _state["signum"] is not None:
+        raise Interrupted(_state["signum"], step)
+
+
+@contextlib.contextmanager
+def graceful() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into `Interrupted` for the duration (no-op off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in SIGNALS}
+    if _state["active"] == 0:
+        _state["signum"] = None
+    _state["active"] += 1
+    for s in SIGNALS:
+        signal.signal(s, _handler)
+    try:
+        yield
+    finally:
+        _state["active"] -= 1
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block a signal must not cut: it is recorded, and acted on at `stop_if_requested()`."""
+    _state["defer"] += 1
+    try:
+        yield
+    finally:
+        _state["defer"] -= 1

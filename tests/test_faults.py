@@ -1,0 +1,293 @@
+"""Fault injection: a small grid (base -> hpr, pc on a nano model) interrupted by SIGINT, SIGTERM and
+SIGKILL at several points, in the launcher and in its job; two launchers at once; damaged records;
+state left in a shared work directory by another results dir.
+
+After every fault a plain `pcbench run` finishes the grid, and its records equal an uninterrupted
+run's: the same losses bit for bit, every metric step once and in order, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pcbench import checkpoint, launch
+from pcbench.grid import load_grid
+from pcbench.liveness import Liveness
+from test_launch import tiny_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+FINAL_KEYS = ("train_loss_last100", "final_train_loss", "heldout_loss", "steps", "tokens")
+CURVE_KEYS = ("step", "loss", "loss_avg", "lr", "grad_norm", "tokens")
+
+
+def fault_grid(tmp: Path, name: str = "faults") -> Path:
+    """base (60 steps, a checkpoint every 5) -> compress (hpr, pc; 20 steps) on gpt2-nano."""
+    path = tiny_grid(tmp, name=name, base_steps=60)
+    g = yaml.safe_load(path.read_text())
+    g["stages"]["compress"]["spec"]["train"]["steps"] = 20
+    g["stages"]["compress"]["spec"]["compress"]["recovery_every"] = 5
+    path.write_text(yaml.safe_dump(g, sort_keys=False))
+    return path
+
+
+class Grid:
+    """A grid file with its store (results under `tmp/results`, work under `tmp/work`)."""
+
+    def __init__(self, tmp: Path, work: Path | None = None):
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.path = fault_grid(tmp)
+        self.grid = load_grid(self.path)
+        self.results, self.work = tmp / "results", work or tmp / "work"
+        self.store = launch.store_for(self.grid, self.results, self.work)
+        self.ids = {(r.labels.get("method") or r.stage): r.id for r in self.grid.runs}  # base, hpr, pc
+
+    def args(self, *extra: str) -> list[str]:
+        return [str(self.path), "--results", str(self.results), "--work", str(self.work), *extra]
+
+    def start(self, *extra: str) -> subprocess.Popen:
+        """`pcbench run` in its own session (as a terminal's foreground job would be)."""
+        return subprocess.Popen([sys.executable, "-m", "pcbench.cli", "run", *self.args(*extra)], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def cli(self, cmd: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pcbench.cli", cmd, *self.args(*extra)], env=ENV,
+                              capture_output=True, text=True, timeout=600)
+
+    def steps_logged(self, key: str) -> int:
+        return max([r["step"] for r in self.store.metrics(self.ids[key])], default=0)
+
+    def job_pid(self, key: str) -> int:
+        return int(self.store.status(self.ids[key])["pid"])
+
+
+def wait_until(pred, what: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def no_traceback(err: str) -> None:
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The grid run once without faults (in this process)."""
+    g = Grid(tmp_path_factory.mktemp("reference"))
+    out = launch.submit(g.grid, g.store, "local", progress=False)
+    assert not out.failed and len(out.submitted) == 3
+    return g
+
+
+def assert_matches_reference(g: Grid, ref: Grid) -> None:
+    """Every run completed with the reference's numbers, curves without a repeated step."""
+    for key, rid in g.ids.items():
+        assert g.store.state(rid) == "completed", (key, g.store.status(rid))
+        mine, theirs = g.store.final(rid), ref.store.final(rid)
+        assert {k: mine[k] for k in FINAL_KEYS} == {k: theirs[k] for k in FINAL_KEYS}, key
+        curve = [{k: r.get(k) for k in CURVE_KEYS} for r in g.store.metrics(rid)]
+        assert curve == [{k: r.get(k) for k in CURVE_KEYS} for r in ref.store.metrics(rid)], key
+        steps = [r["step"] for r in g.store.metrics(rid)]
+        assert steps == sorted(set(steps)), key  # no step twice, in order
+        rec = [r["step"] for r in g.store.recovery(rid)]
+        assert rec == [r["step"] for r in ref.store.recovery(rid)], key
+        assert g.store.recovery(rid) == ref.store.recovery(rid), key
+    live = Liveness(g.store)
+    assert not [rid for rid in g.ids.values() if live.state(rid)[0] in ("running", "submitted")]
+
+
+def test_signals_in_launcher_and_job_then_plain_rerun_matches(reference, tmp_path):
+    g = Grid(tmp_path)
+    base, hpr, pc = g.ids["base"], g.ids["hpr"], g.ids["pc"]
+
+    # 1. Ctrl-C (SIGINT to the whole foreground group) while the base trains.
+    p = g.start()
+    wait_until(lambda: checkpoint.list_checkpoints(g.store.paths(base).ckpt), "a base checkpoint")
+    os.killpg(p.pid, signal.SIGINT)
+    rc, out, err = finish(p)
+    assert rc == 130, err[-3000:]
+    no_traceback(err)
+    assert len([ln for ln in err.splitlines() if "interrupted" in ln]) == 1, err
+    assert f"run {base} recorded interrupted at step" in err and "run the same command again to resume" in err
+    st = g.store.status(base)
+    assert st["state"] == "interrupted" and 0 < st["step"] < 60
+    # a checkpoint at the interruption point, kept
+    assert int(checkpoint.list_checkpoints(g.store.paths(base).ckpt)[-1].name.split("_")[1]) == st["step"]
+    assert g.store.state(hpr) == "pending"
+
+    # 2. SIGTERM to the launcher alone (forwarded to its job) while hpr starts.
+    p = g.start()
+    wait_until(lambda: g.store.state(hpr) == "running", "hpr running")
+    p.send_signal(signal.SIGTERM)
+    rc, out, err = finish(p)
+    assert rc == 143, err[-3000:]
+    no_traceback(err)
+    assert g.store.state(hpr) == "interrupted" and g.store.state(base) == "completed"
+    assert g.store.final(base)["resumed_from"] == st["step"]
+
+    # 3. SIGKILL of the pc job alone while it trains: the launcher records it, exits 1.
+    p = g.start()
+    wait_until(lambda: g.store.state(pc) == "running" and g.steps_logged("pc") >= 5, "pc training")
+    os.kill(g.job_pid("pc"), signal.SIGKILL)
+    rc, out, err = finish(p)
+    no_traceback(err)
+    assert rc == 1 and "1 interrupted" in out, out + err[-3000:]
+    assert g.store.state(pc) == "interrupted" and "SIGKILL" in g.store.status(pc)["error"]
+
+    # A plain rerun resumes everything that is left.
+    rc, out, err = finish(g.start())
+    assert rc == 0, err[-3000:]
+    no_traceback(err)
+    assert "run 1 of" in err  # progress off a TTY: which run of how many
+    assert f"[pcbench] {pc}: step" in err  # and training progress lines
+    assert_matches_reference(g, reference)
+    attempts = {k: g.store.status(r)["attempts"] for k, r in g.ids.items()}
+    assert attempts == {"base": 2, "hpr": 2, "pc": 2}
+
+
+def test_kills_and_startup_signals_then_plain_rerun_matches(reference, tmp_path):
+    g = Grid(tmp_path)
+    base, hpr = g.ids["base"], g.ids["hpr"]
+
+    # 1. SIGKILL of launcher and job (no chance to record anything) mid-base.
+    p = g.start()
+    wait_until(lambda: g.steps_logged("base") >= 10, "base at step 10")
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate()
+    assert g.store.state(base) == "running"  # what it last wrote ...
+    wait_until(lambda: Liveness(g.store).state(base)[0] == "lost", "base seen lost", timeout=10)
+    st = g.cli("status")
+    assert st.returncode == 0 and "lost" in st.stdout and "running" not in st.stdout, st.stdout
+
+    # 2. SIGTERM to the base job as soon as it is running (before or at its first steps).
+    p = g.start()
+    wait_until(lambda: g.store.state(base) == "running" and g.store.status(base)["attempts"] == 2, "base restarted")
+    os.kill(g.job_pid("base"), signal.SIGTERM)
+    rc, out, err = finish(p)
+    assert rc == 143, err[-3000:]
+    no_traceback(err)
+    assert g.store.state(base) == "interrupted"
+
+    # 3. Ctrl-C while the launcher is between runs / starting hpr.
+    p = g.start()
+    wait_until(lambda: g.store.state(base) == "completed", "base completed")
+    os.killpg(p.pid, signal.SIGINT)
+    rc, out, err = finish(p)
+    assert rc == 130, err[-3000:]
+    no_traceback(err)
+    assert g.store.state(hpr) in ("pending", "interrupted")
+
+    rc, out, err = finish(g.start())
+    assert rc == 0, err[-3000:]
+    no_traceback(err)
+    assert_matches_reference(g, reference)
+    assert g.store.status(base)["attempts"] == 3
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["together", "apart"])
+def test_two_launchers_train_each_run_once(reference, tmp_path, apart):
+    g = Grid(tmp_path)
+    first = g.start()
+    if apart:  # the second starts while the first trains the base (its dependents must wait)
+        wait_until(lambda: g.steps_logged("base") >= 5, "base training")
+    second = g.start()
+    (rc1, out1, err1), (rc2, out2, err2) = finish(first), finish(second)
+    assert rc1 == 0 and rc2 == 0, err1[-2000:] + err2[-2000:]
+    no_traceback(err1 + err2)
+    assert {k: g.store.status(r)["attempts"] for k, r in g.ids.items()} == {"base": 1, "hpr": 1, "pc": 1}
+    assert_matches_reference(g, reference)
+    # each run was run by exactly one of them; the other one skipped it
+    ran = [int(o.splitlines()[0].split()[0]) if o else 0 for o in (out1, out2)]
+    assert sum(ran) == 3, (out1, out2)
+    if apart:
+        assert "waiting for" in err2, err2
+
+
+def _damage(g: Grid) -> dict[str, Path]:
+    base, hpr, pc = (g.store.run_dir(g.ids[k]) for k in ("base", "hpr", "pc"))
+    files = {"final": base / "final.json", "status": hpr / "status.json", "run": hpr / "run.json",
+             "metrics": pc / "metrics.jsonl"}
+    text = files["final"].read_text()
+    files["final"].write_text(text[: len(text) // 2])  # truncated
+    files["status"].write_text("")  # empty
+    files["run"].write_text("{\"id\": ")  # truncated
+    lines = files["metrics"].read_text().splitlines(keepends=True)
+    files["metrics"].write_text("".join(lines[:1]) + lines[1][:7] + "\n" + "".join(lines[2:]))  # a torn line
+    return files
+
+
+def test_damaged_records_are_reported_never_completed_and_rerun(reference, tmp_path):
+    g = Grid(tmp_path)
+    shutil.copytree(reference.results, g.results)  # the reference's records, damaged below
+    files = _damage(g)
+
+    st = g.cli("status")
+    assert st.returncode == 0, st.stderr
+    no_traceback(st.stderr)
+    for key in ("final", "status"):
+        assert str(files[key]) in st.stderr
+    assert st.stdout.count("damaged") >= 2 and "completed" in st.stdout  # the rest of the table is there
+
+    dry = g.cli("run", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    no_traceback(dry.stderr)
+    assert str(files["final"]) in dry.stderr and "to submit: 2 runs" in dry.stdout, dry.stdout
+
+    rep = subprocess.run([sys.executable, "-m", "pcbench.cli", "report", str(g.path), "--results", str(g.results),
+                          "--out", str(tmp_path / "report")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    no_traceback(rep.stderr)
+    for key in ("final", "run", "metrics"):
+        assert str(files[key]) in rep.stderr, rep.stderr
+
+    # A plain run reruns the two damaged runs (base, hpr), skips pc, and repairs every record.
+    rc, out, err = finish(g.start())
+    assert rc == 0, err[-3000:]
+    no_traceback(err)
+    assert out.startswith("2 run(s) run, 1 skipped, 0 failed, 0 blocked"), out
+    for key in ("base", "hpr"):
+        rid = g.ids[key]
+        assert g.store.health(rid)[0] == "completed"
+        assert {k: g.store.final(rid)[k] for k in FINAL_KEYS} == {k: reference.store.final(rid)[k] for k in FINAL_KEYS}
+    assert json.loads(files["run"].read_text())["id"] == g.ids["hpr"]  # rewritten from the grid
+
+
+def test_new_results_dir_never_resumes_another_ones_checkpoints(tmp_path):
+    work = tmp_path / "shared-work"
+    a = Grid(tmp_path / "a", work=work)
+    g = yaml.safe_load(a.path.read_text())
+    g["stages"] = {"base": g["stages"]["base"]}
+    a.path.write_text(yaml.safe_dump(g))
+    a.grid = load_grid(a.path)
+    rc, _, err = finish(a.start())
+    assert rc == 0, err[-2000:]
+    base = a.ids["base"]
+    assert checkpoint.list_checkpoints(a.store.paths(base).ckpt)  # left in the shared work dir
+    b = Grid(tmp_path / "b", work=work)
+    b.path.write_text(a.path.read_text())
+    b.grid = load_grid(b.path)
+    rc, _, err = finish(b.start())
+    assert rc == 0, err[-2000:]
+    fa, fb = a.store.final(base), b.store.final(base)
+    assert fb["resumed_from"] == 0 and [r["step"] for r in b.store.metrics(base)][0] == 5  # from the start
+    assert fa["export_path"] != fb["export_path"] and Path(fa["export_path"]).is_dir()  # a's export intact
+    assert fa["train_loss_last100"] == fb["train_loss_last100"]
