@@ -92,7 +92,16 @@ def load(path: Path, map_location="cpu") -> dict[str, Any]:
 
 
 def load_latest(root: Path, map_location="cpu") -> tuple[Optional[dict[str, Any]], list[str]]:
-    """The newest valid checkpoint's state (None if there is none) and a list of problems found.
+    """The newest valid checkpoint's state (None if there is none) and a list of problems found
+    (see `newest_valid`)."""
+    path, problems = newest_valid(root)
+    if path is None:
+        return None, problems
+    return torch.load(path / "state.pt", map_location=map_location, weights_only=False), problems
+
+
+def newest_valid(root: Path) -> tuple[Optional[Path], list[str]]:
+    """The newest checkpoint that passes `verify` (None if there is none) and the problems found.
 
     Corrupt checkpoints are renamed to `<name>.corrupt` (kept for inspection). If checkpoints
     exist but none is valid, raise CorruptCheckpoint: silently restarting from scratch would
@@ -102,7 +111,8 @@ def load_latest(root: Path, map_location="cpu") -> tuple[Optional[dict[str, Any]
     found = list_checkpoints(root)
     for path in reversed(found):
         try:
-            return load(path, map_location), problems
+            verify(path)
+            return path, problems
         except CorruptCheckpoint as e:
             problems.append(str(e))
             log.warning("corrupt checkpoint skipped: %s", e)

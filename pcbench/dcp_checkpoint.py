@@ -12,7 +12,6 @@ rank loads its shards (DCP reshards when the world size changed).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,9 +23,6 @@ import torch.distributed as dist
 from pcbench import checkpoint
 from pcbench.atomic import write_json
 from pcbench.distributed import DistEnv, barrier
-
-log = logging.getLogger(__name__)
-
 
 def _manifest(path: Path, step: int) -> None:
     files = {}
@@ -68,25 +64,6 @@ def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: Dist
     return final
 
 
-def _pick(root: Path) -> tuple[Optional[str], list[str]]:
-    """(newest valid checkpoint, problems); corrupt ones renamed to `<name>.corrupt`."""
-    problems: list[str] = []
-    found = checkpoint.list_checkpoints(root)
-    for path in reversed(found):
-        try:
-            checkpoint.verify(path)
-            return str(path), problems
-        except checkpoint.CorruptCheckpoint as e:
-            problems.append(str(e))
-            log.warning("corrupt checkpoint skipped: %s", e)
-            aside = path.with_name(path.name + ".corrupt")
-            if not aside.exists():
-                path.rename(aside)
-    if found:
-        return None, problems + ["no valid checkpoint left"]
-    return None, problems
-
-
 def load_latest(root: Path, trainable, opt, env: DistEnv) -> tuple[Optional[dict[str, Any]], list[str]]:
     """Load the newest valid checkpoint's shards into `trainable` and `opt` on every rank; returns
     its `extra` (None when there is none) and the problems found. Raises CorruptCheckpoint when
@@ -94,15 +71,19 @@ def load_latest(root: Path, trainable, opt, env: DistEnv) -> tuple[Optional[dict
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    choice = [None, []]
+    choice: list = [None, [], None]  # path, problems, error: the main process decides for all
     if env.main:
-        choice = list(_pick(root))
+        try:
+            path, problems = checkpoint.newest_valid(root)
+            choice = [None if path is None else str(path), problems, None]
+        except checkpoint.CorruptCheckpoint as e:
+            choice = [None, [], str(e)]
     if env.world > 1:
         dist.broadcast_object_list(choice, src=0)
-    path, problems = choice
+    path, problems, error = choice
+    if error is not None:
+        raise checkpoint.CorruptCheckpoint(error)
     if path is None:
-        if problems:
-            raise checkpoint.CorruptCheckpoint("; ".join(problems))
         return None, problems
     model_sd, optim_sd = get_state_dict(trainable, opt)
     state = {"trainable": model_sd, "optimizer": optim_sd}
