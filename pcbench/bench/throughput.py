@@ -24,8 +24,8 @@ from pcbench.train import Stepper, amp_ctx, lr_factor
 from pcbench.trainable import Direct
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s; first matching substring of the device name.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
-             ("A100", 312e12)]
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200 NVL", 835e12),
+             ("H200", 989.4e12), ("A100", 312e12), ("B200", 2250e12), ("L40S", 362e12)]
 
 
 def peak_bf16(device_name: Optional[str]) -> Optional[float]:
