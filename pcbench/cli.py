@@ -213,12 +213,13 @@ def cmd_compress(args) -> int:
     work = outputs.claim(out.with_name(out.name + ".pcbench"), "compress-work", "--out (its state dir)")
     if args.base in models.PRESETS and models.PRESETS[args.base].weights not in (None, "path"):
         model = ModelSpec(name=args.base)
-    elif Path(args.base).exists() or "/" in args.base or args.base.startswith("."):
+    elif Path(args.base).exists():
         preflight.check_model_dir(args.base, "--base", hub_ok=False, tokenizer=args.tokenizer == "model")
         model = ModelSpec(name="hf", path=str(Path(args.base).resolve()))
     else:
         raise SpecError("--base", f"{args.base!r} is neither a checkpoint directory nor a preset "
-                        f"({', '.join(n for n, p in models.PRESETS.items() if p.weights and p.weights != 'path')})")
+                        f"({', '.join(n for n, p in models.PRESETS.items() if p.weights and p.weights != 'path')})"
+                        + ("" if args.base in models.PRESETS else ": no such path, it does not exist"))
     if not 0 < args.compression < 1:
         raise SpecError("--compression", f"must be a share of parameters in (0, 1), got {args.compression:g}")
     spec = RunSpec(
