@@ -7,8 +7,10 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -352,3 +354,208 @@ def test_cli_report_takes_a_grid_name_or_yaml(tmp_path: Path, capsys):
     assert (tmp_path / "a" / GRID / "REPORT.md").read_bytes() == (tmp_path / "b" / GRID / "REPORT.md").read_bytes()
     assert main(["report", "nosuch", "--results", str(tmp_path / "results")]) == 2
     assert "no results for grid 'nosuch'" in capsys.readouterr().err
+
+
+# -- what a person reads: chance levels, the bold rule, figure text, CLI tables ----------------------
+BUDGETS = (400_000, 800_000, 1_600_000, 3_200_000, 6_400_000)   # the mini study's budgets
+# tokens -> (HPR seeds, PC seeds): at 400k the means differ by 0.01 < their combined s.e. 0.0141; elsewhere by 0.1
+SEEDED = {t: ((3.00, 3.02), (2.99, 3.01)) if t == 400_000 else ((2.90 - i / 10, 2.92 - i / 10), (2.80 - i / 10,
+                                                                                                 2.82 - i / 10))
+          for i, t in enumerate(BUDGETS)}
+# tokens -> {method: pcb_continuation acc} (stderr 0.015 each: combined 0.0212) and pcb_cloze (0 vs 2 of 1000)
+CONT = {400_000: {"hpr": 0.40, "pc": 0.41}, 6_400_000: {"hpr": 0.40, "pc": 0.50}}
+CLOZE = {"hpr": 0.0, "pc": 0.002}
+
+
+def make_sig_store(results: Path, grid: str = "sig") -> Path:
+    """Two seeds per cell at the mini budgets, evals with lm-eval stderr (continuation) or sample counts only."""
+    root = results / grid
+    _run(root, "base-0", "base", {"ratio": 80}, {"compress": None, "model": {"name": "tiny"},
+                                                "train": {"tokens": 8000, "seed": 0}}, "completed",
+         _final("pretrain", 3.5, 8000, 100))
+    for tokens, pair in SEEDED.items():
+        for method, losses in zip(("hpr", "pc"), pair):
+            for seed, loss in enumerate(losses):
+                rid = f"compress-{method}-{tokens}-s{seed}"
+                _run(root, rid, "compress", {"ratio": 80, "method": method, "compression": 0.5, "tokens": tokens,
+                                             "seed": seed},
+                     {"compress": {"method": method, "compression": 0.5, "importance": "random"},
+                      "model": {"name": "hf", "path": "run:base-0"}, "train": {"tokens": tokens, "seed": seed}},
+                     "completed", _final(method, loss, 1000, 50), deps=["base-0"])
+                _wl(root / "runs" / rid / "metrics.jsonl", [{"step": s, "loss": loss + 1 / s, "loss_avg": loss + 1 / s,
+                                                            "tokens": s * tokens / 10} for s in range(1, 11)])
+    for tokens, cont in CONT.items():
+        for method in ("hpr", "pc"):
+            parent, rid = f"compress-{method}-{tokens}-s0", f"eval-{method}-{tokens}"
+            _run(root, rid, "eval", {"ratio": 80, "method": method, "compression": 0.5, "tokens": tokens, "seed": 0},
+                 {"model": f"run:{parent}", "tasks": ["pcb_cloze", "pcb_continuation"]}, "completed", kind="eval",
+                 deps=[parent])
+            tasks = {"pcb_cloze": {"acc": CLOZE[method]},
+                     "pcb_continuation": {"acc": cont[method], "acc_stderr": 0.015}}
+            _w(root / "runs" / rid / "eval.json", {
+                "parent": parent, "average": (CLOZE[method] + cont[method]) / 2, "tasks": tasks,
+                "primary": {"pcb_cloze": "acc", "pcb_continuation": "acc"},
+                "samples": {"pcb_cloze": 1000, "pcb_continuation": 1000}})
+    return root
+
+
+def _overlaps(fig) -> list[tuple[str, str]]:
+    """Pairs of drawn tick labels (per axis, major and minor) whose bounding boxes overlap."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    out = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            shown = [t for minor in (False, True) for loc, t in zip(axis.get_ticklocs(minor=minor),
+                                                                    axis.get_ticklabels(minor=minor))
+                     if t.get_visible() and t.get_text() and lo <= loc <= hi]
+            boxes = [(t.get_text(), t.get_window_extent(r)) for t in shown]
+            out += [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
+    return out
+
+
+def _inside(fig) -> list[str]:
+    """Titles, axis labels and legend texts that stick out of the figure's width."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    texts = [fig._suptitle] if fig._suptitle is not None else []
+    texts += [t for ax in fig.axes if ax.axison for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    texts += [t for lg in fig.legends for t in lg.get_texts()]
+    return [t.get_text() for t in texts if t.get_visible() and t.get_text() and not
+            (fig.bbox.x0 - 1 <= t.get_window_extent(r).x0 and t.get_window_extent(r).x1 <= fig.bbox.x1 + 1)]
+
+
+@pytest.fixture()
+def drawn(monkeypatch) -> dict:
+    """Every figure a report draws, inspected just before it is saved: name -> {texts, overlaps, outside, hlines}."""
+    import matplotlib.text
+
+    from pcbench.report import figures
+
+    seen: dict = {}
+    real = figures.save
+
+    def spy(fig, path):
+        seen[Path(path).name] = {
+            "texts": [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()],
+            "overlaps": _overlaps(fig), "outside": _inside(fig),
+            "hlines": sorted({round(float(ln.get_ydata()[0]), 6) for ax in fig.axes for ln in ax.get_lines()
+                              if list(np.asarray(ln.get_xdata(), float)) == [0.0, 1.0]}),  # axhline()s
+            "xticks": [[t.get_text() for t in ax.get_xticklabels() if t.get_text()] for ax in fig.axes]}
+        return real(fig, path)
+
+    monkeypatch.setattr(figures, "save", spy)
+    return seen
+
+
+def test_chance_levels_in_one_table():
+    from pcbench.report.chance import average_chance, chance
+
+    assert chance("pcb_cloze") == 0.0 and chance("pcb_continuation") == 0.25
+    assert chance("piqa") == chance("winogrande") == 0.5 and chance("social_iqa") == pytest.approx(1 / 3)
+    assert chance("hellaswag") == chance("arc_easy") == chance("sciq") == 0.25 and chance("lambada_openai") == 0
+    assert math.isnan(chance("a_task_we_do_not_know"))
+    assert average_chance(["pcb_cloze", "pcb_continuation"]) == 0.125
+    assert math.isnan(average_chance(["pcb_cloze", "unknown"])) and math.isnan(average_chance([]))
+
+
+def test_bold_only_beyond_the_combined_standard_error(tmp_path: Path):
+    make_sig_store(tmp_path / "results")
+    out = build_report(tmp_path / "results", "sig", tmp_path / "out")
+    md = (out / "tables" / "table_compress.md").read_text()
+    hpr, pc = _row(md, "50%", "80:1", "HPR"), _row(md, "50%", "80:1", "PC")
+    # 400k: 3.01 vs 3.00, s.e. 0.01 each -> 0.01 < 0.0141: no mark; 800k: 2.81 vs 2.71 -> PC bold
+    assert "**" not in hpr[3] and "**" not in pc[3] and pc[3].startswith("3.0000 ±")
+    assert pc[4].startswith("**2.7100**") and "**" not in hpr[4]
+    assert "only where the difference exceeds the pair's combined standard error" in md
+    csv = pd.read_csv(out / "tables" / "table_compress.csv")
+    c = csv[csv.tokens == 400_000].set_index("method")
+    assert c.loc["pc", "se"] == pytest.approx(0.01) and not c.better.any()
+
+    down = (out / "tables" / "downstream_tasks_compress.md").read_text()
+    cont_h, cont_p = (_row(down, "50%", "80:1", "pcb_continuation", "0.25", m) for m in ("HPR", "PC"))
+    # 400k: 0.40 vs 0.41 (combined s.e. 0.0212): no winner; 6.4M: 0.40 vs 0.50: PC; both far above chance
+    assert cont_h[5] == "0.4000 ± 0.0150" and cont_p[5] == "0.4100 ± 0.0150"
+    assert cont_p[6] == "**0.5000** ± 0.0150" and cont_h[6] == "0.4000 ± 0.0150"
+    # cloze: 0 vs 2 of 1000 (binomial s.e. 0.0014 from the sample count): both at chance, so no winner
+    cl_h, cl_p = (_row(down, "50%", "80:1", "pcb_cloze", "0", m) for m in ("HPR", "PC"))
+    assert cl_h[5] == "0.0000 ± 0.0000 †" and cl_p[5] == f"0.0020 ± {math.sqrt(0.002 * 0.998 / 1000):.4f} †"
+    assert "Chance level: pcb_cloze 0, pcb_continuation 0.25; of the average 0.1250" in down
+    avg = (out / "tables" / "downstream_compress.md").read_text()
+    a_h, a_p = _row(avg, "50%", "80:1", "HPR"), _row(avg, "50%", "80:1", "PC")
+    se_p = math.sqrt(0.015 ** 2 + 0.002 * 0.998 / 1000) / 2
+    assert a_p[4] == f"**0.2510** ± {se_p:.4f}" and a_h[4].startswith("0.2000 ±")   # average well above 0.125
+    assert "†" not in a_p[4] and "†:" in avg
+
+
+def test_figures_ticks_titles_and_words(tmp_path: Path, drawn: dict):
+    make_store(tmp_path / "results")
+    build_report(tmp_path / "results", GRID, tmp_path / "out")
+    assert {"loss_vs_tokens_compress.png", "gap_vs_tokens.png", "gap_vs_ratio.png", "downstream.png",
+            "recovery.png", "curves.png"} <= set(drawn)
+    for name, fig in drawn.items():
+        assert not fig["overlaps"], (name, fig["overlaps"])
+        assert not fig["outside"], (name, fig["outside"])
+        text = " ".join(fig["texts"])
+        assert "parent_stage" not in text and "importance importance" not in text and "base_ratio" not in text
+        assert "x: " not in text, name                    # no paper markers in these grids, so none promised
+    loss = drawn["loss_vs_tokens_compress.png"]
+    assert loss["xticks"][0] == ["1k", "2k", "4k", "8k"]   # a tick per budget, as the tables name them
+    assert "20:1 base" in loss["texts"] and "80:1 base" in loss["texts"]
+    assert drawn["downstream.png"]["hlines"] == []          # tasks "a", "b": no known chance level, none drawn
+
+
+def test_token_ticks_at_the_budgets_thinned_when_close():
+    from pcbench.report import fmt
+    from pcbench.report.figures import token_ticks
+
+    ticks, (lo, hi) = token_ticks(BUDGETS)
+    assert ticks == list(map(float, BUDGETS)) and lo < 400_000 and hi > 6_400_000
+    assert [fmt.tokens(t) for t in ticks] == ["400k", "800k", "1.6M", "3.2M", "6.4M"]
+    ticks, _ = token_ticks([1e6, 1.1e6, 1.2e6, 1e9])
+    assert ticks[-1] == 1e9 and len(ticks) < 4
+    assert token_ticks([40960])[0] == [40960.0]
+
+
+def test_figure_tick_labels_never_overlap_on_the_mini_budgets(tmp_path: Path, drawn: dict):
+    make_sig_store(tmp_path / "results")
+    build_report(tmp_path / "results", "sig", tmp_path / "out")
+    for name in ("loss_vs_tokens_compress.png", "gap_vs_tokens.png"):
+        assert drawn[name]["xticks"][0] == ["400k", "800k", "1.6M", "3.2M", "6.4M"], name
+        assert not drawn[name]["overlaps"]
+    assert 0.125 in drawn["downstream.png"]["hlines"]         # the average's chance level, drawn
+
+
+def test_status_values_are_formatted_for_people():
+    from pcbench.report import fmt
+
+    rows = [{"run": "base-1", "ratio": 20, "state": "completed", "loss": 3.5, "heldout": 3.71234},
+            {"run": "compress-2", "ratio": 80, "state": "running", "method": "pc", "compression": 0.35,
+             "tokens": 1.25e9, "seed": 0.0, "loss": math.nan},
+            {"run": "eval-3", "state": "completed", "tokens": 400_000.0, "seed": 1.0, "score": 0.11}]
+    text = fmt.text_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split() == ["run", "ratio", "state", "loss", "heldout", "method", "compression", "tokens", "seed",
+                                "score"]
+    assert lines[1].split() == ["base-1", "20:1", "completed", "3.5000", "3.7123", "-", "-", "-", "-", "-"]
+    assert lines[2].split() == ["compress-2", "80:1", "running", "-", "-", "PC", "35%", "1.25B", "0", "-"]
+    assert lines[3].split() == ["eval-3", "-", "completed", "-", "-", "-", "-", "400k", "1", "0.1100"]
+    assert "NaN" not in text and "nan" not in text and "e+" not in text and "0.0 " not in text
+
+
+def test_cli_status_and_dry_run_tables(capsys):
+    from pcbench.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["status", str(root / "experiments" / "default.yaml"), "--results", str(root / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "e+0" not in out and "completed" in out
+    first = next(line for line in out.splitlines() if line.strip().startswith("compress-"))
+    assert "HPR" in first and "%" in first and re.search(r" \d\.\d{4} ", first)
+    assert main(["run", str(root / "experiments" / "default.yaml"), "--results", str(root / "results"),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if " action " in line)
+    assert header.split()[0] == "run" and re.search(r"^\s*compress-[0-9a-f]{10} ", out, re.M)
+    assert "NaN" not in out and "e+0" not in out

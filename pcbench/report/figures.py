@@ -1,9 +1,14 @@
-"""Figures (PNG, Agg, fixed size and dpi, no software/date metadata: same data, same bytes)."""
+"""Figures (PNG, Agg, fixed size and dpi, no software/date metadata: same data, same bytes).
+
+Token axes are log-scaled with one tick per budget run, labelled like the tables (400k, 1.6M);
+titles and legends name labels in words (`fmt.phrase`); a suptitle names only what is drawn.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
+import math
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -13,38 +18,70 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
+from pcbench.atomic import write_bytes  # noqa: E402
 from pcbench.report import fmt  # noqa: E402
 from pcbench.report.load import Study  # noqa: E402
-from pcbench.report.tables import aggregate, attach_paper, pair_stages, stage_runs  # noqa: E402
+from pcbench.report.tables import (aggregate, attach_paper, eval_frame, pair_stages,  # noqa: E402
+                                   stage_runs)
 
 DPI = 100
 STYLE = {"hpr": dict(linestyle="--", marker="s"), "pc": dict(linestyle="-", marker="o")}
+METHOD_COLOR = {"hpr": "tab:blue", "pc": "tab:orange"}
+
+
+MIN_TICK_GAP = 0.11  # token ticks closer than this share of the axis width are thinned out
+DODGE = 0.012        # decades between neighbouring series at one budget (downstream: bars overlap)
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
-    """Write `fig` atomically (temp file, then rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Write `fig` atomically (rendered in memory, then `atomic.write_bytes`) and close it."""
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(path, buf.getvalue())
     return path
 
 
-def _panels(n: int, width: float = 4.2, height: float = 3.4) -> tuple[plt.Figure, list]:
+def _wrap(text: str, inches: float, fontsize: float) -> str:
+    """`text` wrapped to fit `inches` at `fontsize` (DejaVu Sans: ~0.55 em per character)."""
+    return textwrap.fill(text, max(int(inches * 72 / (0.55 * fontsize)), 20))
+
+
+def _suptitle(fig: plt.Figure, text: str) -> None:
+    """A suptitle wrapped to the figure's width (never cut off at the edges)."""
+    fig.suptitle(_wrap(text, fig.get_figwidth() * 0.95, 10), fontsize=10)
+
+
+def _ax_title(ax, text: str, fontsize: float = 9) -> None:
+    """A panel title wrapped to the panel's width."""
+    ax.set_title(_wrap(text, ax.get_figure().get_figwidth() * ax.get_position().width, fontsize), fontsize=fontsize)
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.2) -> tuple[plt.Figure, list]:
+    """A grid of n panels (3 a row), laid out by constrained layout (room for titles and a figure legend)."""
     cols = min(max(n, 1), 3)
     rows = (max(n, 1) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, 6.0), height * rows), squeeze=False,
+                             layout="constrained")
     axes = list(axes.ravel())
     for ax in axes[n:]:
         ax.axis("off")
     return fig, axes[:max(n, 1)]
+
+
+def _legend(fig: plt.Figure, axes: list, title: Optional[str] = None, ncol: int = 4) -> None:
+    """One legend for the whole figure, below the panels (never over the data): each label once."""
+    handles: dict = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=7,
+                   ncol=min(len(handles), ncol), title=title, title_fontsize=7)
 
 
 def _colors(values: list) -> dict:
@@ -52,8 +89,12 @@ def _colors(values: list) -> dict:
     return {v: cmap(i / max(len(values) - 1, 1) * 0.85) for i, v in enumerate(values)}
 
 
-def _title(keys: list[str], combo: tuple) -> str:
-    return ", ".join(f"{k} {fmt.value(k, v)}" for k, v in zip(keys, combo)) or "all runs"
+def _title(keys: list[str], combo: tuple, stage: Optional[str] = None) -> str:
+    """A panel title in words: "stage importance: activation importance, 80:1 base"."""
+    words = fmt.phrases(keys, combo)
+    if stage is not None:
+        return f"{fmt.phrase('stage', stage)}: {words}" if words else fmt.phrase("stage", stage)
+    return words  # no keys: a single panel, which the suptitle describes
 
 
 def _groups(df: pd.DataFrame, keys: list[str]):
@@ -64,8 +105,30 @@ def _groups(df: pd.DataFrame, keys: list[str]):
         yield (combo if isinstance(combo, tuple) else (combo,)), sub
 
 
-def _tokens_axis(ax, xlabel: str = "retraining tokens") -> None:
+def token_ticks(budgets, min_gap: float = MIN_TICK_GAP) -> tuple[list[float], tuple[float, float]]:
+    """Ticks for a log token axis showing `budgets`: every budget, thinned so neighbours are at least
+    `min_gap` of the axis apart (the largest always kept), and x-limits with a margin on each side."""
+    b = sorted({float(x) for x in budgets if not fmt.is_nan(x) and float(x) > 0})
+    if not b:
+        return [], (1.0, 10.0)
+    lo, hi = math.log10(b[0]), math.log10(b[-1])
+    pad = max((hi - lo) * 0.08, 0.15)
+    lo, hi = lo - pad, hi + pad
+    ticks: list[float] = []
+    for x in reversed(b):
+        if not ticks or (math.log10(ticks[-1]) - math.log10(x)) / (hi - lo) >= min_gap:
+            ticks.append(x)
+    return sorted(ticks), (10 ** lo, 10 ** hi)
+
+
+def _tokens_axis(ax, budgets, xlabel: str = "retraining tokens") -> None:
+    """Log x-axis with a tick at each budget, labelled as in the tables (no minor-tick labels)."""
+    ticks, lim = token_ticks(budgets)
     ax.set_xscale("log")
+    ax.set_xlim(*lim)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt.tokens(x)))
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(xlabel)
     ax.grid(True, alpha=0.3)
 
@@ -82,6 +145,7 @@ def loss_vs_tokens(study: Study, stage: str, path: Path) -> Optional[Path]:
     levels = sorted(long.compression.dropna().unique())
     colors = _colors(levels)
     fig, axes = _panels(len(groups))
+    paper = False
     for ax, (combo, sub) in zip(axes, groups):
         for (c, m), s in sub.groupby(["compression", "method"], sort=True):
             s = s.sort_values("tokens")
@@ -89,12 +153,14 @@ def loss_vs_tokens(study: Study, stage: str, path: Path) -> Optional[Path]:
                         label=f"{fmt.value('method', m)} {fmt.value('compression', c)}", **STYLE.get(m, {}))
             if "paper_loss" in s and s.paper_loss.notna().any():
                 ax.plot(s.tokens, s.paper_loss, linestyle="none", marker="x", color=colors[c], alpha=0.6)
-        ax.set_title(_title(base, combo), fontsize=9)
-        _tokens_axis(ax)
+                paper = True
+        _ax_title(ax, _title(base, combo))
+        _tokens_axis(ax, long.tokens)
         ax.set_ylabel("train loss (last 100 steps)")
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Loss vs retraining tokens (stage {stage}; dashed HPR, solid PC; x: paper)", fontsize=10)
-    fig.tight_layout()
+    _legend(fig, axes, ncol=6)
+    bars = "; bars: ±\u00a0s.d. over seeds" if (long.n > 1).any() else ""
+    _suptitle(fig, f"Loss vs retraining tokens ({fmt.phrase('stage', stage)}; dashed HPR, solid PC"
+                   f"{'; x: the paper' if paper else ''}{bars})")
     return save(fig, path)
 
 
@@ -110,20 +176,19 @@ def gap_vs_tokens(cells: pd.DataFrame, keys_by: dict[str, list[str]], path: Path
     if not panels:
         return None
     fig, axes = _panels(len(panels))
+    colors = _colors(sorted(cells.compression.dropna().unique()))
     for ax, (stage, base, combo, sub) in zip(axes, panels):
-        levels = sorted(sub.compression.dropna().unique())
-        colors = _colors(levels)
         for c, s in sub.groupby("compression", sort=True):
             s = s.sort_values("tokens")
             ax.errorbar(s.tokens, s.gap, yerr=s.gap_sd.fillna(0), color=colors[c], marker="o", capsize=2,
-                        markersize=4, label=fmt.value("compression", c))
+                        markersize=4, label=fmt.phrase("compression", c))
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(f"{stage}: {_title(base, combo)}", fontsize=9)
-        _tokens_axis(ax)
+        _ax_title(ax, _title(base, combo, stage))
+        _tokens_axis(ax, sub.tokens)
         ax.set_ylabel("loss(PC) - loss(HPR)")
-        ax.legend(fontsize=7)
-    fig.suptitle("PC - HPR gap vs retraining tokens (below 0: PC better; bars: ± s.d. over seeds)", fontsize=10)
-    fig.tight_layout()
+    _legend(fig, axes)
+    bars = "; bars: ±\u00a0s.d. of the per-seed gaps" if cells.gap_sd.notna().any() else ""
+    _suptitle(fig, f"PC - HPR gap vs retraining tokens (below 0: PC better{bars})")
     return save(fig, path)
 
 
@@ -133,53 +198,61 @@ def gap_vs_ratio(cells: pd.DataFrame, path: Path) -> Optional[Path]:
         return None
     levels = sorted(cells.compression.dropna().unique())
     fig, axes = _panels(len(levels))
+    colors = _colors(sorted(cells.tokens.unique()))
     for ax, c in zip(axes, levels):
         sub = cells[cells.compression == c]
-        toks = sorted(sub.tokens.unique())
-        colors = _colors(toks)
         rest = [k for k in sub.columns if k in ("model",)]
-        for combo, s in sub.groupby(["stage", "tokens", *rest], sort=True):
-            if s.base_ratio.nunique() < 2:
-                continue
+        lines = [(combo, s) for combo, s in sub.groupby(["stage", "tokens", *rest], sort=True)
+                 if s.base_ratio.nunique() >= 2]
+        multi = len({combo[0] for combo, _ in lines}) > 1
+        for combo, s in lines:
             s = s.groupby("base_ratio", sort=True).agg(gap=("gap", "mean"), sd=("gap_sd", "mean")).reset_index()
             ax.errorbar(s.base_ratio, s.gap, yerr=s.sd.fillna(0), color=colors[combo[1]], marker="o", capsize=2,
-                        markersize=4, label=" ".join([fmt.tokens(combo[1]), *[str(x) for x in combo[2:]]]))
+                        markersize=4, label=", ".join([fmt.tokens(combo[1]), *[str(x) for x in combo[2:]]] +
+                                                      ([fmt.phrase("stage", combo[0])] if multi else [])))
         ax.axhline(0, color="black", linewidth=0.8)
         ratios = sorted(cells.base_ratio.dropna().unique())
         ax.set_xticks(ratios, [fmt.value("ratio", r) for r in ratios])
         ax.set_xlabel("base tokens per parameter")
         ax.set_ylabel("loss(PC) - loss(HPR)")
-        ax.set_title(fmt.value("compression", c), fontsize=9)
+        _ax_title(ax, fmt.phrase("compression", c))
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, title="tokens", title_fontsize=7)
-    fig.suptitle("PC - HPR gap vs base tokens-per-parameter ratio (bars: ± s.d. over seeds)", fontsize=10)
-    fig.tight_layout()
+    _legend(fig, axes, title="retraining tokens", ncol=6)
+    bars = " (bars: ±\u00a0s.d. of the per-seed gaps)" if cells.gap_sd.notna().any() else ""
+    _suptitle(fig, f"PC - HPR gap vs the base's tokens-per-parameter ratio{bars}")
     return save(fig, path)
 
 
 def downstream(study: Study, path: Path) -> Optional[Path]:
-    """The poster's Figure 2: eval average vs tokens, PC vs HPR."""
-    ev = study.evals
+    """The poster's Figure 2: eval average vs tokens, PC vs HPR (± s.e.), the tasks' chance level dotted."""
+    ev = eval_frame(study)
     if ev.empty:
         return None
-    ev = ev[ev.method.isin(["hpr", "pc"])]
     keys = [k for k in ["parent_stage", *study.labels] if k in ev.columns and k not in
             ("method", "seed", "tokens", "compression") and ev[k].notna().any()]
+    fixed = [k for k in keys if ev[k].nunique(dropna=False) == 1]  # the same in every panel: said once
+    keys = [k for k in keys if k not in fixed]
     groups = list(_groups(ev, keys))
     fig, axes = _panels(len(groups))
+    colors = _colors(sorted(ev.compression.dropna().unique()))
     for ax, (combo, sub) in zip(axes, groups):
-        levels = sorted(sub.compression.dropna().unique())
-        colors = _colors(levels)
-        agg = sub.groupby(["compression", "method", "tokens"], sort=True).average.agg(["mean", "std"]).reset_index()
-        for (c, m), s in agg.groupby(["compression", "method"], sort=True):
-            ax.errorbar(s.tokens, s["mean"], yerr=s["std"].fillna(0), color=colors[c], capsize=2, markersize=4,
-                        label=f"{fmt.value('method', m)} {fmt.value('compression', c)}", **STYLE.get(m, {}))
-        ax.set_title(_title(keys, combo), fontsize=9)
-        _tokens_axis(ax)
-        ax.set_ylabel("downstream average (higher is better)")
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("Downstream average vs retraining tokens (dashed HPR, solid PC)", fontsize=10)
-    fig.tight_layout()
+        agg = aggregate(sub, ["compression"], value="average", lower_is_better=False, se="average_se")
+        series = list(agg.groupby(["compression", "method"], sort=True))
+        for i, ((c, m), s) in enumerate(series):
+            s = s.sort_values("tokens")
+            dodge = 10 ** ((i - (len(series) - 1) / 2) * DODGE)  # overlapping error bars drawn side by side
+            ax.errorbar(s.tokens * dodge, s["mean"], yerr=s["se"].fillna(0), color=colors[c], capsize=2,
+                        markersize=4, label=f"{fmt.value('method', m)} {fmt.value('compression', c)}",
+                        **STYLE.get(m, {}))
+        for level in sorted(sub.chance.dropna().unique()):
+            ax.axhline(level, color="gray", linestyle=":", linewidth=1.2, label=f"chance ({fmt.num(level, 3)})")
+        _ax_title(ax, _title(keys, combo))
+        _tokens_axis(ax, ev.tokens)
+        ax.set_ylabel("average score (higher is better)")
+    _legend(fig, axes, ncol=7)
+    where = fmt.phrases(fixed, [ev[k].iloc[0] for k in fixed])
+    _suptitle(fig, f"Downstream average vs retraining tokens ({where + '; ' if where else ''}dashed HPR, solid PC; "
+                   "bars: ±\u00a0s.e.; dotted: chance)")
     return save(fig, path)
 
 
@@ -204,6 +277,7 @@ def recovery(study: Study, path: Path) -> Optional[Path]:
     colors = _colors(levels)
     ratios = sorted(pick.base_ratio.dropna().unique())
     dashes = {r: ["-", "--", ":", "-."][i % 4] for i, r in enumerate(ratios)}
+    multi = pick.stage.nunique() > 1
     for ax, kind in zip(axes, axes_kinds):
         for r in pick.sort_values(["stage", "base_ratio", "compression"]).itertuples():
             s = rec[rec.run == r.id].sort_values("step")
@@ -211,15 +285,15 @@ def recovery(study: Study, path: Path) -> Optional[Path]:
                 continue
             ax.plot(s.step, s[f"recovery/{kind}/mean"] * 100, color=colors.get(r.compression, "gray"),
                     linestyle=dashes.get(r.base_ratio, "-"),
-                    label=f"{r.stage} {fmt.value('ratio', r.base_ratio)} {fmt.value('compression', r.compression)} "
-                          f"{fmt.tokens(r.tokens)}")
-        ax.set_title(f"{kind}", fontsize=9)
+                    label=", ".join(([fmt.phrase("stage", r.stage)] if multi else []) +
+                                    [fmt.phrases(["ratio", "compression", "tokens"],
+                                                 [r.base_ratio, r.compression, r.tokens])]))
+        _ax_title(ax, f"{kind} projections")
         ax.set_xlabel("optimiser step")
         ax.set_ylabel("% of P mass on pruned dimensions")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle("PC recovery: projection mass moved onto dimensions hard pruning dropped", fontsize=10)
-    fig.tight_layout()
+    _legend(fig, axes, ncol=3)
+    _suptitle(fig, "PC recovery: projection mass moved onto dimensions hard pruning dropped (largest budget)")
     return save(fig, path)
 
 
@@ -236,7 +310,7 @@ def curves(study: Study, path: Path) -> Optional[Path]:
         base = [k for k in keys if k != "compression"]
         for combo, sub in _groups(df, base):
             sub = sub.sort_values(["seed", "id"]).groupby("method", sort=True).head(1)
-            panels.append((f"{stage}: {_title(base, combo)}, {fmt.value('compression', mid)}", sub))
+            panels.append((_title(base + ["compression"], (*combo, mid), stage), sub))
     panels = panels[:6]
     if not panels:
         return None
@@ -248,16 +322,16 @@ def curves(study: Study, path: Path) -> Optional[Path]:
         for r in sub.sort_values("method").itertuples():
             s = m[m.run == r.id].sort_values("step")
             y = s.loss_avg if "loss_avg" in s else s.loss
-            ax.plot(s.tokens, y, label=f"{fmt.value('method', r.method)} (seed {r.seed})",
-                    linestyle=STYLE.get(r.method, {}).get("linestyle", "-"))
-        ax.set_title(title, fontsize=8)
-        ax.set_xlabel("tokens")
+            ax.plot(s.tokens, y, label=f"{fmt.value('method', r.method)} ({fmt.phrase('seed', r.seed)})",
+                    linestyle=STYLE.get(r.method, {}).get("linestyle", "-"), color=METHOD_COLOR.get(r.method))
+        _ax_title(ax, title, fontsize=8)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt.tokens(x)))
+        ax.set_xlabel("retraining tokens")
         ax.set_ylabel("train loss (running mean)")
         ax.grid(True, alpha=0.3)
         lo = np.nanpercentile(m.loss_avg if "loss_avg" in m else m.loss, 1)
         hi = np.nanpercentile(m.loss_avg if "loss_avg" in m else m.loss, 85)
         ax.set_ylim(lo - 0.05 * (hi - lo), hi)
-        ax.legend(fontsize=7)
-    fig.suptitle("Training curves (largest budget, middle compression level)", fontsize=10)
-    fig.tight_layout()
+    _legend(fig, axes)
+    _suptitle(fig, "Training curves (largest budget, middle compression level; dashed HPR, solid PC)")
     return save(fig, path)

@@ -1,4 +1,5 @@
-"""Formatting shared by tables and REPORT.md: numbers, token counts, markdown tables."""
+"""Formatting shared by tables, figures, REPORT.md and the CLI's tables: numbers, token counts, the
+human words for label keys (one place: LABELS), markdown tables, plain-text tables."""
 
 from __future__ import annotations
 
@@ -38,6 +39,42 @@ def value(col: str, v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
+
+
+
+# label key -> how a reader sees "key value" (titles, legends, cell names); {} is fmt.value(key, value)
+LABELS = {
+    "stage": "stage {}", "parent_stage": "stage {}", "ratio": "{} base", "base_ratio": "{} base",
+    "importance": "{} importance", "compression": "{} compression", "tokens": "{} tokens",
+    "seed": "seed {}", "lr": "lr {}", "method": "{}", "model": "{}", "task": "{}",
+}
+METRICS = {"loss", "heldout", "score", "average"}   # CLI/table columns shown with fixed decimals
+
+
+def phrase(key: str, v: Any) -> str:
+    """A label as words: ("ratio", 80) -> "80:1 base", ("importance", "activation") -> "activation importance"."""
+    return LABELS.get(key, key.replace("_", " ") + " {}").format(value(key, v))
+
+
+def phrases(keys: list[str], values) -> str:
+    """Several labels as one phrase ("50% compression, 80:1 base"); missing values left out."""
+    return ", ".join(phrase(k, v) for k, v in zip(keys, values) if not is_nan(v))
+
+
+def cell(col: str, v: Any, digits: int = 4) -> str:
+    """A value as a table cell: metrics with fixed decimals, labels as in `value` ("-" when missing)."""
+    return num(v, digits) if col in METRICS else value(col, v)
+
+
+def text_table(rows: list[dict]) -> str:
+    """A plain-text table of `rows` (every cell through `cell`; missing cells "-"), columns in first-seen order."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    if not cols:
+        return "(no rows)"
+    body = [[cell(c, r.get(c)) for c in cols] for r in rows]
+    width = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(s.rjust(w) for s, w in zip(cells, width)).rstrip()  # noqa: E731
+    return "\n".join([line(cols)] + [line(b) for b in body])
 
 
 def num(v: Any, digits: int = 4) -> str:

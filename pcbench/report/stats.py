@@ -61,3 +61,22 @@ def verdict(lo: float, hi: float, claim_negative: bool = True) -> str:
     if (lo > 0) if claim_negative else (hi < 0):
         return "not supported"
     return "inconclusive"
+
+
+def binomial_se(p: float, n: float) -> float:
+    """Standard error of an accuracy `p` measured on `n` items: sqrt(p (1 - p) / n) (NaN without n)."""
+    if math.isnan(p) or math.isnan(n) or n <= 0:
+        return math.nan
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def combined_se(*ses: float) -> float:
+    """s.e. of a difference of independent estimates: sqrt(sum se^2) over the known ones (NaN if none is)."""
+    known = [s for s in ses if not math.isnan(s)]
+    return math.sqrt(sum(s * s for s in known)) if known else math.nan
+
+
+def clearly_apart(a: float, b: float, se_a: float, se_b: float) -> bool:
+    """|a - b| exceeds their combined standard error; with no s.e. known, any nonzero difference counts."""
+    se = combined_se(se_a, se_b)
+    return abs(a - b) > (0.0 if math.isnan(se) else se)

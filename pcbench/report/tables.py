@@ -2,7 +2,10 @@
 
 Pair tables follow the paper's Table 1 / Table A.2: rows are compression level, then the label
 columns that define the base (model, ratio, ...), then the method; columns are retraining
-tokens; the better of each HPR/PC pair is bold. Several seeds: mean ± s.d. (n).
+tokens. Several seeds: mean ± s.d. (n). The better of an HPR/PC pair is bold only where the
+difference exceeds the pair's combined standard error (the s.e. of each mean: s.d./sqrt(n) over
+seeds; for downstream scores also lm-eval's sampling s.e.); with no s.e. known (one seed of a loss)
+the lower loss is bold. Downstream scores carry their tasks' chance level (`chance.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pcbench.report import fmt, reference
+from pcbench.report import fmt, reference, stats
+from pcbench.report.chance import average_chance, chance
 from pcbench.report.load import Study
 
 METHODS = ("hpr", "pc")
@@ -110,29 +114,53 @@ def attach_paper(df: pd.DataFrame, grid: str) -> pd.DataFrame:
 
 
 # -- aggregation ---------------------------------------------------------------------------------
-def aggregate(df: pd.DataFrame, keys: list[str], value: str = "loss", lower_is_better: bool = True) -> pd.DataFrame:
-    """Mean / s.d. / n over seeds per (keys, tokens, method), with `better` marking the better of each pair."""
+BOLD_RULE = ("**bold**: the better of the HPR/PC pair, only where the difference exceeds the pair's combined "
+             "standard error")
+
+
+def mark_better(out: pd.DataFrame, pair: list[str], lower_is_better: bool = True) -> pd.Series:
+    """True for the better method of each HPR/PC pair (rows grouped by `pair`) whose means differ by more
+    than their combined s.e. (`se` column; a pair with no s.e. known is decided by the means alone)."""
+    better = pd.Series(False, index=out.index)
+    for _, g in out[out.method.isin(METHODS)].groupby(pair, dropna=False, sort=False):
+        if len(g) != 2 or set(g.method) != set(METHODS):
+            continue
+        a, b = g.iloc[0], g.iloc[1]
+        if stats.clearly_apart(a["mean"], b["mean"], a["se"], b["se"]):
+            better[g["mean"].idxmin() if lower_is_better else g["mean"].idxmax()] = True
+    return better
+
+
+def aggregate(df: pd.DataFrame, keys: list[str], value: str = "loss", lower_is_better: bool = True,
+              se: Optional[str] = None) -> pd.DataFrame:
+    """Mean / s.d. / n / s.e. over seeds per (keys, tokens, method), with `better` marking the better of each
+    pair (see `mark_better`). s.e. of a mean: s.d./sqrt(n) over seeds; with `se` (a column of each run's own
+    sampling s.e.) the larger of that and sqrt(sum se^2)/n."""
     cols = keys + ["tokens", "method"]
     df = df[df[value].notna()]
     if df.empty:
-        return pd.DataFrame(columns=cols + ["mean", "std", "n", "seeds", "runs", "better"])
+        return pd.DataFrame(columns=cols + ["mean", "std", "n", "se", "seeds", "runs", "better"])
     g = df.groupby(cols, dropna=False, sort=True)
     out = g[value].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
+    out["se"] = out["std"] / np.sqrt(out["n"])
+    if se is not None:
+        sampling = g[se].agg(lambda s: math.sqrt(float((s**2).sum())) / len(s) if s.notna().all() else math.nan)
+        out["se"] = np.fmax(out["se"], sampling)
     out["seeds"] = g["seed"].agg(lambda s: ",".join(str(x) for x in sorted(set(s))))
     out["runs"] = g["id"].agg(lambda s: ",".join(sorted(s)))
     for c in PAPER_COLS:
         if c in df.columns:
             out[c] = g[c].first()
     out = out.reset_index()
-    pair = keys + ["tokens"]
-    best = out.groupby(pair, dropna=False)["mean"].transform("min" if lower_is_better else "max")
-    both = out.groupby(pair, dropna=False)["method"].transform(lambda s: set(METHODS) <= set(s))
-    out["better"] = (out["mean"] == best) & both.astype(bool)
+    out["better"] = mark_better(out, keys + ["tokens"], lower_is_better)
     out["method"] = pd.Categorical(out.method, [m for m in METHODS if m in set(out.method)] +
                                    sorted(set(out.method) - set(METHODS)), ordered=True)
     out = out.sort_values(cols, kind="stable").reset_index(drop=True)
     out["method"] = out.method.astype(str)
     return out
+
+
+AT_CHANCE = "†"
 
 
 def _cell(mean: float, std: float, n: int, better: bool, digits: int = 4) -> str:
@@ -141,6 +169,21 @@ def _cell(mean: float, std: float, n: int, better: bool, digits: int = 4) -> str
     if n > 1:
         s += f" ± {fmt.num(std, digits)} (n={n})"
     return s
+
+
+def _row_cell(r: pd.Series, digits: int = 4) -> str:
+    """One aggregated row as a cell: loss rows mean ± s.d. (n); score rows (with `chance`) mean ± s.e.,
+    † when not clearly above chance."""
+    if "chance" not in r.index:
+        return _cell(r["mean"], r["std"], int(r["n"]), bool(r["better"]), digits)
+    s = fmt.num(r["mean"], digits)
+    s = f"**{s}**" if r["better"] else s
+    if not fmt.is_nan(r["se"]):
+        s += f" ± {fmt.num(r['se'], digits)}"
+    if int(r["n"]) > 1:
+        s += f" (n={int(r['n'])})"
+    flag = r.get("at_chance")
+    return s + (f" {AT_CHANCE}" if isinstance(flag, (bool, np.bool_)) and flag else "")
 
 
 def _paper_cell(row: Optional[pd.Series], better: bool) -> str:
@@ -169,6 +212,8 @@ def _paper_better(sub: pd.DataFrame) -> set[str]:
     return set()
 
 
+LOSS_BOLD = (f"{BOLD_RULE} (s.e. of a mean: s.d./sqrt(n) over seeds; a single seed gives none, so a pair of "
+             "single-seed cells is decided by the lower loss alone).")
 PAPER_NOTE = ("Paper rows: the paper's own numbers. (i): the cell's column is inferred (our text copy lost the "
               "row's empty cells; surviving HPR values fill the first columns, PC values the last); lost: the "
               "worse of the pair, missing from our copy (not invented); T3: the same cell as given in Table 3.")
@@ -190,8 +235,7 @@ def pair_markdown(long: pd.DataFrame, keys: list[str], digits: int = 4, paper: b
             r = {**head, "method": fmt.value("method", m)}
             for t in toks:
                 c = sub[(sub.method == m) & (sub.tokens == t)]
-                r[fmt.tokens(t)] = "" if c.empty else _cell(c["mean"].iloc[0], c["std"].iloc[0], int(c.n.iloc[0]),
-                                                            bool(c.better.iloc[0]), digits)
+                r[fmt.tokens(t)] = "" if c.empty else _row_cell(c.iloc[0], digits)
             rows.append(r)
         has_paper = paper and "paper_loss" in sub.columns and (
             sub.paper_loss.notna().any() or sub.paper_position.notna().any())
@@ -213,8 +257,8 @@ def pair_table(study: Study, stage: str) -> Table:
     long = aggregate(df, keys)
     paper = bool(study.grid in PAPER_GRIDS and len(long) and
                  (long.paper_loss.notna().any() or long.paper_position.notna().any()))
-    notes = ["Training cross-entropy, mean of the last 100 steps (lower is better); **bold**: the better of "
-             "the HPR/PC pair; several seeds: mean ± s.d. (n)."]
+    notes = [f"Training cross-entropy, mean of the last 100 steps (lower is better); several seeds: mean ± s.d. "
+             f"(n). {LOSS_BOLD}"]
     if paper:
         notes.append(PAPER_NOTE)
     title = f"Stage `{stage}`: HPR vs PC by retraining tokens" + (
@@ -234,7 +278,7 @@ def table1_view(study: Study, stage: str) -> Optional[Table]:
     long = aggregate(df, keys)
     return Table(f"table1_{stage}", f"Stage `{stage}`, 80:1 bases: the paper's Table 1 layout",
                  pair_markdown(long, keys, paper=True), long,
-                 ["As Table 1 of the paper (the 80:1 rows of Table A.2)."] + [PAPER_NOTE])
+                 ["As Table 1 of the paper (the 80:1 rows of Table A.2). " + LOSS_BOLD] + [PAPER_NOTE])
 
 
 # -- bases ----------------------------------------------------------------------------------------
@@ -277,7 +321,13 @@ def lr_sweep_table(study: Study) -> Optional[Table]:
     keys = ["stage"] + [c for c in cell_keys(t, study.labels) if c != "lr"] + ["method"]
     g = t.groupby(keys + ["lr"], dropna=False, sort=True)
     long = g["loss"].agg(["mean", "std", "count"]).rename(columns={"count": "n"}).reset_index()
-    long["best"] = long["mean"] == long.groupby(keys, dropna=False)["mean"].transform("min")
+    long["se"] = long["std"] / np.sqrt(long["n"])
+    long["best"] = False
+    for _, sub in long.groupby(keys, dropna=False, sort=False):
+        top = sub.sort_values("mean", kind="stable")
+        if len(top) == 1 or stats.clearly_apart(top["mean"].iloc[0], top["mean"].iloc[1], top.se.iloc[0],
+                                                top.se.iloc[1]):
+            long.loc[top.index[0], "best"] = True
     lrs = sorted(long.lr.unique())
     rows = []
     for combo, sub in long.groupby(keys, dropna=False, sort=True):
@@ -288,7 +338,9 @@ def lr_sweep_table(study: Study) -> Optional[Table]:
                                                        bool(c.best.iloc[0]))
         rows.append(r)
     return Table("lr_sweep", "Learning-rate sweep", fmt.md_table(pd.DataFrame(rows)), long,
-                 ["Training loss (last 100 steps) by learning rate; **bold**: the best rate of each row."])
+                 ["Training loss (last 100 steps) by learning rate; **bold**: the best rate of each row, only where "
+                  "it beats the next best by more than their combined standard error (s.d./sqrt(n) over seeds; "
+                  "single seeds give none, and the lowest loss is bold)."])
 
 
 def lr_used_table(study: Study) -> Table:
@@ -308,11 +360,11 @@ def lr_used_table(study: Study) -> Table:
 
 # -- importance (Table 3) --------------------------------------------------------------------------
 def base_names(study: Study) -> dict[str, str]:
-    """Run id of each base -> a short name from its labels ("ratio=80")."""
+    """Run id of each base -> a short name from its labels ("80:1 base", fmt.phrases of its labels)."""
     out = {}
     for r in study.runs.to_dict("records"):
         labs = [c for c in str(r.get("label_keys") or "").split(",") if c]
-        out[r["id"]] = ", ".join(f"{c}={fmt.value(c, r[c])}" for c in labs) or r["id"]
+        out[r["id"]] = fmt.phrases(labs, [r[c] for c in labs]) or r["id"]
     return out
 
 
@@ -334,7 +386,7 @@ def importance_table(study: Study) -> Optional[Table]:
     long["best_importance"] = long["mean"] == long.groupby(["base", "compression", "tokens", "method"])[
         "mean"].transform("min")
     paper = study.grid == "paper_gpt2"
-    notes = ["Same base, level and budget, different importance scores. **bold**: the better of HPR/PC."]
+    notes = [f"Same base, level and budget, different importance scores. {LOSS_BOLD}"]
     if paper:
         notes.append(PAPER_NOTE.replace("T3: the same cell as given in Table 3.", "").strip())
     return Table("importance", "Importance scores (the paper's Table 3)", pair_markdown(long, keys, paper=paper),
@@ -373,26 +425,96 @@ def cost_table(study: Study) -> Table:
 
 
 # -- downstream ------------------------------------------------------------------------------------
-def downstream_tables(study: Study) -> list[Table]:
-    """Eval averages laid out like the pair tables (higher is better), one per scored stage."""
+def eval_tasks(ev: pd.DataFrame) -> list[str]:
+    return sorted(c[5:] for c in ev.columns if c.startswith("task:"))
+
+
+def eval_frame(study: Study) -> pd.DataFrame:
+    """Eval runs of PC/HPR models, each task's score with its sampling s.e. (`se:<task>`: lm-eval's stderr
+    where recorded, else the binomial s.e. from the sample count), the average's s.e. (`average_se`,
+    tasks taken as independent) and chance level (`chance`: of the tasks the run scored)."""
     ev = study.evals
+    if ev.empty or "method" not in ev:
+        return ev
+    ev = ev[ev.method.isin(METHODS)].copy()
+    tasks = eval_tasks(ev)
+    for t in tasks:
+        score = ev[f"task:{t}"].astype(float)
+        rec = ev[f"se:{t}"].astype(float) if f"se:{t}" in ev else pd.Series(math.nan, index=ev.index)
+        n = ev[f"n:{t}"].astype(float) if f"n:{t}" in ev else pd.Series(math.nan, index=ev.index)
+        ev[f"se:{t}"] = [r if not math.isnan(r) else stats.binomial_se(p, k) for r, p, k in zip(rec, score, n)]
+    avg_se, lvl = [], []
+    for _, r in ev.iterrows():
+        scored = [t for t in tasks if not fmt.is_nan(r[f"task:{t}"])]
+        ses = [r[f"se:{t}"] for t in scored]
+        avg_se.append(math.sqrt(sum(x * x for x in ses)) / len(ses) if ses and not any(map(math.isnan, ses))
+                      else math.nan)
+        lvl.append(average_chance(scored))
+    ev["average_se"], ev["chance"] = avg_se, lvl
+    return ev
+
+
+def mark_chance(long: pd.DataFrame, pair: list[str]) -> pd.DataFrame:
+    """`at_chance`: the score is not above its chance level by more than 2 s.e. (None: chance or s.e.
+    unknown); a pair (rows grouped by `pair`) whose two scores are both at chance has no winner."""
+    long = long.copy()
+    long["at_chance"] = pd.Series([None if fmt.is_nan(c) or fmt.is_nan(se) else bool(m - c <= 2 * se)
+                                   for m, c, se in zip(long["mean"], long["chance"], long["se"])],
+                                  index=long.index, dtype=object)
+    if len(long):
+        both = long.groupby(pair, dropna=False)["at_chance"].transform(lambda s: bool(s.eq(True).all()))
+        long["better"] = long["better"] & ~both.astype(bool)
+    return long
+
+
+def _chance_note(tasks: list[str], level: float) -> str:
+    known = [f"{t} {fmt.value('chance', chance(t))}" for t in tasks if not math.isnan(chance(t))]
+    unknown = [t for t in tasks if math.isnan(chance(t))]
+    out = f"Chance level: {', '.join(known)}" if known else "Chance level: unknown"
+    if len(tasks) > 1 and not math.isnan(level):
+        out += f"; of the average {fmt.num(level)}"
+    if unknown:
+        out += f" (not known for {', '.join(unknown)})"
+    return out + f"; {AT_CHANCE}: not above chance by more than 2 s.e. (indistinguishable from guessing)."
+
+
+SCORE_NOTE = (f"higher is better; mean ± s.e. (lm-eval's sampling s.e.; over seeds the larger of that and "
+              f"s.d./sqrt(n)); {BOLD_RULE}, and never between two scores at chance.")
+
+
+def downstream_tables(study: Study) -> list[Table]:
+    """Per scored stage: the eval average laid out like the pair tables, and each task's score beside its
+    chance level (higher is better; bold and † as in SCORE_NOTE / _chance_note)."""
+    ev = eval_frame(study)
     if ev.empty:
         return []
     out = []
-    ev = ev[ev.method.isin(METHODS)]
-    tasks = sorted(c for c in ev.columns if c.startswith("task:"))
+    tasks = eval_tasks(ev)
     for stage, df in ev.groupby("parent_stage", sort=True):
         keys = cell_keys(df, study.labels)
-        long = aggregate(df, keys, value="average", lower_is_better=False)
-        tl = df.melt(id_vars=["id", "parent", *keys, "tokens", "method", "seed"], value_vars=tasks,
+        long = aggregate(df, keys, value="average", lower_is_better=False, se="average_se")
+        long = long.merge(df.groupby(keys + ["tokens", "method"], dropna=False).chance.first().reset_index(),
+                          on=keys + ["tokens", "method"], how="left")
+        long = mark_chance(long, keys + ["tokens"])
+        tl = df.melt(id_vars=["id", "parent", *keys, "tokens", "method", "seed"], value_vars=[f"task:{t}" for t in tasks],
                      var_name="task", value_name="score").dropna(subset=["score"])
         tl["task"] = tl.task.str.removeprefix("task:")
         long = long.merge(tl.groupby(keys + ["tokens", "method", "task"], dropna=False).score.mean()
                           .unstack("task").reset_index(), on=keys + ["tokens", "method"], how="left")
+        level = average_chance(tasks)
         out.append(Table(f"downstream_{stage}", f"Downstream average (eval of stage `{stage}`)",
                          pair_markdown(long, keys), long,
-                         [f"Mean of each task's primary metric ({', '.join(t[5:] for t in tasks)}); higher is "
-                          "better; **bold**: the better of the pair."]))
+                         [f"Mean of each task's primary metric ({', '.join(tasks)}); {SCORE_NOTE}",
+                          _chance_note(tasks, level)]))
+        se = df.melt(id_vars=["id"], value_vars=[f"se:{t}" for t in tasks], var_name="task", value_name="score_se")
+        se["task"] = se.task.str.removeprefix("se:")
+        tl = tl.merge(se, on=["id", "task"], how="left")
+        tl["chance"] = [chance(t) for t in tl.task]
+        per = mark_chance(aggregate(tl, keys + ["task", "chance"], value="score", lower_is_better=False,
+                                    se="score_se"), keys + ["task", "chance", "tokens"])
+        out.append(Table(f"downstream_tasks_{stage}", f"Downstream scores per task (eval of stage `{stage}`)",
+                         pair_markdown(per, keys + ["task", "chance"]), per,
+                         [f"Each task's primary metric; {SCORE_NOTE}", _chance_note(tasks, level)]))
     return out
 
 
@@ -427,7 +549,6 @@ def failed_table(study: Study) -> Table:
     data = f[["id", "stage", *labs, "error"]].sort_values("id").reset_index(drop=True) if len(f) else \
         pd.DataFrame(columns=["id", "stage", "error"])
     md = pd.DataFrame({"run": data.id, "stage": data.stage,
-                       "labels": [", ".join(f"{c}={fmt.value(c, row[c])}" for c in labs if not fmt.is_nan(row[c]))
-                                  for _, row in data.iterrows()],
+                       "labels": [fmt.phrases(labs, [row[c] for c in labs]) for _, row in data.iterrows()],
                        "error": [fmt.value("error", e)[:200] for e in data.error]})
     return Table("failed", "Failed runs", fmt.md_table(md), data)

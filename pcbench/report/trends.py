@@ -43,7 +43,7 @@ def cell_name(row: pd.Series | dict, keys: list[str]) -> str:
         v = row[k]
         if fmt.is_nan(v):
             continue
-        parts.append(fmt.value(k, v) if k == "compression" else f"{k} {fmt.value(k, v)}")
+        parts.append(fmt.value(k, v) if k == "compression" else fmt.phrase(k, v))
     return ", ".join(parts)
 
 

@@ -48,7 +48,7 @@ def tuned_lines(study: Study) -> pd.DataFrame:
             same = same[same[k].astype(str) == str(sw[k])]
         vals = sorted(float(v) for v in same[axis])
         rows.append({"stage": stage, "runs": len(d), "value": value, "sweep_stage": sw["stage"],
-                     "line": ", ".join(f"{k}={fmt.value(k, sw[k])}" for k in keys),
+                     "line": fmt.phrases(keys, [sw[k] for k in keys]),
                      "values": " ".join(f"{v:g}" for v in vals),
                      "bracketed": bool(vals) and vals[0] < value < vals[-1]})
     return pd.DataFrame(rows)
