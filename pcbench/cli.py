@@ -113,14 +113,9 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
         rows.append(row)
     df = pd.DataFrame(rows)
     per_stage = df.groupby(df.run.str.rsplit("-", n=1).str[0], sort=False).size()
-    shown = df.drop(columns=["run"]).astype(object).where(df.notna(), "-")
-    shown["hours"] = [f"{h:.2f}" for h in df.hours]
-    shown["gpu_hours"] = [f"{h:.1f}" for h in df.gpu_hours]
-    if "tokens" in df:
-        shown["tokens"] = [fmt.tokens(t) if t is not None else "-" for t in df.tokens]
-    lines = [f"grid {grid.name}: {len(df)} runs ({', '.join(f'{s}: {n}' for s, n in per_stage.items())})"]
-    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
-        lines.append(shown.to_string(index=False))
+    shown = [{**r, "hours": f"{r['hours']:.2f}", "gpu_hours": f"{r['gpu_hours']:.1f}"} for r in rows]
+    lines = [f"grid {grid.name}: {len(df)} runs ({', '.join(f'{s}: {n}' for s, n in per_stage.items())})",
+             fmt.text_table(shown)]
     todo = df[df.action == "submit"]
     lines.append(f"to submit: {len(todo)} runs, {todo.gpu_hours.sum():,.0f} GPU-hours estimated "
                  f"({df.gpu_hours.sum():,.0f} for the whole grid)")
@@ -146,10 +141,11 @@ def status_table(grid, store, only: Optional[str] = None) -> str:
         if st.get("state") == "failed":
             row["error"] = (st.get("error") or "")[:80]
         rows.append(row)
+    from pcbench.report import fmt
+
     df = pd.DataFrame(rows)
     counts = df.state.value_counts().to_dict() if len(df) else {}
-    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
-        return df.to_string(index=False) + "\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    return fmt.text_table(rows) + "\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
 def cmd_status(args) -> int:

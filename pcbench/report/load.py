@@ -4,7 +4,8 @@
              standard columns method / compression / importance / tokens / seed / lr_used / base_id
              (from the labels where the grid made them axes, else from the run's resolved spec)
     train    completed train runs: the above + the final record (loss = train_loss_last100, ...)
-    evals    completed eval runs: the above (labels inherited from the scored run) + average + tasks
+    evals    completed eval runs: the above (labels inherited from the scored run) + average + per task
+             task:<t> (primary metric), se:<t> (its recorded stderr), n:<t> (samples)
     events   the state-change log
 """
 
@@ -190,6 +191,8 @@ def _eval_frame(runs: pd.DataFrame, train: pd.DataFrame, evals: dict[str, dict])
                "average": _num(ev.get("average"))}
         for task, metric in sorted((ev.get("primary") or {}).items()):
             row[f"task:{task}"] = _num(_get(ev, "tasks", task, metric))
+            row[f"se:{task}"] = _num(_get(ev, "tasks", task, f"{metric}_stderr"))  # NaN: not recorded
+            row[f"n:{task}"] = _num(_get(ev, "samples", task))
         rows.append(row)
     df = pd.DataFrame(rows)
     if len(df) and len(train):
