@@ -355,3 +355,11 @@ def test_sbatch_refusals_submit_nothing(tmp_path, slurm_cluster, monkeypatch, wh
         refused(rc, err, "sbatch refuses", needle, "resources" if where == "cli" else "stages.compress")
     assert not (tmp_path / "r").exists()  # no run was marked submitted: nothing went to sbatch
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slurm
+def test_sbatch_accepts_a_good_request(tmp_path, slurm_cluster):
+    """The same check passes a request the cluster can run (partition debug, 1 CPU)."""
+    grid = write_grid(tmp_path)
+    rc, out, err = cli("run", grid, "--executor", "slurm", "--dry-run", "--results", tmp_path / "r")
+    assert rc == 0 and "checks before the first job: ok" in out, err
