@@ -48,6 +48,22 @@ def test_report_figure_is_0644(tmp_path: Path, umask):
     assert stat.S_IMODE((tmp_path / "f.png").stat().st_mode) == 0o644
 
 
+def test_bench_figure_is_0644(tmp_path: Path, umask):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pcbench.bench import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    save_figure(fig, tmp_path / "b.png")
+    plt.close(fig)
+    assert stat.S_IMODE((tmp_path / "b.png").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["b.png"]
+
+
 def test_exported_model_files_are_0644_and_dirs_0755(tmp_path: Path, umask):
     from pcbench.config import ModelSpec
     from pcbench.models import build_config, build_model

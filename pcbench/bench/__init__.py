@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from pcbench.atomic import temp_file
 from pcbench.bench.machine import hostname
 
 
@@ -48,7 +48,7 @@ def save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as PNG atomically (temp file in the same dir + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    fd, tmp = temp_file(path)  # mode 0666 & ~umask (mkstemp's 0600 would make the plot private)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
