@@ -320,6 +320,10 @@ def part_cuda_tests(cap: float, smoke: bool) -> dict:
             "command": " ".join(cmd[2:])}
 
 
+class _Skip(Exception):
+    """A config that cannot be measured (reason already recorded)."""
+
+
 def part_throughput(ctx: "Context", compile_: bool) -> dict:
     """Per method: the largest micro-batch that fits (eager) and tokens/s + MFU at that size; with
     `compile_`, the same with the network under `torch.compile` at the eager micro-batch."""
@@ -330,6 +334,14 @@ def part_throughput(ctx: "Context", compile_: bool) -> dict:
         if time.monotonic() > deadline:
             out[method] = {"status": "skipped", "why": "part budget spent"}
             continue
+        if compile_:  # a compile cannot be interrupted: start one only with room for it
+            rows = ctx.micro.get(method)
+            why = ("no eager micro-batch measured" if not rows else
+                   f"part budget: {deadline - time.monotonic():.0f} s left, a compile may take "
+                   f"{s.min_compile_s:.0f}" if deadline - time.monotonic() < s.min_compile_s else None)
+            if why:
+                out[method] = {"status": "skipped", "why": why}
+                continue
         t_build = time.perf_counter()
         trainable, stepper = build_method(method, ctx.base, ctx.plan, dev, 1e-4, 1000, s.start_micro)
         stepper.amp = ctx.amp
@@ -338,13 +350,6 @@ def part_throughput(ctx: "Context", compile_: bool) -> dict:
         rec = {"build_seconds": built_s}
         try:
             if compile_:
-                rows = ctx.micro.get(method)
-                why = ("no eager micro-batch measured" if not rows else
-                       f"part budget: {deadline - time.monotonic():.0f} s left, a compile may take "
-                       f"{s.min_compile_s:.0f}" if deadline - time.monotonic() < s.min_compile_s else None)
-                if why:
-                    out[method] = {"status": "skipped", "why": why}
-                    continue
                 net = torch.compile(trainable.model, backend=s.compile_backend)
                 stepper = Stepper(stepper.trainable, net, stepper.opt, stepper.sched, micro=rows, amp=stepper.amp)
                 rec["compile_backend"] = s.compile_backend
@@ -353,10 +358,11 @@ def part_throughput(ctx: "Context", compile_: bool) -> dict:
                                        lambda r: fixed_batch(r, s.seq, s.vocab, ctx.seed, dev), s, dev, deadline)
                 rec["micro_search"] = search
                 rows = search["rows"]
-                if not rows:
-                    out[method] = {**rec, "status": "skipped", "why": "no micro-batch fitted in time"}
-                    continue
-                ctx.micro[method] = rows
+                if rows:
+                    ctx.micro[method] = rows
+            if not rows:
+                rec.update({"status": "skipped", "why": "no micro-batch fitted in time"})
+                raise _Skip
             stepper.micro = rows
             batch = fixed_batch(rows, s.seq, s.vocab, ctx.seed, dev)
             t = steps_timed(stepper, batch, dev, s.warmup, s.steps, deadline, first=2, min_timed=int(compile_))
@@ -372,6 +378,8 @@ def part_throughput(ctx: "Context", compile_: bool) -> dict:
                         "mfu_incl_fixed": (flops_tok * tokens + fixed) / med / ctx.peak if ctx.peak else None})
             if compile_:
                 rec["first_step_seconds_incl_compile"] = t["warmup_seconds"][0] if t["warmup_seconds"] else None
+        except _Skip:
+            pass
         except Exception as e:  # noqa: BLE001 - one failing config must not cost the others
             rec.update({"status": "error", "error": f"{type(e).__name__}: {str(e)[:500]}"})
         out[method] = rec
