@@ -134,22 +134,22 @@ def test_a_file_where_a_directory_is_expected(tmp_path, base_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "spec.yaml", "tiny.yaml"]  # no FILE.tmpPID/
 
 
-def _read_only(path: Path):
-    """A command prefix that runs with `path` read-only: a private read-only bind mount as root
+def _read_only(paths: list[Path]):
+    """A command prefix that runs with `paths` read-only: private read-only bind mounts as root
     (root ignores permissions), chmod otherwise; None where neither works."""
     if os.geteuid() != 0:
-        for p in [path, *path.rglob("*")]:
-            p.chmod(p.stat().st_mode & ~0o222)
+        for path in paths:
+            for p in [path, *path.rglob("*")]:
+                p.chmod(p.stat().st_mode & ~0o222)
         return []
     if shutil.which("unshare") is None:
         return None
+    mounts = " && ".join(f"mount --bind '{p}' '{p}' && mount -o remount,bind,ro '{p}'" for p in paths)
     probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            f"mount --bind '{path}' '{path}' && mount -o remount,bind,ro '{path}' && "
-                            f"! touch '{path}/.probe' 2>/dev/null"], capture_output=True)
+                            f"{mounts} && ! touch '{paths[0]}/.probe' 2>/dev/null"], capture_output=True)
     if probe.returncode != 0:
         return None
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
-            f"mount --bind '{path}' '{path}' && mount -o remount,bind,ro '{path}' && exec \"$@\"", "sh"]
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
 
 
 def _completed_store(tmp_path: Path, grid_path: Path, base_model: Path):
@@ -167,28 +167,34 @@ def _completed_store(tmp_path: Path, grid_path: Path, base_model: Path):
     return grid, store
 
 
-@pytest.mark.parametrize("left", ["nothing", "everything"])
-def test_read_only_results_dir(tmp_path, base_model, left):
-    grid_path = write_grid(tmp_path)
-    if left == "nothing":
-        _, store = _completed_store(tmp_path, grid_path, base_model)
-    else:
-        (tmp_path / "results").mkdir()
-    prefix = _read_only(tmp_path / "results")
+def test_read_only_results_dir(tmp_path, base_model):
+    """Run refuses a read-only store in one line, with nothing left to run and with everything left;
+    status still reads it. (One process for all three commands: each start costs seconds.)"""
+    done, todo = tmp_path / "done", tmp_path / "todo"
+    done.mkdir()
+    todo.mkdir()
+    grid_path = write_grid(done)
+    _completed_store(done, grid_path, base_model)
+    (todo / "results").mkdir()
+    prefix = _read_only([done / "results", todo / "results"])
     if prefix is None:
         pytest.skip("cannot make a read-only directory here")
-    before = sorted(str(p) for p in (tmp_path / "results").rglob("*"))
+    before = {d: sorted(map(str, (d / "results").rglob("*"))) for d in (done, todo)}
+    calls = [["run", grid_path, "--results", d / "results", "--work", d / "work"] for d in (done, todo)]
+    calls.append(["status", grid_path, "--results", done / "results", "--work", done / "work"])
+    script = ("import sys; from pcbench.cli import main\n"
+              f"for args in {[[str(a) for a in c] for c in calls]!r}:\n"
+              "    print('rc', main(args), flush=True); print('--end--', file=sys.stderr, flush=True)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*prefix, sys.executable, "-m", "pcbench.cli", "run", str(grid_path), "--results",
-                        str(tmp_path / "results"), "--work", str(tmp_path / "work")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    refused(r.returncode, r.stderr, str(tmp_path / "results"), "not writable")
-    assert sorted(str(p) for p in (tmp_path / "results").rglob("*")) == before
-    # Reading still works: status of the read-only store.
-    r = subprocess.run([*prefix, sys.executable, "-m", "pcbench.cli", "status", str(grid_path), "--results",
-                        str(tmp_path / "results"), "--work", str(tmp_path / "work")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([*prefix, sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    rcs = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("rc ")]
+    errs = r.stderr.split("--end--")
+    assert len(rcs) == 3 and "Traceback" not in r.stderr, r.stderr
+    for rc, err, d in zip(rcs[:2], errs[:2], (done, todo)):
+        refused(rc, err, str(d / "results"), "not writable")
+    assert rcs[2] == 0, errs[2]  # reading a read-only store works
+    assert {d: sorted(map(str, (d / "results").rglob("*"))) for d in (done, todo)} == before
+    assert not (todo / "work").exists()
 
 
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device", "/data/x"),
@@ -320,14 +326,12 @@ def test_impossible_resources_in_the_grid_refused(tmp_path, field, value):
 
 
 def test_the_real_entry_point(tmp_path, base_model):
-    """The same refusals through `python -m pcbench.cli` (one per class)."""
+    """Refusals through `python -m pcbench.cli` itself (each process start costs seconds: two)."""
     f = tmp_path / "file"
     f.write_text("x")
     grid = write_grid(tmp_path, _set("stages.compress.spec.compress.compression", 0.99))
     for args, needle in ((compress_args(base_model, f), "is a file"),
-                         (compress_args(base_model, tmp_path / "o", "0.001"), "too small"),
-                         (["run", grid, "--dry-run", "--results", tmp_path / "r"], "0.954"),
-                         (["run", grid, "--dry-run", "--gpus", "-1"], "--gpus")):
+                         (["run", grid, "--dry-run", "--results", tmp_path / "r"], "0.954")):
         r = cli_proc(*args)
         refused(r.returncode, r.stderr, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny.yaml"]
