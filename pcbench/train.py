@@ -2,9 +2,14 @@
 
 The methods differ only in the `Trainable` they build (`build_trainable`): what the optimiser
 steps and how gradients reach it. The loop itself is shared: AdamW with linear warm-up and cosine
-decay, gradient accumulation, DDP across processes, bf16 autocast on CUDA, atomic checkpoints with
+decay, gradient accumulation, DDP or FSDP2 across processes (`pcbench.parallel`), bf16 autocast on CUDA, atomic checkpoints with
 bit-exact resume, JSON-lines metrics, and a final record carrying the paper's metric (training
 cross-entropy averaged over the last 100 steps) and the held-out loss.
+
+SIGINT/SIGTERM (inside `interrupts.graceful()`, as jobs run) stop the loop after the current step:
+it saves a checkpoint there (when checkpoints are on) and raises `Interrupted`; a rerun resumes
+bit-exactly, and metric lines are never written twice for a step. Off a TTY, progress is a log line
+every 10% of the steps (a tqdm bar on a TTY).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,10 +31,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from pcbench import checkpoint, distributed, models
+from pcbench import checkpoint, dcp_checkpoint, distributed, interrupts, models, parallel
+from pcbench import memory as memory_plan
 from pcbench.atomic import append_jsonl, read_jsonl, write_json, write_text
 from pcbench.config import RunSpec, SpecError
 from pcbench.evaluate import autocast_for, heldout_loss
@@ -204,11 +210,12 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states must be CPU byte tensors; a checkpoint loaded with map_location=cuda moves them.
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _seed_all(seed: int) -> None:
@@ -224,25 +231,29 @@ def amp_ctx(device: torch.device, precision: str):
 
 class Stepper:
     """One optimiser step, shared by the training loop and the benchmarks: `before_step`, every
-    micro-batch forward/backward (DDP syncs on the last), `after_backward`, clip, AdamW, schedule."""
+    micro-batch forward/backward (gradients reduced on the last), then `parallel.update` (push,
+    clip, AdamW), schedule. `par` (`parallel.wrap`) is the DDP or FSDP wrapper; without it `net` is
+    used as is (one process or a DDP module)."""
 
     def __init__(self, trainable, net, opt, sched, *, micro: int, amp=None, teacher=None, alpha: float = 0.0,
-                 temperature: float = 1.0, grad_clip: float = 1.0, env: Optional[distributed.DistEnv] = None):
-        self.trainable, self.net, self.opt, self.sched = trainable, net, opt, sched
+                 temperature: float = 1.0, grad_clip: float = 1.0, env: Optional[distributed.DistEnv] = None,
+                 par: Optional[parallel.Replicated] = None, clip: str = "global", blockwise: bool = False):
+        self.trainable, self.opt, self.sched = trainable, opt, sched
         self.micro, self.amp, self.teacher = micro, amp or (lambda: contextlib.nullcontext()), teacher
         self.alpha, self.temperature, self.grad_clip = alpha, temperature, grad_clip
         self.env = env or distributed.DistEnv(0, 1, 0, torch.device("cpu"))
-        self.clip_params = trainable.optimized_parameters()
+        self.par = par or parallel.Replicated(trainable, self.env, net=net)
+        self.net = self.par.net
+        self.clip, self.blockwise = clip, blockwise
 
     def __call__(self, batch: torch.Tensor, step: int) -> tuple[float, float]:
         """Train on `batch` (this process's rows, [rows, seq+1]); returns (mean CE, grad norm)."""
-        self.trainable.before_step()
+        self.par.before_step()
         chunks = batch.split(self.micro)
         loss_sum = torch.zeros((), device=batch.device)
         for i, mb in enumerate(chunks):
             last = i == len(chunks) - 1
-            sync = contextlib.nullcontext() if self.env.world == 1 or last else self.net.no_sync()
-            with sync:
+            with self.par.sync(last):
                 with self.amp():
                     logits = self.net(input_ids=mb[:, :-1]).logits
                     t_logits = None
@@ -255,12 +266,14 @@ class Stepper:
         step_loss = float(distributed.all_mean(loss_sum / len(chunks), self.env))
         if not math.isfinite(step_loss):
             raise NonFiniteLoss(step, step_loss)
-        self.trainable.after_backward()
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.clip_params, max_norm))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLoss(step, grad_norm, "gradient norm")
-        self.opt.step()
+
+        def check(norm: float) -> None:
+            if not math.isfinite(norm):
+                raise NonFiniteLoss(step, norm, "gradient norm")
+
+        grad_norm = parallel.update(self.par, self.opt, max_norm, clip=self.clip, blockwise=self.blockwise,
+                                    check=check)
         if self.sched is not None:
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -269,17 +282,19 @@ class Stepper:
         return step_loss, grad_norm
 
 
-def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> dict:
+def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name: Optional[str] = None) -> dict:
     """Train `spec` to completion, resuming from `paths.ckpt` if a checkpoint exists.
 
-    Returns the final record (also written to `paths.final`); raises `NonFiniteLoss` on NaN/inf.
+    Returns the final record (also written to `paths.final`); raises `NonFiniteLoss` on NaN/inf and
+    `interrupts.Interrupted` on a signal. `progress`: True a bar, False nothing, None a bar on a
+    TTY and log lines (named `name`) elsewhere.
     """
     from pcbench.data import Batches, eval_batches, prepare_tokens
 
     spec.validate()
     t0 = time.time()
     tc, dc = spec.train, spec.data
-    env = distributed.setup(tc.device)
+    env = distributed.setup(tc.device, group=tc.parallel == "fsdp")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     _seed_all(tc.seed)
@@ -314,11 +329,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
         eval_store = prepare_tokens(dc.eval_corpus, tok_name, dc.eval_split, max_tokens=dc.max_tokens,
                                     tokenizer_corpus=dc.corpus)
 
-    net = trainable.model
-    if tc.compile:
-        net = torch.compile(net)
-    if env.world > 1:
-        net = DDP(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    par = parallel.wrap(trainable, env, spec)  # ddp (one process or DDP) or fsdp (FSDP2)
+    net = par.net
     o = spec.optim
     opt = torch.optim.AdamW(trainable.param_groups(o.weight_decay, decay_norms=o.decay_norms), lr=o.lr,
                             betas=(o.beta1, o.beta2),
@@ -327,87 +339,131 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
         opt, lambda s: lr_factor(s, steps, o.warmup, o.warmup_start, o.final_lr))
 
     # Resume.
-    start, losses, elapsed = 0, [], 0.0
-    state, problems = checkpoint.load_latest(paths.ckpt, map_location=env.device)
+    start, losses, elapsed, interval_losses = 0, [], 0.0, []
+    if par.sharded:  # every rank loads its shards; `state` holds the rest
+        state, problems = dcp_checkpoint.load_latest(paths.ckpt, trainable, opt, env)
+    else:
+        state, problems = checkpoint.load_latest(paths.ckpt, map_location=env.device)
     if state is not None:
-        trainable.load_state_dict(state["trainable"])
-        opt.load_state_dict(state["optimizer"])
+        if not par.sharded:
+            trainable.load_state_dict(state["trainable"])
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
-        if env.main:  # drop metric lines written after that checkpoint
-            kept = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= start]
-            write_text(paths.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-            kept = [r for r in read_jsonl(paths.recovery) if r.get("step", 0) <= start]
-            write_text(paths.recovery, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    elif env.main:
+        interval_losses = list(state.get("interval_losses", []))  # the logging interval in progress
+    last_logged = {}  # file -> last step written: appends only go forward
+    if env.main:  # keep the lines up to the checkpoint (once each, in order); none on a fresh start
         for p in (paths.metrics, paths.recovery):
-            p.unlink(missing_ok=True)
+            kept, seen = [], set()
+            for r in read_jsonl(p) if state is not None else []:
+                if r.get("step", 0) <= start and r.get("step") not in seen:
+                    seen.add(r.get("step"))
+                    kept.append(r)
+            kept.sort(key=lambda r: r.get("step", 0))
+            if kept or p.exists():
+                write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            last_logged[p] = kept[-1].get("step", 0) if kept else -1
+
+    def append_once(path: Path, rec: dict) -> None:
+        if rec["step"] > last_logged.get(path, -1):
+            append_jsonl(path, rec)
+            last_logged[path] = rec["step"]
 
     stepper = Stepper(trainable, net, opt, sched, micro=micro, amp=amp_ctx(env.device, tc.precision),
                       teacher=teacher, alpha=spec.compress.distill if spec.compress else 0.0,
                       temperature=spec.compress.temperature if spec.compress else 1.0,
-                      grad_clip=o.grad_clip, env=env)
+                      grad_clip=o.grad_clip, env=env, par=par, clip=o.clip,
+                      blockwise=bool(spec.compress and spec.compress.blockwise_step))
     tokens_per_step = tc.batch_size * dc.seq_len
     flops_tok = models.flops_per_token(trainable.model.config, dc.seq_len)
     fixed_flops = trainable.fixed_flops_per_step()
     recovery_every = spec.compress.recovery_every if spec.compress else 0
 
     def save_ckpt(step: int) -> None:
+        extra = {"scheduler": sched.state_dict(), "rng": _rng_state(), "step": step,
+                 "losses": losses[-tc.last_k:], "elapsed": elapsed, "interval_losses": list(interval_losses)}
+        if par.sharded:  # every rank writes its shards
+            with interrupts.deferred():
+                dcp_checkpoint.save(paths.ckpt, step, trainable, opt, extra, env, keep=tc.keep_checkpoints)
+            return
         if env.main:
-            checkpoint.save(paths.ckpt, step, {
-                "trainable": trainable.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state(), "step": step,
-                "losses": losses[-tc.last_k:], "elapsed": elapsed}, keep=tc.keep_checkpoints)
+            with interrupts.deferred():
+                checkpoint.save(paths.ckpt, step, {
+                    "trainable": trainable.state_dict(), "optimizer": opt.state_dict(), **extra},
+                    keep=tc.keep_checkpoints)
         distributed.barrier(env)
 
     def log_recovery(step: int) -> None:
-        if env.main and recovery_every and hasattr(trainable, "recovery_detail"):
-            append_jsonl(paths.recovery, {"step": step, **trainable.step_metrics(step),
-                                          "tensors": trainable.recovery_detail()})
+        # sharded projections: every rank takes part in the sums, the main process writes
+        if (env.main or par.sharded) and recovery_every and hasattr(trainable, "recovery_detail"):
+            with par.gathered():
+                rec = {"step": step, **trainable.step_metrics(step), "tensors": trainable.recovery_detail()}
+            if env.main:
+                append_once(paths.recovery, rec)
 
     if start == 0:
         log_recovery(0)
-    show = env.main and (progress if progress is not None else sys.stderr.isatty())
-    bar = tqdm(total=steps, initial=start, disable=not show, desc=spec.kind, unit="step", dynamic_ncols=True)
-    interval_t, interval_losses = time.time(), []
+    tty = sys.stderr.isatty()
+    show = env.main and (progress if progress is not None else tty)
+    lines_every = max(1, steps // 10) if env.main and progress is None and not tty else 0
+    label = name or spec.kind
+    bar = tqdm(total=steps, initial=start, disable=not show, desc=label, unit="step", dynamic_ncols=True)
+    interval_t, run_t = time.time(), time.time()
     net.train()
-    for step in range(start, steps):
-        step_t = time.time()
-        batch = batches.get(step, tc.batch_size, rank=env.rank, world=env.world).to(env.device)
-        lr = opt.param_groups[0]["lr"]
-        try:
-            step_loss, grad_norm = stepper(batch, step)
-        except NonFiniteLoss:
-            bar.close()
-            raise
-        elapsed += time.time() - step_t
-        losses.append(step_loss)
-        losses = losses[-tc.last_k:]
-        interval_losses.append(step_loss)
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if env.main and (done % tc.log_every == 0 or done == steps):
-            now = time.time()
-            rec = {"step": done, "loss": step_loss, "loss_avg": sum(interval_losses) / len(interval_losses),
-                   "lr": lr, "grad_norm": grad_norm, "tokens": done * tokens_per_step, "seconds": round(elapsed, 3),
-                   "tokens_per_s": len(interval_losses) * tokens_per_step / max(now - interval_t, 1e-9)}
-            if tc.eval_every and done % tc.eval_every == 0 and eval_store is not None:
-                rec["heldout_loss"] = heldout_loss(trainable.model, eval_batches(
+    with interrupts.deferred():  # a signal stops the loop at the next step boundary
+        for step in range(start, steps):
+            step_t = time.time()
+            batch = batches.get(step, tc.batch_size, rank=env.rank, world=env.world).to(env.device)
+            lr = opt.param_groups[0]["lr"]
+            try:
+                step_loss, grad_norm = stepper(batch, step)
+            except NonFiniteLoss:
+                bar.close()
+                raise
+            elapsed += time.time() - step_t
+            losses.append(step_loss)
+            losses = losses[-tc.last_k:]
+            interval_losses.append(step_loss)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            logging_now = done % tc.log_every == 0 or done == steps
+            held_now = None
+            if (env.main or par.sharded) and logging_now and tc.eval_every and done % tc.eval_every == 0 \
+                    and eval_store is not None:  # sharded: every rank runs the forward
+                held_now = heldout_loss(trainable.model, eval_batches(
                     eval_store, dc.seq_len, micro, dc.eval_batches), env.device, tc.precision)
-            append_jsonl(paths.metrics, rec)
-            interval_t, interval_losses = time.time(), []
-        if recovery_every and done % recovery_every == 0:
-            log_recovery(done)
-        if tc.ckpt_every and done % tc.ckpt_every == 0 and done < steps:
-            save_ckpt(done)
+            if env.main and logging_now:
+                now = time.time()
+                rec = {"step": done, "loss": step_loss, "loss_avg": sum(interval_losses) / len(interval_losses),
+                       "lr": lr, "grad_norm": grad_norm, "tokens": done * tokens_per_step, "seconds": round(elapsed, 3),
+                       "tokens_per_s": len(interval_losses) * tokens_per_step / max(now - interval_t, 1e-9)}
+                if held_now is not None:
+                    rec["heldout_loss"] = held_now
+                append_once(paths.metrics, rec)
+                interval_t, interval_losses = time.time(), []
+            if recovery_every and done % recovery_every == 0:
+                log_recovery(done)
+            saved = bool(tc.ckpt_every and done % tc.ckpt_every == 0 and done < steps)
+            if saved:
+                save_ckpt(done)
+            if lines_every and (done % lines_every == 0 or done == steps):
+                rate = (done - start) / max(time.time() - run_t, 1e-9)
+                print(f"[pcbench] {label}: step {done}/{steps} ({100 * done // steps}%), loss {step_loss:.4f}, "
+                      f"{rate:.2f} step/s, eta {_duration((steps - done) / rate)}", file=sys.stderr, flush=True)
+            if _stop_requested(env) and done < steps:
+                bar.close()
+                if tc.ckpt_every and not saved:  # a consistent step boundary: cheap to keep
+                    save_ckpt(done)
+                raise interrupts.Interrupted(interrupts.requested() or signal.SIGTERM, step=done)
     bar.close()
 
     # Final record, export.
-    export = trainable.export()
+    memory = distributed.all_gather_object(parallel.memory(trainable, opt), env)
+    export = par.export()  # fsdp: gathered to the main process (None elsewhere)
     held = math.nan
-    if eval_store is not None:
+    if eval_store is not None and export is not None:
         held = heldout_loss(export, eval_batches(eval_store, dc.seq_len, micro, dc.eval_batches),
                             env.device, tc.precision)
     record = {
@@ -418,16 +474,33 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None) -> di
         "tokens_per_s": steps * tokens_per_step / elapsed if elapsed else math.nan,
         "flops_per_token": flops_tok, "fixed_flops_per_step": fixed_flops,
         "train_flops": flops_tok * steps * tokens_per_step + fixed_flops * steps,
-        "world_size": env.world, "device": str(env.device), "torch": torch.__version__,
+        "world_size": env.world, "parallel": tc.parallel, "memory_per_rank": memory,
+        "device": str(env.device), "torch": torch.__version__,
         "resumed_from": start, "checkpoint_problems": problems, **info,
+        "memory_plan": memory_plan.record_plan(spec, env.world, str(env.device)),  # beside the measured peak
+        **memory_plan.measured_peak(env.device),
     }
     if env.main:
-        export_model(export, tokenizer, paths.model)
-        record["export_path"] = str(paths.model)
-        record["wall_seconds"] = round(time.time() - t0, 3)
-        write_json(paths.final, record)
+        with interrupts.deferred():  # a signal now is acted on once the run is recorded
+            export_model(export, tokenizer, paths.model)
+            record["export_path"] = str(paths.model)
+            record["wall_seconds"] = round(time.time() - t0, 3)
+            write_json(paths.final, record)
     distributed.barrier(env)
     return record
+
+
+def _stop_requested(env: distributed.DistEnv) -> bool:
+    """Did a signal ask to stop? (Agreed by every process, so all stop after the same step.)"""
+    flag = interrupts.requested() is not None
+    if env.world > 1:
+        flag = bool(distributed.all_mean(torch.tensor(float(flag), device=env.device), env) > 0)
+    return flag
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def export_model(model, tokenizer, out: Path, what: str = "export") -> None:
@@ -448,3 +521,4 @@ def export_model(model, tokenizer, out: Path, what: str = "export") -> None:
             model.config.use_cache = False
         tokenizer.save_pretrained(tmp)
         outputs.install(tmp, out, "model", what)
+
