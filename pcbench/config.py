@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from pcbench import presets
+
 
 class SpecError(ValueError):
     """A spec field is missing, misspelt, of the wrong type or impossible."""
@@ -40,7 +42,7 @@ def require(cond: bool, path: str, reason: str) -> None:
 
 @dataclass
 class ModelSpec:
-    """Which network. `name` is a preset (see `models.PRESETS`); `path` loads pretrained weights."""
+    """Which network. `name` is a preset (see `presets.PRESETS`); `path` loads pretrained weights."""
 
     name: str = "gpt2-tiny"
     path: Optional[str] = None  # HF checkpoint dir or hub id; required for presets without weights
@@ -52,14 +54,12 @@ class ModelSpec:
     d_ff: Optional[int] = None
 
     def validate(self, path: str) -> None:
-        from pcbench import models
-
-        require(self.name in models.PRESETS, f"{path}.name",
-                f"unknown model {self.name!r}; known: {', '.join(sorted(models.PRESETS))}")
+        require(self.name in presets.PRESETS, f"{path}.name",
+                f"unknown model {self.name!r}; known: {', '.join(sorted(presets.PRESETS))}")
         for f in ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff"):
             v = getattr(self, f)
             require(v is None or v > 0, f"{path}.{f}", f"must be a positive integer, got {v}")
-        preset = models.PRESETS[self.name]
+        preset = presets.PRESETS[self.name]
         require(preset.weights != "path" or bool(self.path), f"{path}.path",
                 f"model {self.name!r} needs a checkpoint path")
         if preset.weights == "path":
@@ -222,7 +222,7 @@ class RunSpec:
         """pretrain (from scratch), finetune (all weights of a checkpoint), hpr or pc."""
         if self.compress is not None:
             return self.compress.method
-        return "finetune" if self.model.path or _preset_has_weights(self.model.name) else "pretrain"
+        return "finetune" if self.model.path or presets.has_weights(self.model.name) else "pretrain"
 
     def validate(self, path: str = "spec") -> None:
         self.model.validate(f"{path}.model")
@@ -231,7 +231,7 @@ class RunSpec:
         self.train.validate(f"{path}.train")
         if self.compress is not None:
             self.compress.validate(f"{path}.compress")
-            require(self.model.path is not None or _preset_has_weights(self.model.name),
+            require(self.model.path is not None or presets.has_weights(self.model.name),
                     f"{path}.model.path", "compression needs a pretrained base: give a checkpoint path")
         pc = self.compress is not None and self.compress.method == "pc"
         require(self.optim.clip == "global" or pc, f"{path}.optim.clip",
@@ -240,13 +240,6 @@ class RunSpec:
             require(pc, f"{path}.compress.blockwise_step", "only Projected Compression (method: pc) steps block-wise")
             require(self.optim.clip == "compressed" or self.optim.grad_clip == 0, f"{path}.compress.blockwise_step",
                     "a global norm needs every gradient at once: use optim.clip: compressed or optim.grad_clip: 0")
-
-
-def _preset_has_weights(name: str) -> bool:
-    from pcbench import models
-
-    p = models.PRESETS.get(name)
-    return bool(p and p.weights)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pcbench.config import EvalSpec, RunSpec, SpecError, from_dict, load_yaml, require, to_dict
+from pcbench.presets import vocab_size_for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,15 +423,28 @@ def run_id(stage: str, kind: str, spec: Any, tune: Optional[dict]) -> str:
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+def validate_extend(st, path: str) -> None:
+    """Check a stage's `extend` block against its axes (one clear line on bad input)."""
+    e = st.extend
+    require(e.axis in st.axes, f"{path}.axis", f"{e.axis!r} is not an axis of this stage; axes: "
+            f"{', '.join(st.axes) or '(none)'}")
+    vals = st.axes[e.axis]
+    require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in vals),
+            f"{path}.axis", f"axis {e.axis!r} must hold positive numbers to extend on a log grid, got {vals}")
+    require(len(set(vals)) >= 2, f"{path}.axis", f"axis {e.axis!r} needs at least 2 values to bracket a best one")
+    require(isinstance(e.max_steps, int) and e.max_steps >= 0, f"{path}.max_steps", "must be an integer >= 0")
+    require(e.factor > 1, f"{path}.factor", f"must be > 1 (2 is one log2 step), got {e.factor}")
+
+
 def _params_fn(spec_dict: dict, path: str):
     def params() -> int:
-        from pcbench import models
+        from pcbench import models  # torch: only when a template asks for a parameter count
         from pcbench.config import DataSpec, ModelSpec
 
         m = from_dict(ModelSpec, spec_dict.get("model", {}), f"{path}.model")
         m.validate(f"{path}.model")
         d = from_dict(DataSpec, spec_dict.get("data", {}), f"{path}.data")
-        vocab = models.vocab_size_for(d.tokenizer)
+        vocab = vocab_size_for(d.tokenizer)
         if vocab is None:
             raise SpecError(f"{path}.data.tokenizer", f"cannot count parameters: vocabulary size of "
                             f"{d.tokenizer!r} is unknown before it is loaded")
@@ -483,8 +497,6 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
             require(isinstance(values, list) and values, f"stages.{name}.axes.{axis}",
                     "an axis must be a non-empty list of values")
         if st.extend is not None:
-            from pcbench.sweep import validate_extend
-
             validate_extend(st, f"stages.{name}.extend")
     base_res = from_dict(Resources, gs.resources, "resources")
     base_res.validate("resources")

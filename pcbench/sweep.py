@@ -23,7 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pcbench.config import SpecError, require
+from pcbench.config import SpecError
+from pcbench.grid import _label_matches, expand, validate_extend  # noqa: F401 (validate_extend re-exported)
 
 WAIT = "waits for sweep"  # reason prefix of a held decision
 
@@ -46,19 +47,6 @@ class Line:
     def describe(self) -> str:
         labs = ", ".join(f"{k}={v}" for k, v in self.labels.items())
         return f"{self.stage} [{labs}]: {self.status}" + (f" ({self.note})" if self.note else "")
-
-
-def validate_extend(st, path: str) -> None:
-    """Check a stage's `extend` block against its axes (one clear line on bad input)."""
-    e = st.extend
-    require(e.axis in st.axes, f"{path}.axis", f"{e.axis!r} is not an axis of this stage; axes: "
-            f"{', '.join(st.axes) or '(none)'}")
-    vals = st.axes[e.axis]
-    require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in vals),
-            f"{path}.axis", f"axis {e.axis!r} must hold positive numbers to extend on a log grid, got {vals}")
-    require(len(set(vals)) >= 2, f"{path}.axis", f"axis {e.axis!r} needs at least 2 values to bracket a best one")
-    require(isinstance(e.max_steps, int) and e.max_steps >= 0, f"{path}.max_steps", "must be an integer >= 0")
-    require(e.factor > 1, f"{path}.factor", f"must be > 1 (2 is one log2 step), got {e.factor}")
 
 
 def _key(labels: dict, axis: str) -> tuple:
@@ -84,8 +72,6 @@ def _candidates(grid, stage: str, axis: str, value: float) -> dict[tuple, object
     """Runs of `stage` at axis value `value`, one per line key, expanded from the grid's own YAML
     (the stage and the stages it starts from or tunes from), so the run is exactly the one the grid
     would make with that value on its axis."""
-    from pcbench.grid import expand
-
     need, stack = set(), [stage]
     while stack:
         s = stack.pop()
@@ -137,8 +123,6 @@ def _settle(line: Line, store, ext, cands) -> None:
 def extend_grid(grid, store) -> list[Line]:
     """Add to `grid` (in place) the extension runs its sweep stages' records call for, make the runs
     tuned from them depend on them, and return every sweep line with its status."""
-    from pcbench.grid import _label_matches
-
     lines: list[Line] = []
     for stage in grid.stage_order():
         ext = grid.stages[stage].extend
