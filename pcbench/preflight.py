@@ -116,6 +116,7 @@ def check_model_dir(path: str, field: str, *, hub_ok: bool = True, tokenizer: bo
 
 
 _META: dict[str, Any] = {}
+_LEVELS: dict[tuple[str, int], list[float]] = {}
 
 
 def _meta_model(config) -> Any:
@@ -125,6 +126,16 @@ def _meta_model(config) -> Any:
     if key not in _META:
         _META[key] = models._meta_model(config)
     return _META[key]
+
+
+def _levels(config, align: int) -> list[float]:
+    """`plan.achievable` of a model of `config` (once per distinct config and align)."""
+    from pcbench.compress.plan import achievable
+
+    key = (config.to_json_string(use_diff=False), align)
+    if key not in _LEVELS:
+        _LEVELS[key] = achievable(_meta_model(config), align)
+    return _LEVELS[key]
 
 
 def base_config(model: ModelSpec, data_tokenizer: str, seq_len: int, runs: Optional[dict] = None):
@@ -165,9 +176,7 @@ def base_config(model: ModelSpec, data_tokenizer: str, seq_len: int, runs: Optio
 
 def check_compression(config, compression: float, align: int, field: str) -> None:
     """`compression` can be reached by the plan code on a model of `config`, within half a step."""
-    from pcbench.compress.plan import achievable
-
-    levels = achievable(_meta_model(config), align)
+    levels = _levels(config, align)
     desc = f"d_model {config.hidden_size}"
     if not levels:
         raise SpecError(field, f"this base ({desc}) cannot be compressed at all")
