@@ -25,7 +25,6 @@ own export paths).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -38,12 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import submitit
-
 from pcbench import interrupts, memory, sweep
 from pcbench.config import SpecError, to_dict
-from pcbench.grid import Grid, Resources, Run
-from pcbench.jobs import EXIT_ALREADY, EXIT_BUSY, EXIT_OK, RunJob
+from pcbench.grid import Grid, Resources, Run, merged_resources, references
 from pcbench.liveness import SLURM_ALIVE, Liveness, pid_alive, slurm_states
 from pcbench.paths import work_dir
 from pcbench.store import Store, brief
@@ -125,16 +121,12 @@ def _rerun_lost_exports(decisions: list[Decision], store: Store) -> None:
     for d in reversed(decisions):  # dependents come after their inputs
         if d.action != "submit":
             continue
-        spec = json.dumps(to_dict(d.run.spec))
+        loads = {rid for _, rid in references(d.run)}
         for dep in d.run.deps:
             up = by_id.get(dep)
             if (up is not None and up.action == "skip" and up.reason == "completed"
-                    and f'"run:{dep}"' in spec and _export_missing(store, dep)):
+                    and dep in loads and _export_missing(store, dep)):
                 up.action, up.reason = "submit", "completed, but its exported model is gone: rerun"
-
-
-def merged_resources(run: Run, override: dict) -> Resources:
-    return dataclasses.replace(run.resources, **{k: v for k, v in override.items() if v is not None})
 
 
 def check_slurm_resources(decisions: list[Decision], override: dict) -> None:
@@ -271,6 +263,8 @@ def _local_one(run: Run, where: str, store: Store, progress: Optional[bool], bad
             continue
         _say(f"{where}: {run.id} ({_label_str(run)})")
         rc = _call_job(store, run.id, progress)
+        from pcbench.jobs import EXIT_ALREADY, EXIT_BUSY, EXIT_OK  # lazily: submitit, once a run starts
+
         if rc == EXIT_OK:
             return "submitted", rc
         if rc == EXIT_ALREADY:
@@ -337,6 +331,8 @@ def _label_str(run: Run) -> str:
 
 
 def _executor(kind: str, log_dir: Path, res: Resources):
+    import submitit  # lazily: only a submission pays for it
+
     ex = submitit.AutoExecutor(folder=str(log_dir / "%j"), cluster=kind)
     if kind == "slurm":
         extra = dict(res.slurm_additional)
@@ -357,6 +353,8 @@ def _executor(kind: str, log_dir: Path, res: Resources):
 
 def _run_submitit(todo: list[Run], store: Store, kind: str, override: dict, log_dir: Path,
                   outcome: Outcome, progress: Optional[bool]) -> None:
+    from pcbench.jobs import RunJob  # lazily: submitit, only when something is submitted
+
     job_of: dict[str, str] = {}  # run id -> job id (submitted now or still in flight)
     live = Liveness(store)
     live.prefetch(d for run in todo for d in run.deps)
@@ -428,10 +426,10 @@ def wait_for_jobs(outcome: Outcome, store: Store, poll_s: float = 3.0) -> None:
         states = slurm_states(pending.values())
         for rid, job in list(pending.items()):
             js = states.get(job)
-            if js is None or js in SLURM_ALIVE:
+            if js in SLURM_ALIVE or (js is None and store.state(rid) in ("submitted", "running")):
                 continue
             del pending[rid]
-            _settle(rid, job, js, store, outcome)
+            _settle(rid, job, js or "UNKNOWN", store, outcome)
         counts = (len(outcome.jobs) - len(pending), len(pending))
         if pending and (counts != last or time.time() - said >= 60):
             _say(f"waiting for {counts[1]} SLURM job(s); {counts[0]} of {len(outcome.jobs)} done")

@@ -45,7 +45,7 @@ def pid_alive(pid: int) -> bool:
 
 def _expand(job: str) -> list[str]:
     """`123_[0-2,5]` (a pending array) -> 123_0 123_1 123_2 123_5; anything else unchanged."""
-    m = re.fullmatch(r"(\d+)_\[([0-9,\-]+)\](?:%\d+)?", job)
+    m = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job)
     if not m:
         return [job]
     out = []
@@ -57,8 +57,9 @@ def _expand(job: str) -> list[str]:
 
 def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
     """{job id: SLURM state} (first word, e.g. CANCELLED) for the jobs SLURM still knows."""
-    ids = sorted({str(j) for j in job_ids if j})
-    if not ids:
+    wanted = {str(j) for j in job_ids if j}
+    ids = sorted(wanted | {j.split("_")[0] for j in wanted})  # an array cancelled before it split
+    if not ids:                                                  # is known only by its own id
         return {}
     out: dict[str, str] = {}
     cmds = (["sacct", "-n", "-P", "-X", "--duplicates", "-j", ",".join(ids), "-o", "JobID,State"],
