@@ -164,6 +164,7 @@ def test_signals_in_launcher_and_job_then_plain_rerun_matches(reference, tmp_pat
     assert attempts == {"base": 2, "hpr": 2, "pc": 2}
 
 
+@pytest.mark.slow  # ~2x the default chain above; it adds SIGKILL of the whole group and signals at start-up
 def test_kills_and_startup_signals_then_plain_rerun_matches(reference, tmp_path):
     g = Grid(tmp_path)
     base, hpr = g.ids["base"], g.ids["hpr"]
