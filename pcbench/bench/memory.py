@@ -255,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rows", type=int, default=4, help="rows per process per step")
     p.add_argument("--micro", type=int, default=2, help="rows per micro-batch")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="optimiser steps (DDP rebuilds its buckets after the first)")
     p.add_argument("--compression", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/bench")
