@@ -267,13 +267,13 @@ def run_eval(run: dict, store) -> dict:
     """
     from pcbench.atomic import write_json
     from pcbench.config import from_dict
-    from pcbench.jobs import resolve_reference
+    from pcbench.store import parse_ref
 
     where = f"run {run['id']}.spec"
     spec = from_dict(EvalSpec, run["spec"], where)
     spec.validate(where)
-    parent = spec.model[len("run:"):] if spec.model.startswith("run:") else None
-    model = resolve_reference(spec.model, store, f"{where}.model")
+    parent = parse_ref(spec.model)
+    model = store.resolve_ref(spec.model, f"{where}.model")
     start = time.perf_counter()
     scores = lm_eval_scores(dataclasses.replace(spec, model=model))
     record = {**scores, "parent": parent, "seconds": time.perf_counter() - start}

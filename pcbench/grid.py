@@ -31,8 +31,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from pcbench.config import EvalSpec, RunSpec, SpecError, from_dict, load_yaml, require, to_dict
-from pcbench.presets import vocab_size_for
+from pcbench.config import (DataSpec, EvalSpec, ModelSpec, RunSpec, SpecError, from_dict, load_yaml, require,
+                            to_dict)
+from pcbench.presets import param_count, resolved_preset, vocab_size_for
+from pcbench.store import parse_ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +77,11 @@ class Resources:
 
     def gpu_hours(self, hours: float) -> float:
         return self.nodes * self.gpus_per_node * hours
+
+
+def merged_resources(run, override: dict) -> Resources:
+    """A run's resources with the command line's overrides (those not None) applied."""
+    return dataclasses.replace(run.resources, **{k: v for k, v in override.items() if v is not None})
 
 
 @dataclass
@@ -438,9 +445,6 @@ def validate_extend(st, path: str) -> None:
 
 def _params_fn(spec_dict: dict, path: str):
     def params() -> int:
-        from pcbench import models  # torch: only when a template asks for a parameter count
-        from pcbench.config import DataSpec, ModelSpec
-
         m = from_dict(ModelSpec, spec_dict.get("model", {}), f"{path}.model")
         m.validate(f"{path}.model")
         d = from_dict(DataSpec, spec_dict.get("data", {}), f"{path}.data")
@@ -448,7 +452,7 @@ def _params_fn(spec_dict: dict, path: str):
         if vocab is None:
             raise SpecError(f"{path}.data.tokenizer", f"cannot count parameters: vocabulary size of "
                             f"{d.tokenizer!r} is unknown before it is loaded")
-        return models.count_params(models.build_config(m, vocab, d.seq_len))["total"]
+        return param_count(resolved_preset(m), vocab)  # counted without torch
     return params
 
 
@@ -571,10 +575,9 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
 def references(run: Run) -> list[tuple[str, str]]:
     """(field, run id) of every `run:<id>` model this run loads."""
     spec = run.spec
-    if isinstance(spec, EvalSpec):
-        return [("model", spec.model[4:])] if spec.model.startswith("run:") else []
-    path = spec.model.path or ""
-    return [("model.path", path[4:])] if path.startswith("run:") else []
+    field, ref = ("model", spec.model) if isinstance(spec, EvalSpec) else ("model.path", spec.model.path)
+    rid = parse_ref(ref)
+    return [] if rid is None else [(field, rid)]
 
 
 def _check_references(runs: list[Run]) -> None:

@@ -57,20 +57,6 @@ def _get_field(spec: dict, dotted: str) -> Any:
     return node
 
 
-def resolve_reference(ref: str, store: Store, field: str) -> str:
-    """`run:<id>` -> the export directory of that (completed) run; anything else unchanged."""
-    if not ref.startswith("run:"):
-        return ref
-    rid = ref[4:]
-    final = store.final(rid)
-    if final is None or "export_path" not in final:
-        raise SpecError(field, f"run {rid} has no exported model yet (state: {store.state(rid)})")
-    path = final["export_path"]
-    if not os.path.isdir(path):
-        raise SpecError(field, f"export of run {rid} is missing at {path}")
-    return path
-
-
 def tuned_value(run: dict, store: Store) -> tuple[Any, Optional[str]]:
     """For a run with `tune`, the field's value from the best completed run it depends on."""
     tune = run.get("tune")
@@ -99,7 +85,7 @@ def resolved_train_spec(run: dict, store: Store) -> tuple[RunSpec, dict]:
     spec = copy.deepcopy(run["spec"])
     filled: dict[str, Any] = {}
     if spec.get("model", {}).get("path"):
-        spec["model"]["path"] = resolve_reference(spec["model"]["path"], store, "spec.model.path")
+        spec["model"]["path"] = store.resolve_ref(spec["model"]["path"], "spec.model.path")
     value, src = tuned_value(run, store)
     if src is not None:
         _set_field(spec, run["tune"]["field"], value)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pcbench.config import RunSpec, SpecError
+from pcbench.grid import merged_resources
 
 GiB = 2 ** 30
 FP32 = 4
@@ -573,8 +574,6 @@ def over_limit(runs, resources_of: Callable, resolve: Optional[Resolver] = None)
 def check_submission(grid, decisions, override: dict) -> None:
     """Refuse (SpecError, one line) before anything is submitted if a run to submit does not fit
     the GPU memory it asks for (`resources.gpu_mem_gb` or `--gpu-mem`)."""
-    from pcbench.launch import merged_resources
-
     todo = [d.run for d in decisions if d.action == "submit"]
     bad = over_limit(todo, lambda r: merged_resources(r, override), grid_resolver(grid))
     if bad:

@@ -84,3 +84,15 @@ def vocab_size_for(tokenizer: str) -> Optional[int]:
         return KNOWN_VOCAB[tokenizer]
     m = re.fullmatch(r"bpe-(\d+)", tokenizer)
     return int(m.group(1)) if m else None
+
+
+def param_count(p: Preset, vocab: int) -> int:
+    """Parameters of a from-scratch model of preset `p` (as `models.build_config` builds it: no
+    biases, untied head, RMSNorm weights; gpt2: ungated FFN, llama: gated), counted without torch.
+    Equal to `models.count_params(...)["total"]` (tests/test_layers.py checks every preset)."""
+    hd = p.head_dim or p.d_model // p.heads
+    kv = p.kv_heads or p.heads
+    attn = p.d_model * hd * (2 * p.heads + 2 * kv)  # q, o; k, v
+    ffn = (2 if p.family == "gpt2" else 3) * p.d_model * p.d_ff
+    layer = attn + ffn + 2 * p.d_model  # two norms
+    return 2 * vocab * p.d_model + p.layers * layer + p.d_model  # embedding, head, final norm

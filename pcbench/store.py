@@ -11,6 +11,9 @@
     <results>/<grid>/events.jsonl                append-only log of state changes (locked appends)
     <work>/<grid>/<run_id>/{ckpt/, model/, plan.json}
 
+The store owns this layout (`RunPaths`, `Store.paths`) and the `run:<id>` reference (a run's
+exported model): `parse_ref` is its only parser, `Store.resolve_ref` turns it into the export path.
+
 Every file is written atomically; appends are locked, so many array tasks can write at once.
 Reports read this store and nothing else. Reading is tolerant: an unreadable (truncated, empty) record
 is logged once with its path, read as absent, and `health` never calls such a run completed.
@@ -24,17 +27,65 @@ import os
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from pcbench.atomic import OwnerLock, append_jsonl, lock_holder, read_jsonl, try_owner_lock, write_json
-from pcbench.train import RunPaths
+from pcbench.config import SpecError
 
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "submitted", "running", "completed", "failed", "interrupted", "cancelled")
 RESUMABLE = ("pending", "submitted", "running", "interrupted", "cancelled", "damaged")  # rerun resumes
 _warned: set[tuple] = set()
+
+REF_PREFIX = "run:"
+
+
+def parse_ref(ref: Any) -> Optional[str]:
+    """The run id of a `run:<id>` reference (a run's exported model), else None."""
+    if isinstance(ref, str) and ref.startswith(REF_PREFIX):
+        return ref[len(REF_PREFIX):]
+    return None
+
+
+def is_ref(ref: Any) -> bool:
+    """Is `ref` a `run:<id>` reference?"""
+    return parse_ref(ref) is not None
+
+
+@dataclass
+class RunPaths:
+    """Where a run writes: small records (`record`, committed to git) and heavy files (`work`)."""
+
+    record: Path
+    work: Path
+    export: Optional[Path] = None  # default: <work>/model
+
+    @property
+    def metrics(self) -> Path:
+        return self.record / "metrics.jsonl"
+
+    @property
+    def recovery(self) -> Path:
+        return self.record / "recovery.jsonl"
+
+    @property
+    def final(self) -> Path:
+        return self.record / "final.json"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.work / "ckpt"
+
+    @property
+    def model(self) -> Path:
+        return self.export or self.work / "model"
+
+    @property
+    def plan(self) -> Path:
+        return self.work / "plan.json"
 
 
 def read_record(path: str | os.PathLike, problems: Optional[list[str]] = None) -> Optional[dict]:
@@ -169,6 +220,20 @@ class Store:
 
     def recovery(self, run_id: str) -> list[dict]:
         return read_lines(self.paths(run_id).recovery)
+
+    def resolve_ref(self, ref: str, field: str) -> str:
+        """`run:<id>` -> the export directory of that (completed) run; anything else unchanged.
+        A run without an export, or whose export is gone, raises `SpecError(field, ...)`."""
+        rid = parse_ref(ref)
+        if rid is None:
+            return ref
+        final = self.final(rid)
+        if final is None or "export_path" not in final:
+            raise SpecError(field, f"run {rid} has no exported model yet (state: {self.state(rid)})")
+        path = final["export_path"]
+        if not os.path.isdir(path):
+            raise SpecError(field, f"export of run {rid} is missing at {path}")
+        return path
 
     def health(self, run_id: str, kind: Optional[str] = None) -> tuple[str, Optional[str]]:
         """(state, problem) as a reader should believe it: `damaged` (with the path and what is wrong)

@@ -24,7 +24,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +37,7 @@ from pcbench import memory as memory_plan
 from pcbench.atomic import append_jsonl, read_jsonl, write_json, write_text
 from pcbench.config import RunSpec, SpecError
 from pcbench.evaluate import autocast_for, heldout_loss
+from pcbench.store import RunPaths  # the store owns the record layout (re-exported here)
 from pcbench.trainable import Direct
 
 log = logging.getLogger(__name__)
@@ -51,39 +51,6 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
         self.value = value
         super().__init__(f"non-finite {what} {value} at step {step}; last good checkpoint kept")
-
-
-@dataclass
-class RunPaths:
-    """Where a run writes: small records (`record`, committed to git) and heavy files (`work`)."""
-
-    record: Path
-    work: Path
-    export: Optional[Path] = None  # default: <work>/model
-
-    @property
-    def metrics(self) -> Path:
-        return self.record / "metrics.jsonl"
-
-    @property
-    def recovery(self) -> Path:
-        return self.record / "recovery.jsonl"
-
-    @property
-    def final(self) -> Path:
-        return self.record / "final.json"
-
-    @property
-    def ckpt(self) -> Path:
-        return self.work / "ckpt"
-
-    @property
-    def model(self) -> Path:
-        return self.export or self.work / "model"
-
-    @property
-    def plan(self) -> Path:
-        return self.work / "plan.json"
 
 
 # ---------------------------------------------------------------------------------------------

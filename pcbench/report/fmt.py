@@ -4,13 +4,18 @@ human words for label keys (one place: LABELS), markdown tables, plain-text tabl
 from __future__ import annotations
 
 import math
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd  # tables come in as DataFrames; this module itself never needs pandas
 
 
 def is_nan(x: Any) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return True
+    pd = sys.modules.get("pandas")  # pd.NA exists only once pandas is loaded (CLI tables do not load it)
+    return pd is not None and x is pd.NA
 
 
 def tokens(t: Any) -> str:
