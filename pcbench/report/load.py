@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from pcbench.atomic import read_json, read_jsonl
+from pcbench.store import parse_ref, read_lines, read_record
 
 STANDARD = ["method", "compression", "importance", "tokens", "seed"]
 
@@ -48,7 +48,7 @@ class Study:
 def _jsonl_frame(root: Path, run_ids: list[str], name: str) -> pd.DataFrame:
     rows = []
     for rid in sorted(run_ids):
-        rows += [{"run": rid, **r} for r in read_jsonl(root / "runs" / rid / name)]
+        rows += [{"run": rid, **r} for r in read_lines(root / "runs" / rid / name)]
     return pd.DataFrame(rows)
 
 
@@ -68,7 +68,8 @@ def _num(x: Any) -> float:
 
 
 def _read(p: Path) -> Optional[Any]:
-    return read_json(p) if p.exists() else None
+    """A record, None when absent or damaged (the store logs a damaged one with its path)."""
+    return read_record(p)
 
 
 def _run_row(run: dict, status: dict, final: Optional[dict]) -> dict:
@@ -77,7 +78,7 @@ def _run_row(run: dict, status: dict, final: Optional[dict]) -> dict:
     comp = spec.get("compress") if isinstance(spec, dict) else None
     train = _get(spec, "train") or {}
     path = _get(spec, "model", "path") if isinstance(_get(spec, "model"), dict) else _get(spec, "model")
-    base_id = path[4:] if isinstance(path, str) and path.startswith("run:") else None
+    base_id = parse_ref(path)
     tokens = train.get("tokens")
     if tokens is None and train.get("steps") and train.get("batch_size"):
         tokens = train["steps"] * train["batch_size"] * (_get(spec, "data", "seq_len") or 0)
@@ -140,9 +141,13 @@ def load_study(results_root: Path, grid: str) -> Study:
     rows, finals, evals, label_names = [], {}, {}, set()
     for rid in ids:
         d = runs_dir / rid
-        run = read_json(d / "run.json")
+        run = _read(d / "run.json")
+        if run is None:  # damaged: logged, left out of the tables
+            continue
         status = _read(d / "status.json") or {"state": "pending"}
         final = _read(d / "final.json") if status.get("state") == "completed" else None
+        if status.get("state") == "completed" and run.get("kind", "train") == "train" and final is None:
+            status = {**status, "state": "damaged"}  # never counted completed without its record
         row = _run_row(run, status, final)
         label_names |= set((run.get("labels") or {}).keys())
         rows.append(row)
@@ -152,6 +157,8 @@ def load_study(results_root: Path, grid: str) -> Study:
             ev = _read(d / "eval.json")
             if ev is not None:
                 evals[rid] = ev
+            else:
+                row["state"] = "damaged"
     runs = pd.DataFrame(rows)
     if runs.empty:
         runs = pd.DataFrame(columns=["id", "stage", "kind", "state", "error", "base_id", *STANDARD, "lr_used"])
@@ -202,7 +209,7 @@ def _eval_frame(runs: pd.DataFrame, train: pd.DataFrame, evals: dict[str, dict])
 
 
 def _events(root: Path) -> pd.DataFrame:
-    ev = pd.DataFrame(read_jsonl(root / "events.jsonl"))
+    ev = pd.DataFrame(read_lines(root / "events.jsonl"))
     if ev.empty:
         return pd.DataFrame(columns=["run", "state", "time"])
     return ev.sort_values(["time", "run", "state"], kind="stable").reset_index(drop=True)
