@@ -123,7 +123,7 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
 
 
 def status_table(grid, store, only: Optional[str] = None) -> str:
-    import pandas as pd
+    from collections import Counter
 
     rows = []
     for run in grid.select(only):
@@ -143,8 +143,7 @@ def status_table(grid, store, only: Optional[str] = None) -> str:
         rows.append(row)
     from pcbench.report import fmt
 
-    df = pd.DataFrame(rows)
-    counts = df.state.value_counts().to_dict() if len(df) else {}
+    counts = Counter(r["state"] for r in rows)
     return fmt.text_table(rows) + "\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
@@ -426,10 +425,11 @@ def _one_line(e: BaseException) -> Optional[str]:
     """The one-line message of an expected error, None for an unexpected one (a bug: traceback)."""
     import subprocess
 
-    from pcbench.checkpoint import CorruptCheckpoint
-    from pcbench.train import NonFiniteLoss
-
-    if isinstance(e, (SpecError, NonFiniteLoss, CorruptCheckpoint)):
+    # Training's own errors, looked up only where training ran (importing them costs torch).
+    expected = [SpecError] + [getattr(sys.modules[m], n) for m, n in
+                              (("pcbench.train", "NonFiniteLoss"), ("pcbench.checkpoint", "CorruptCheckpoint"))
+                              if m in sys.modules]
+    if isinstance(e, tuple(expected)):
         return str(e)
     if isinstance(e, OSError) and (e.filename or e.strerror):
         where = f"{e.filename}: " if e.filename else ""

@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 from pcbench.config import RunSpec, SpecError
 from pcbench.grid import merged_resources
+from pcbench.store import is_ref, parse_ref
 
 GiB = 2 ** 30
 FP32 = 4
@@ -94,10 +95,10 @@ def model_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
     from pcbench import models
 
     path = spec.model.path
-    if path and path.startswith("run:"):
+    if is_ref(path):
         if resolve is None:
             raise PlanUnavailable(f"model.path {path} names another run (plan it within its grid)")
-        return output_config(resolve(path[4:]), resolve)
+        return output_config(resolve(parse_ref(path)), resolve)
     if path:
         p = Path(path)
         if p.is_dir():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pcbench.config import EvalSpec, ModelSpec, RunSpec, SpecError
+from pcbench.store import is_ref, parse_ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +147,8 @@ def base_config(model: ModelSpec, data_tokenizer: str, seq_len: int, runs: Optio
     from pcbench import models
 
     path = model.path
-    if path and path.startswith("run:"):
-        parent = (runs or {}).get(path[4:])
+    if is_ref(path):
+        parent = (runs or {}).get(parse_ref(path))
         if parent is None or not isinstance(parent.spec, RunSpec) or parent.spec.compress is not None:
             return None
         ps = parent.spec
@@ -201,12 +202,12 @@ def check_run(run, runs: dict) -> None:
     spec = run.spec
     where = f"stages.{run.stage}.spec"
     if isinstance(spec, EvalSpec):
-        if not spec.model.startswith("run:"):
+        if not is_ref(spec.model):
             check_model_dir(spec.model, f"{where}.model", hub_ok=False, tokenizer=True)
         check_tasks(list(spec.tasks), spec.include_path, f"{where}.tasks")
         return
     path = spec.model.path
-    if path and not path.startswith("run:"):
+    if path and not is_ref(path):
         check_model_dir(path, f"{where}.model.path", tokenizer=spec.data.tokenizer == "model")
     if spec.compress is not None:
         config = base_config(spec.model, spec.data.tokenizer, spec.data.seq_len, runs)
