@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -385,12 +386,18 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     raise SpecError(path, f"unsupported field type {_type_name(tp)}")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    """The resolved field types of a spec class (cached: resolving them compiles every annotation)."""
+    return typing.get_type_hints(cls)
+
+
 def from_dict(cls: type, data: Any, path: str = "spec") -> Any:
     """Build dataclass `cls` from a mapping, strictly (unknown/missing/mistyped keys raise)."""
     if data is None:
         data = {}
     require(isinstance(data, dict), path, f"must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
