@@ -77,7 +77,7 @@ def cmd_run(args) -> int:
         raise Problems(problems)
     _claim_store(store)
     out = launch.submit(grid, store, args.executor, only=args.only, retry_failed=args.retry_failed,
-                        resources=_resources(args), progress=None)
+                        resources=_resources(args), progress=None, parallel=args.parallel)
     print(f"{len(out.submitted)} run(s) {'submitted' if args.executor == 'slurm' else 'run'}, "
           f"{len(out.skipped)} skipped, {len(out.failed)} failed, {len(out.blocked)} blocked")
     if not out.submitted and out.skipped and all(store.state(r) == "completed" for r in out.skipped):
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--executor", default="local", choices=["local", "debug", "slurm"])
     sp.add_argument("--dry-run", action="store_true", help="print the expanded grid and GPU-hours; touch nothing")
     sp.add_argument("--retry-failed", action="store_true")
+    sp.add_argument("--parallel", type=lambda v: v if v == "auto" else _number(int, 1)(v),
+                    help="local: runs at once (default 1; auto: as many as fit the cores at the runs' threads)")
     sp.add_argument("--wait", action="store_true", help="slurm: wait for the submitted jobs")
     for flag, typ, h in (("--partition", str, "SLURM partition"), ("--account", str, "SLURM account"),
                          ("--qos", str, "SLURM QOS"), ("--gpus", _number(int, 0), "GPUs per node"),

@@ -1,7 +1,11 @@
 """Submitting a grid: decide what needs running, then run it locally or submit it through submitit.
 
-- `local`: every run in dependency order, one at a time, each in its own process (a small
-  machine is not oversubscribed; a crash cannot take the launcher down).
+- `local`: every run in dependency order, each in its own process (a crash cannot take the launcher
+  down): a fork of one pre-imported server (`pcbench/forkserver.py`: torch/transformers/lm-eval
+  imported once), or a fresh `python -m pcbench.jobs` with `PCBENCH_LOCAL_MODE=subprocess`. Up to
+  `--parallel N` runs at once (default 1; `auto`: as many as fit the cores at the threads the runs
+  ask for, so each run keeps its thread count: the same losses), each started once its
+  dependencies are completed.
 - `debug`: submitit's debug executor, inline in this process (pdb on failure).
 - `slurm`: one job array per stage (per group of runs sharing the same dependencies), with
   `afterok` dependencies on the jobs of the runs they start from; resources from the grid YAML,
@@ -226,21 +230,23 @@ def local_mode() -> str:
     return mode if hasattr(os, "fork") else "subprocess"
 
 
-def local_parallel(todo: list[Run], parallel: Optional[int] = None) -> int:
-    """How many local runs at once: `parallel` (or `PCBENCH_PARALLEL`), else as many as fit the
-    cores at the largest thread count a run asks for (a run without one takes every core)."""
-    if parallel is None and os.environ.get("PCBENCH_PARALLEL"):
-        try:
-            parallel = int(os.environ["PCBENCH_PARALLEL"])
-        except ValueError:
-            raise SpecError("PCBENCH_PARALLEL", f"must be an integer, not {os.environ['PCBENCH_PARALLEL']!r}")
-    if parallel is not None:
-        if parallel < 1:
-            raise SpecError("--parallel", f"must be at least 1, not {parallel}")
-        return parallel
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = [_threads(run) for run in todo]
-    return max(1, cores // max(t or cores for t in threads)) if threads else 1
+def local_parallel(todo: list[Run], parallel: Optional[int | str] = None) -> int:
+    """How many local runs at once: `parallel` (else `PCBENCH_PARALLEL`, else 1); `auto`: as many
+    as fit the cores at the largest thread count a run asks for (a run without one takes every
+    core), so each run keeps its own thread count and the machine is not oversubscribed."""
+    if parallel is None:
+        parallel = os.environ.get("PCBENCH_PARALLEL") or 1
+    if parallel == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = [_threads(run) or cores for run in todo]
+        return max(1, cores // max(threads)) if threads else 1
+    try:
+        n = int(parallel)
+    except ValueError:
+        raise SpecError("PCBENCH_PARALLEL", f"must be an integer or auto, not {parallel!r}") from None
+    if n < 1:
+        raise SpecError("--parallel", f"must be at least 1, not {n}")
+    return n
 
 
 def _threads(run: Run) -> Optional[int]:
@@ -379,7 +385,8 @@ def _run_parallel(todo: list[Run], store: Store, outcome: Outcome, progress: Opt
     with interrupts.graceful():
         with interrupts.deferred():
             while pending or running:
-                for run in list(pending) if not interrupts.requested() else []:
+                stopping = interrupts.requested() or stop_rc  # a signal to us or to a job: start nothing
+                for run in list(pending) if not stopping else []:
                     if len(running) >= n:
                         break
                     if any(d in running or d in {p.id for p in pending} for d in run.deps):
@@ -417,7 +424,7 @@ def _run_parallel(todo: list[Run], store: Store, outcome: Outcome, progress: Opt
                         stop_rc = max(stop_rc, rc)
                         if result[0] == "interrupted" and stopped_run is None:
                             stopped_run = rid
-                if interrupts.requested() and not running:
+                if (interrupts.requested() or stop_rc) and not running:
                     break
                 time.sleep(0.1 if running else 0.5)
         if stop_rc > 128 or interrupts.requested():

@@ -149,8 +149,46 @@ def test_local_mode_and_parallel_are_checked(monkeypatch, tmp_path):
         launch.local_mode()
     monkeypatch.setenv("PCBENCH_LOCAL_MODE", "subprocess")
     assert launch.local_mode() == "subprocess"
+    monkeypatch.delenv("PCBENCH_PARALLEL", raising=False)
+    assert launch.local_parallel(grid.runs) == 1
     cores = len(os.sched_getaffinity(0))
-    assert launch.local_parallel(grid.runs) == max(1, cores // 1)  # tiny grid: 1 thread per run
-    assert launch.local_parallel(grid.runs, 3) == 3
+    assert launch.local_parallel(grid.runs, "auto") == max(1, cores // 1)  # tiny grid: 1 thread per run
+    default = load_grid(ROOT / "experiments" / "default.yaml")
+    assert launch.local_parallel(default.runs, "auto") == max(1, cores // 2)  # train.threads: 2
+    monkeypatch.setenv("PCBENCH_PARALLEL", "3")
+    assert launch.local_parallel(grid.runs) == 3
     with pytest.raises(Exception, match="parallel"):
         launch.local_parallel(grid.runs, 0)
+
+
+@pytest.mark.slow  # two CLI launches of a 200-step pair (minutes on a shared 2-core machine)
+def test_ctrl_c_stops_parallel_runs_then_a_rerun_finishes(tmp_path):
+    import signal
+    import time
+
+    path = seeds_grid(tmp_path, seeds=(0, 1))
+    g = yaml.safe_load(path.read_text())
+    g["stages"]["base"]["spec"]["train"]["steps"] = 200
+    path.write_text(yaml.safe_dump(g, sort_keys=False))
+    grid = load_grid(path)
+    store = launch.store_for(grid, tmp_path / "r", tmp_path / "w")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("PCBENCH_LOCAL_MODE", None)
+    cmd = [sys.executable, "-m", "pcbench.cli", "run", str(path), "--results", str(tmp_path / "r"),
+           "--work", str(tmp_path / "w"), "--parallel", "2"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    bases = [r.id for r in grid.runs if r.stage == "base"]
+    deadline = time.time() + 300
+    while not all(store.metrics(b) for b in bases):  # both bases training at once
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert {store.state(b) for b in bases} == {"interrupted"}
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(store.state(r.id) == "completed" for r in grid.runs)
+    assert all(store.final(b)["resumed_from"] for b in bases)
