@@ -17,7 +17,7 @@ from pcbench.config import SpecError
 def _resources(args) -> dict:
     return {"partition": args.partition, "account": args.account, "gpus_per_node": args.gpus,
             "cpus_per_task": args.cpus, "timeout_min": args.time, "mem_gb": args.mem,
-            "nodes": args.nodes, "qos": args.qos}
+            "nodes": args.nodes, "qos": args.qos, "gpu_mem_gb": args.gpu_mem}
 
 
 def _grid_and_store(args):
@@ -76,32 +76,47 @@ def cmd_run(args) -> int:
     if problems:
         raise Problems(problems)
     _claim_store(store)
-    out = launch.submit(grid, store, args.executor, only=args.only, retry_failed=args.retry_failed,
-                        resources=_resources(args), progress=None, parallel=args.parallel)
+    from pcbench import interrupts
+
+    with interrupts.graceful():
+        try:
+            out = launch.submit(grid, store, args.executor, only=args.only, retry_failed=args.retry_failed,
+                                resources=_resources(args), progress=None, parallel=args.parallel)
+            if args.executor == "slurm" and args.wait:
+                launch.wait_for_jobs(out, store)
+        except interrupts.Interrupted as e:
+            rid = getattr(e, "run_id", None)
+            if args.executor == "slurm":
+                what = "stopped waiting (the SLURM jobs go on)"
+            elif rid:
+                what = f"run {rid} recorded interrupted" + (f" at step {e.step}" if e.step is not None else "") + \
+                    ", its checkpoints kept"
+            else:
+                what = "no run was in progress"
+            print(f"pcbench: interrupted by {e.name}: {what}; run the same command again to resume", file=sys.stderr)
+            return e.exit_code
     print(f"{len(out.submitted)} run(s) {'submitted' if args.executor == 'slurm' else 'run'}, "
-          f"{len(out.skipped)} skipped, {len(out.failed)} failed, {len(out.blocked)} blocked")
+          f"{len(out.skipped)} skipped, {len(out.failed)} failed, {len(out.blocked)} blocked"
+          + (f", {len(out.interrupted)} interrupted" if out.interrupted else ""))
     if not out.submitted and out.skipped and all(store.state(r) == "completed" for r in out.skipped):
         print(f"nothing to do: every selected run is already completed in {store.root} "
               "(to run the grid yourself, give another store: --results DIR)")
-    if args.executor == "slurm" and args.wait:
-        for rid, job in out.jobs.items():
-            try:
-                job.result()
-            except Exception as e:  # noqa: BLE001 - shown by `pcbench status`
-                print(f"{rid}: {type(e).__name__}", file=sys.stderr)
     print(status_table(grid, store, args.only))
-    return 1 if out.failed or out.blocked else 0
+    return 1 if out.failed or out.blocked or out.interrupted else 0
 
 
 def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
     import pandas as pd
 
+    from pcbench import memory
     from pcbench.launch import merged_resources, plan_submission
     from pcbench.report import fmt
 
-    rows = []
+    rows, resolve, over = [], memory.grid_resolver(grid), []
     for d in plan_submission(grid, store, only, retry_failed):
         r = merged_resources(d.run, override)
+        mp = memory.run_plan(d.run, r, resolve)  # predicted peak per GPU (process)
+        over += memory.over_limit([d.run], lambda _: r, resolve) if d.action == "submit" else []
         spec = d.run.spec
         row = {"run": d.run.id, "stage": d.run.stage, **d.run.labels, "action": d.action,
                "why": d.reason, "gpus": r.nodes * r.gpus_per_node, "hours": d.run.hours,
@@ -110,6 +125,7 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
             t = spec.train
             row["tokens"] = t.tokens if t.tokens is not None else t.steps * t.batch_size * spec.data.seq_len
             row["batch"] = f"{spec.data.seq_len}x{t.batch_size}"
+        row["GB/GPU"] = "-" if mp is None else f"{mp.gb:.1f}"
         rows.append(row)
     df = pd.DataFrame(rows)
     per_stage = df.groupby(df.run.str.rsplit("-", n=1).str[0], sort=False).size()
@@ -119,18 +135,25 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
     todo = df[df.action == "submit"]
     lines.append(f"to submit: {len(todo)} runs, {todo.gpu_hours.sum():,.0f} GPU-hours estimated "
                  f"({df.gpu_hours.sum():,.0f} for the whole grid)")
+    lines += [f"over the GPU memory asked, refused on submission: {m}" for m in over]
     return "\n".join(lines)
 
 
 def status_table(grid, store, only: Optional[str] = None) -> str:
     from collections import Counter
 
+    from pcbench.liveness import Liveness
+
     rows = []
-    for run in grid.select(only):
+    runs = grid.select(only)
+    live = Liveness(store)  # running/submitted only while its process or job is alive
+    live.prefetch(r.id for r in runs)
+    for run in runs:
         st = store.status(run.id)
+        state, detail = live.state(run.id, run.kind)
         final = store.final(run.id) or {}
         ev = store.eval_result(run.id) or {}
-        row = {"run": run.id, **run.labels, "state": st.get("state", "pending")}
+        row = {"run": run.id, **run.labels, "state": state}
         if run.kind == "train":
             loss = final.get("train_loss_last100")
             row["loss"] = None if loss is None or (isinstance(loss, float) and math.isnan(loss)) else round(loss, 4)
@@ -138,8 +161,14 @@ def status_table(grid, store, only: Optional[str] = None) -> str:
         elif ev:
             avg = ev.get("average")
             row["score"] = None if avg is None else round(avg, 4)
-        if st.get("state") == "failed":
+        if state in ("failed", "interrupted", "cancelled"):
             row["error"] = (st.get("error") or "")[:80]
+        elif state == "lost":
+            row["error"] = detail
+        elif state == "damaged":
+            from pcbench.store import brief
+
+            row["error"] = brief(detail)[:80]
         rows.append(row)
     from pcbench.report import fmt
 
@@ -311,6 +340,10 @@ def cmd_tasks(args) -> int:
 def cmd_bench(args) -> int:
     if args.which == "throughput":
         from pcbench.bench.throughput import main as bench_main
+    elif args.which == "gpu-check":
+        from pcbench.bench.gpu_check import main as bench_main
+    elif args.which == "memory":
+        from pcbench.bench.memory import main as bench_main
     else:
         from pcbench.bench.step_cost import main as bench_main
     return bench_main(args.rest)
@@ -354,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                          ("--cpus", _number(int, 1), "CPUs per task"),
                          ("--time", _number(int, 1), "time limit in minutes"),
                          ("--mem", _number(float, 0, strict=True), "memory in GB"),
-                         ("--nodes", _number(int, 1), "nodes per job")):
+                         ("--nodes", _number(int, 1), "nodes per job"),
+                         ("--gpu-mem", _number(float, 0, strict=True),
+                          "GB per GPU: refuse runs whose memory plan exceeds it")):
         sp.add_argument(flag, type=typ, help=h)
     sp.set_defaults(fn=cmd_run)
 
@@ -417,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_tasks)
 
     sp = sub.add_parser("bench", help="benchmarks (write JSON under results/bench/)")
-    sp.add_argument("which", choices=["throughput", "step-cost"])
+    sp.add_argument("which", choices=["throughput", "step-cost", "memory", "gpu-check"])
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_bench)
     return p
@@ -459,6 +494,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for p in e.problems:
             print(f"pcbench: error: {p}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run (a run stops through pcbench.interrupts)
+        print("pcbench: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - every failure ends as one line
         line = _one_line(e)
         if line is None and os.environ.get("PCBENCH_DEBUG") == "1":
