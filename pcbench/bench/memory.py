@@ -79,7 +79,7 @@ def probe(cfg: dict) -> dict:
     from pcbench.compress.plan import make_plan
     from pcbench.compress.projected import Projected
     from pcbench.compress.prune import prune
-    from pcbench.bench.step_cost import _settle_and_reset_peak, _status_bytes
+    from pcbench.bench.step_cost import _settle_and_reset_peak, _status_bytes, memory_baseline
     from pcbench.config import ModelSpec, load_run_spec
     from pcbench.train import Stepper, amp_ctx
     from pcbench.trainable import Direct
@@ -90,13 +90,7 @@ def probe(cfg: dict) -> dict:
     dev = env.device
     cuda = dev.type == "cuda"
     _warm_up(dev)
-    if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
-        start = torch.cuda.memory_allocated(dev)
-    else:
-        _settle_and_reset_peak()
-        start = _status_bytes("VmRSS")
+    start = memory_baseline(dev)
     preset, over = SIZES[cfg["size"]]
     base = models.build_model(models.build_config(ModelSpec(name=preset, **over), cfg["vocab"], cfg["seq"]), seed=0)
     base.config.use_cache = False

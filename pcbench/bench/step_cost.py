@@ -170,6 +170,17 @@ def _settle_and_reset_peak() -> bool:
         return False
 
 
+
+def memory_baseline(device: torch.device) -> int:
+    """Bytes in use before a measurement: CUDA allocated memory, or this process's RSS on CPU
+    (after settling and resetting the peak)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(device)
+    _settle_and_reset_peak()
+    return _status_bytes("VmRSS")
+
 def probe(cfg: dict) -> dict:
     """Build one method for one cell alone and run `steps` steps; memory in MiB. CPU: RSS after
     imports and after the build, then the peak RSS (VmHWM, reset after the build) over the steps;
@@ -179,13 +190,7 @@ def probe(cfg: dict) -> dict:
     cell = Cell(**cfg["cell"])
     mib = 2.0 ** 20
     cuda = device.type == "cuda"
-    if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
-        start = torch.cuda.memory_allocated(device)
-    else:
-        _settle_and_reset_peak()
-        start = _status_bytes("VmRSS")
+    start = memory_baseline(device)
     base, plan = build_base(cfg["model"], cfg["vocab"], cfg["seq"], cfg["compression"], cfg["seed"])
     trainable, stepper = build_method(cfg["method"], base, plan, device, cfg["lr"], cfg["steps"], cell.rows)
     batch = fixed_batch(cell.total_rows, cfg["seq"], cfg["vocab"], cfg["seed"], device)
