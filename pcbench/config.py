@@ -8,7 +8,6 @@ required keys, wrong types and out-of-range values raise `SpecError` naming the 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import re
 import types
@@ -20,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from pcbench import presets
+from pcbench.suggest import did_you_mean
 
 
 class SpecError(ValueError):
@@ -401,9 +401,7 @@ def from_dict(cls: type, data: Any, path: str = "spec") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SpecError(f"{path}.{key}", f"unknown field{hint}; valid: {', '.join(fields)}")
+            raise SpecError(f"{path}.{key}", f"unknown field{did_you_mean(key, fields)}; valid: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:

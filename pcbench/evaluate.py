@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcbench.config import EvalSpec, SpecError
+from pcbench.suggest import unknown_tasks
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def hub_offline(offline: bool = True):
 def _task_manager(tasks: list[str], include: list[str]):
     """A TaskManager over `include`, plus lm-eval's own tasks only if some task is not found there;
     also returns the tasks not found in `include` (they need lm-eval's task datasets)."""
-    import difflib
-
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=include, include_defaults=False)
@@ -121,9 +120,7 @@ def _task_manager(tasks: list[str], include: list[str]):
     tm = TaskManager(include_path=include, include_defaults=True)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
-        hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}
-        raise SpecError("tasks", "unknown lm-eval task(s): " + "; ".join(
-            f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items()))
+        raise SpecError("tasks", unknown_tasks(unknown, tm.all_tasks))
     return tm, hub
 
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from pcbench.config import EvalSpec, ModelSpec, RunSpec, SpecError
 from pcbench.store import is_ref, parse_ref
+from pcbench.suggest import unknown_tasks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,8 +59,6 @@ def _include_task_names(include: Optional[str]) -> set[str]:
 
 def check_tasks(tasks: list[str], include: Optional[str], field: str) -> None:
     """Every task is one of the local suite, the spec's include path or lm-eval's registry."""
-    import difflib
-
     from pcbench.tasks import GROUP, TASKS
 
     known = {*TASKS, GROUP}
@@ -74,10 +73,7 @@ def check_tasks(tasks: list[str], include: Optional[str], field: str) -> None:
     registry = lm_eval_task_names()
     unknown = [t for t in rest if t not in registry]
     if unknown:
-        pool = sorted(known | registry)
-        hints = {t: difflib.get_close_matches(t, pool, n=3) for t in unknown}
-        raise SpecError(field, "unknown lm-eval task(s): " + "; ".join(
-            repr(t) + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items()))
+        raise SpecError(field, unknown_tasks(unknown, sorted(known | registry)))
 
 
 # ---------------------------------------------------------------------------------------------
