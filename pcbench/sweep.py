@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pcbench.config import SpecError
-from pcbench.grid import _label_matches, expand, validate_extend  # noqa: F401 (validate_extend re-exported)
+from pcbench.grid import expand, label_matches
 
 WAIT = "waits for sweep"  # reason prefix of a held decision
 
@@ -168,7 +168,7 @@ def extend_grid(grid, store) -> list[Line]:
                 continue
             for rid, _ in ext_ids:
                 a = by_id[rid]
-                if rid not in r.deps and all(_label_matches(a.labels, k, [r.labels.get(k)]) for k in r.tune.match):
+                if rid not in r.deps and all(label_matches(a.labels, k, [r.labels.get(k)]) for k in r.tune.match):
                     r.deps.append(rid)
     return lines
 
