@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pcbench.devices import resolve_device
+
 
 @dataclass
 class DistEnv:
@@ -21,15 +23,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def pick_device(pref: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> cuda:<local_rank> when available, else cpu."""
-    if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device("cuda", local_rank)
-
-
 def setup(device_pref: str = "auto", group: bool = False) -> DistEnv:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
     (nccl on CUDA, gloo on CPU); a single process when WORLD_SIZE is unset or 1, which still gets
@@ -37,7 +30,7 @@ def setup(device_pref: str = "auto", group: bool = False) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_pref, local_rank)
+    device = resolve_device(device_pref, local_rank, "train.device")  # cuda:<local_rank> or the CPU
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

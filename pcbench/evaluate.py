@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcbench.config import EvalSpec, SpecError
+from pcbench.devices import resolve_device
 from pcbench.suggest import unknown_tasks
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,6 @@ def primary_metric(task: str, metrics: dict) -> Optional[str]:
         if metrics.get(name) is not None:
             return name
     return None
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda if available, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def hub_unavailable(timeout: float = 3.0) -> Optional[str]:
@@ -166,7 +160,7 @@ def lm_eval_scores(spec: EvalSpec) -> dict:
         tm, hub = _task_manager(list(spec.tasks), include)
         why = hub_unavailable() if hub else None
         offline = not hub or why is not None
-        device = resolve_device(spec.device)
+        device = str(resolve_device(spec.device, what="eval.device"))
         with hub_offline(offline):
             lm = HFLM(pretrained=str(model), tokenizer=str(model), batch_size=spec.batch_size, device=device)
             try:

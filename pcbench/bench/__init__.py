@@ -5,7 +5,6 @@ never asserted in tests."""
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import time
@@ -14,15 +13,9 @@ from typing import Optional
 
 import torch
 
-from pcbench.atomic import temp_file
+from pcbench.atomic import write_png
 from pcbench.bench.machine import hostname
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto`: CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from pcbench.devices import resolve_device  # noqa: F401 - the benchmarks' --device
 
 
 def sync(device: torch.device) -> None:
@@ -45,14 +38,5 @@ def run_stem(out: Path, name: str, suffix: str = "", when: Optional[float] = Non
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write a matplotlib figure as PNG atomically (temp file in the same dir + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path)  # mode 0666 & ~umask (mkstemp's 0600 would make the plot private)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write a benchmark's matplotlib figure as PNG atomically (`atomic.write_png`)."""
+    write_png(path, fig, dpi=120, bbox_inches="tight")

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pcbench import models
+from pcbench import methods, models
 from pcbench.atomic import write_json
 from pcbench.bench import run_stem, save_figure, summary, sync
 from pcbench.bench.machine import REPO, finish, machine_info
@@ -47,9 +47,10 @@ from pcbench.bench.throughput import peak_bf16
 from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
 from pcbench.config import ModelSpec
+from pcbench.devices import resolve_device
 from pcbench.train import Stepper, amp_ctx
 
-METHODS = ("hpr", "pc")
+METHODS = methods.COMPARED  # hpr, pc (the registry's compared pair)
 GOALS = {"hpr_bf16_mfu_min": 0.40, "pc_over_hpr_step_262k_max": 1.02, "pc_peak_over_plan_max": 1.0}
 STUDY_NOTE = ("not run: a PC-vs-HPR study needs the training corpora (npm/PyPI assets, `datasets`), which the "
               "lent GPU machine cannot fetch (no network) and does not have; run `pcbench run "
@@ -549,7 +550,7 @@ def gpu_facts(device: torch.device, peak: Optional[float]) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     sizes = SMOKE if args.smoke else FULL
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    device = resolve_device("cpu" if args.smoke else "auto")
     if args.threads:
         torch.set_num_threads(args.threads)
     stem = run_stem(Path(args.out), "gpu-check")

@@ -74,15 +74,12 @@ def probe(cfg: dict) -> dict:
     """One rank of one cell: build, step, measure (bytes)."""
     import torch
 
-    from pcbench import distributed, models, parallel
+    from pcbench import distributed, methods, models, parallel
     from pcbench.compress import importance
     from pcbench.compress.plan import make_plan
-    from pcbench.compress.projected import Projected
-    from pcbench.compress.prune import prune
     from pcbench.bench.step_cost import _settle_and_reset_peak, _status_bytes, memory_baseline
     from pcbench.config import ModelSpec, load_run_spec
     from pcbench.train import Stepper, amp_ctx
-    from pcbench.trainable import Direct
 
     torch.set_num_threads(cfg["threads"])
     spec = load_run_spec(cell_spec(cfg, cfg["config_dir"]))
@@ -96,10 +93,7 @@ def probe(cfg: dict) -> dict:
     base.config.use_cache = False
     plan = make_plan(base, cfg["compression"], importance.random(base, 0))
     c = spec.compress
-    if c.method == "hpr":
-        trainable = Direct(prune(base, plan)).to(dev)
-    else:
-        trainable = Projected(base, plan, sides=c.sides, residual=c.residual).place(dev)
+    trainable = methods.build(c.method, base, plan, spec, dev)  # as the training loop builds it
     del base, plan
     trainable.model.train()
     par = parallel.wrap(trainable, env, spec)
@@ -169,13 +163,11 @@ def parse_cells(text: str) -> list[tuple[str, int, str]]:
 
 
 def run(args) -> dict:
-    import torch
-
     from pcbench import memory
     from pcbench.config import load_run_spec
+    from pcbench.devices import resolve_device
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
+    device = str(resolve_device(args.device))
     info = machine_info()
     cells = []
     with tempfile.TemporaryDirectory(prefix="pcbench-memcfg-") as cfg_root:
