@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from pcbench import methods
 from pcbench.config import RunSpec, SpecError
 from pcbench.grid import merged_resources
+from pcbench.presets import FAMILIES
 from pcbench.store import is_ref, parse_ref
 
 GiB = 2 ** 30
@@ -249,7 +251,7 @@ _ACT = {
     ("plain", "fp32"): ((24, 4, 8, 8, 4, 8), (12, 12)),
     ("plain", "bf16"): ((24, 2, 4, 4, 4, 8), (10, 12)),
 }
-_PLAIN_MLP = {"arcee"}  # ungated up/down MLP; every other supported family is SwiGLU
+_PLAIN_MLP = {f.model_type for f in FAMILIES.values() if not f.gated}  # ungated up/down; others gated
 # Logits [tokens, vocab] during the loss backward: the kept logits, log_softmax's saved output,
 # its gradient and the gradient of its input (fp32; under autocast the kept logits are bf16).
 _LOGIT_BYTES = {"fp32": 16, "bf16": 14}
@@ -347,7 +349,7 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     prec = _precision(spec, dev)
     par = parallel or tc.parallel
     ckpt = tc.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
-    pc = c is not None and c.method == "pc"
+    pc = c is not None and methods.METHODS[c.method].projected  # P/R and frozen bases are held
     block = pc and (c.blockwise_step if blockwise is None else blockwise)
     if tc.batch_size % world:
         raise PlanUnavailable(f"batch_size {tc.batch_size} does not split over {world} processes")

