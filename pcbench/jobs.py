@@ -12,7 +12,6 @@ the run already completed once it holds the lock, does nothing. SIGINT/SIGTERM r
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ import submitit
 
 from pcbench import interrupts
 from pcbench.config import RunSpec, SpecError, from_dict
+from pcbench.grid.fieldpath import field_value, with_field
 from pcbench.store import Store
 
 EXIT_OK = 0  # trained (or evaluated) and recorded completed
@@ -42,21 +42,6 @@ class RunBusy(RuntimeError):
 log = logging.getLogger(__name__)
 
 
-def _set_field(spec: dict, dotted: str, value: Any) -> None:
-    node = spec
-    *parents, last = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-
-
-def _get_field(spec: dict, dotted: str) -> Any:
-    node = spec
-    for p in dotted.split("."):
-        node = node[p]
-    return node
-
-
 def tuned_value(run: dict, store: Store) -> tuple[Any, Optional[str]]:
     """For a run with `tune`, the field's value from the best completed run it depends on."""
     tune = run.get("tune")
@@ -74,23 +59,29 @@ def tuned_value(run: dict, store: Store) -> tuple[Any, Optional[str]]:
         if metric is None:
             raise SpecError("tune.metric", f"run {rid} has no metric {tune['metric']!r}")
         if metric == metric and (best is None or metric < best[0]):  # skip NaN
-            best, best_id = (metric, _get_field(other["spec"], tune["field"])), rid
+            spec = from_dict(RunSpec, other["spec"], f"run {rid}")
+            best, best_id = (metric, field_value(spec, tune["field"], "tune.field")), rid
     if best is None:
         raise SpecError("tune", f"no finite {tune['metric']} among runs of stage {tune['stage']}")
     return best[1], best_id
 
 
 def resolved_train_spec(run: dict, store: Store) -> tuple[RunSpec, dict]:
-    """The run's spec with references and tuned fields filled in, plus what was filled."""
-    spec = copy.deepcopy(run["spec"])
+    """The run's typed spec with its `run:<id>` base and its tuned field filled in (each patched on
+    the typed spec, `grid.fieldpath`, then validated), plus what was tuned (the final record's
+    `tuned`: field, value, from_run)."""
+    where = f"run {run['id']}"
+    spec = from_dict(RunSpec, run["spec"], where)
+    if spec.model.path:
+        spec = with_field(spec, "model.path", store.resolve_ref(spec.model.path, "spec.model.path"), where)
     filled: dict[str, Any] = {}
-    if spec.get("model", {}).get("path"):
-        spec["model"]["path"] = store.resolve_ref(spec["model"]["path"], "spec.model.path")
     value, src = tuned_value(run, store)
     if src is not None:
-        _set_field(spec, run["tune"]["field"], value)
-        filled = {"field": run["tune"]["field"], "value": value, "from_run": src}
-    return from_dict(RunSpec, spec, f"run {run['id']}"), filled
+        field = run["tune"]["field"]
+        spec = with_field(spec, field, value, where)
+        filled = {"field": field, "value": field_value(spec, field), "from_run": src}
+    spec.validate(where)
+    return spec, filled
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -141,12 +132,8 @@ class RunJob(submitit.helpers.Checkpointable):
                 from pcbench.train import train
 
                 spec, tuned = resolved_train_spec(run, store)
-                record = train(spec, store.paths(self.run_id), progress=self.progress, name=self.run_id)
-                if tuned and main:
-                    from pcbench.atomic import write_json
-
-                    record["tuned"] = tuned
-                    write_json(store.paths(self.run_id).final, record)
+                record = train(spec, store.paths(self.run_id), progress=self.progress, name=self.run_id,
+                               provenance={"tuned": tuned} if tuned else None)
             elif run["kind"] == "eval":
                 from pcbench.evaluate import run_eval
 

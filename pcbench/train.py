@@ -249,10 +249,12 @@ class Stepper:
         return step_loss, grad_norm
 
 
-def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name: Optional[str] = None) -> dict:
+def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name: Optional[str] = None,
+          provenance: Optional[dict] = None) -> dict:
     """Train `spec` to completion, resuming from `paths.ckpt` if a checkpoint exists.
 
-    Returns the final record (also written to `paths.final`); raises `NonFiniteLoss` on NaN/inf and
+    Returns the final record (written once, to `paths.final`, with the caller's `provenance` keys
+    added, e.g. `tuned`: where a tuned value came from); raises `NonFiniteLoss` on NaN/inf and
     `interrupts.Interrupted` on a signal. `progress`: True a bar, False nothing, None a bar on a
     TTY and log lines (named `name`) elsewhere.
     """
@@ -445,7 +447,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         "device": str(env.device), "torch": torch.__version__,
         "resumed_from": start, "checkpoint_problems": problems, **info,
         "memory_plan": memory_plan.record_plan(spec, env.world, str(env.device)),  # beside the measured peak
-        **memory_plan.measured_peak(env.device),
+        **memory_plan.measured_peak(env.device), **(provenance or {}),
     }
     if env.main:
         with interrupts.deferred():  # a signal now is acted on once the run is recorded

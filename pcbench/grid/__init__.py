@@ -17,6 +17,7 @@ The package, one concern a module (none imports torch):
     templates.py  the `${...}` expression language
     expansion.py  stages x axes -> runs: overrides, exclude, tune dependencies, ids, `load_grid`
     selection.py  label conditions and `--only` filters
+    fieldpath.py  dotted field paths on typed specs: `tune.field` read and patched (`jobs.py`)
 """
 
 from pcbench.config import from_dict

@@ -7,7 +7,8 @@ its spec is the grid's `defaults` (train stages) merged with the stage's `spec` 
 `overrides.set`, then templated (`templates.py`) over the labels, `params` (the model's exact
 parameter count, without torch) and `parent` (`parent.id`, `parent.spec...`), and typed and
 validated as a `RunSpec` / `EvalSpec`. A `tune`d run also depends on every run of the tuned-from
-stage sharing its `match` labels (the value is taken when the run starts, `jobs.py`).
+stage sharing its `match` labels; its `tune.field` must name a field of its spec (the value is
+patched into the typed spec when the run starts, `fieldpath.with_field` from `jobs.py`).
 
 Run ids are `<stage>-<hash>` of the resolved spec's non-default fields, so adding an axis value or
 editing another stage never renames existing runs. Every `run:<id>` a spec loads must name a run
@@ -26,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from pcbench.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SpecError, from_dict, require, to_dict
+from pcbench.grid.fieldpath import field_value
 from pcbench.grid.schema import Grid, GridSpec, Resources, Run, StageSpec, parse_stages, read_grid_spec, stage_order
 from pcbench.grid.selection import label_matches, matches
 from pcbench.grid.templates import substitute, template_names
@@ -154,6 +156,8 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
                 rid = run_id(name, st.kind, spec, tune_dict)
                 deps = [parent.id] if parent else []
                 if st.tune:
+                    if st.kind == "train":  # the field the run takes from its sweep exists on its spec
+                        field_value(spec, st.tune.field, f"{path}.tune.field")
                     tuned = [r.id for r in by_stage[st.tune.stage]
                              if all(label_matches(r.labels, k, [labels.get(k)]) for k in st.tune.match)]
                     require(bool(tuned), f"{path}.tune", f"no run of stage {st.tune.stage!r} matches {st.tune.match}")
