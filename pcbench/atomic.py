@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import secrets
@@ -45,6 +46,15 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_png(path: str | os.PathLike, fig: Any, **savefig: Any) -> Path:
+    """Write a matplotlib figure as PNG atomically: rendered in memory (`fig.savefig(**savefig)`), then
+    `write_bytes`. The one PNG writer of the report and the benchmarks; it never imports matplotlib."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -20,7 +20,7 @@ import socket
 import subprocess
 from typing import Iterable, Optional
 
-from pcbench.store import Store
+from pcbench.store import ACTIVE, Store
 
 SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "PREEMPTED")
@@ -94,15 +94,15 @@ class Liveness:
         jobs = []
         for rid in run_ids:
             st = self.store.status(rid)
-            if st.get("state") in ("submitted", "running") and st.get("executor") == "slurm" and st.get("job_id"):
+            if st.get("state") in ACTIVE and st.get("executor") == "slurm" and st.get("job_id"):
                 jobs.append(str(st["job_id"]))
         self._slurm.update(slurm_states(jobs))
 
     def state(self, run_id: str, kind: Optional[str] = None) -> tuple[str, Optional[str]]:
-        """(state, detail): as `Store.health`, with a dead `running`/`submitted` made `lost` or
+        """(state, detail): as `Store.health`, with a dead `running`/`submitted` (`ACTIVE`) made `lost` or
         `cancelled`; detail names the process or job (or what is wrong)."""
         state, problem = self.store.health(run_id, kind)
-        if state not in ("submitted", "running"):
+        if state not in ACTIVE:
             return state, problem
         st = self.store.status(run_id)
         job = st.get("job_id")
@@ -130,4 +130,4 @@ class Liveness:
         return "lost", f"pid {pid} on {host} is gone"
 
     def alive(self, run_id: str) -> bool:
-        return self.state(run_id)[0] in ("submitted", "running")
+        return self.state(run_id)[0] in ACTIVE

@@ -36,7 +36,12 @@ from pcbench.config import SpecError
 
 log = logging.getLogger(__name__)
 
-STATES = ("pending", "submitted", "running", "completed", "failed", "interrupted", "cancelled")
+# Every state of a run, in the order reports list them. `damaged` and `lost` are never written: readers
+# derive them (`Store.health`: unreadable records; `liveness.Liveness`: its process or job is gone).
+ALL_STATES = ("completed", "failed", "running", "submitted", "pending", "cancelled", "damaged", "interrupted", "lost")
+DERIVED = ("damaged", "lost")
+STATES = tuple(s for s in ALL_STATES if s not in DERIVED)  # what status.json may hold
+ACTIVE = ("submitted", "running")  # a claim that a process or job works on the run (`Liveness` checks it)
 RESUMABLE = ("pending", "submitted", "running", "interrupted", "cancelled", "damaged")  # rerun resumes
 _warned: set[tuple] = set()
 
@@ -60,7 +65,7 @@ class RunPaths:
     """Where a run writes: small records (`record`, committed to git) and heavy files (`work`)."""
 
     record: Path
-    work: Path
+    work: Optional[Path]  # None: a reader of records only (the report), which never asks for weights
     export: Optional[Path] = None  # default: <work>/model
 
     @property
@@ -141,18 +146,19 @@ def _damaged(path: Path, why: str, problems: Optional[list[str]]) -> None:
 
 
 class Store:
-    """Records of one grid under `root` (= <results>/<grid>), weights under `work` (= <work>/<grid>)."""
+    """Records of one grid under `root` (= <results>/<grid>), weights under `work` (= <work>/<grid>;
+    None: a reader of the records only, e.g. the report)."""
 
-    def __init__(self, root: str | os.PathLike, work: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, work: Optional[str | os.PathLike] = None):
         self.root = Path(root)
-        self.work = Path(work)
+        self.work = Path(work) if work is not None else None
 
     # -- paths -------------------------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
     def paths(self, run_id: str) -> RunPaths:
-        return RunPaths(record=self.run_dir(run_id), work=self.work / run_id)
+        return RunPaths(record=self.run_dir(run_id), work=self.work / run_id if self.work is not None else None)
 
     @property
     def events(self) -> Path:

@@ -6,7 +6,8 @@
                            gaps, trends, LR sweep, importance, bases, downstream, recovery, cost, runs
         figures/*.png      loss vs tokens, gap vs tokens / base ratio, downstream, recovery, curves
 
-It reads `<results_root>/<grid>/` and nothing else (never the grid YAML); the same store gives
+What it holds, in order, is one list: `contents.PARTS` (each part's tables and REPORT.md text) and
+`contents.FIGURES`. It reads `<results_root>/<grid>/` (through `pcbench.store`) and nothing else (never the grid YAML); the same store gives
 byte-identical tables and REPORT.md. The report is built in a temp dir and installed as a pcbench
 output (`pcbench.outputs`): it replaces its own earlier files (and drops those it no longer makes),
 never anything else in `out_root/<grid>/`, and refuses a non-empty directory that is not a report.
@@ -37,72 +38,33 @@ def build_report(results_root: Path, grid: str, out_root: Path = Path("paper_fig
 
 
 def _build(study, out: Path) -> None:
-    """Every file of the report, written under `out`."""
-    from pcbench.report import markdown, scaling, tables, trends, tuning
+    """Every file of the report, written under `out`: each part's tables, the figures, REPORT.md."""
+    from pcbench.report import contents, markdown
 
-    cells, paired, keys_by = trends.gaps(study)
-    slopes = trends.token_slopes(cells, paired, keys_by)
-    effect = trends.ratio_effect(cells, keys_by)
-    sections = {
-        "pair": [t for s in tables.pair_stages(study)
-                 for t in (tables.pair_table(study, s), tables.table1_view(study, s)) if t is not None],
-        "trend": trends.trend_tables(cells, slopes, effect),
-        "headline": trends.headline(cells),
-        "verdict_ratio": trends.verdict_ratio(effect),
-        "verdict_tokens": trends.verdict_tokens(slopes),
-        "lr_sweep": tables.lr_sweep_table(study),
-        "lr_used": tables.lr_used_table(study) if len(tables.compress_runs(study)) else None,
-        "importance": tables.importance_table(study),
-        "base": tables.base_table(study),
-        "downstream": tables.downstream_tables(study),
-        "recovery": tables.recovery_table(study),
-        "cost": tables.cost_table(study),
-        "failed": tables.failed_table(study),
-        "claims": scaling.claims_table(study),  # the opening table (scaling grids only)
-        "tuning": tuning.tuning_table(study),   # tuned values, flagged where their sweep does not bracket them
-    }
-    written: set[Path] = set()
-    all_tables = [t for v in sections.values() for t in (v if isinstance(v, list) else [v])
-                  if isinstance(v, (list, tables.Table)) and isinstance(t, tables.Table)]
-    for t in all_tables:
-        written |= _write_table(out / "tables", t)
-    runs = study.runs.sort_values("id").drop(columns=["status_time", "started"], errors="ignore")
-    written.add(_write(out / "tables" / "runs.csv", runs.to_csv(index=False)))
-    if study.grid in tables.PAPER_GRIDS:
-        from pcbench.report import reference
-
-        written.add(_write(out / "tables" / "paper_reference.csv", reference.all_tables().to_csv(index=False)))
-    sections["figures"] = _figures(study, cells, keys_by, out / "figures", written)
-    write_text(out / "REPORT.md", markdown.report(study, sections))
+    inp = contents.Inputs(study)
+    built = [(part, part.tables(inp)) for part in contents.PARTS]
+    for part, tables in built:
+        for t in tables:
+            _write_table(out / "tables", t, part.formats)
+    inp.figures = _draw(inp, contents.FIGURES, out / "figures")
+    write_text(out / "REPORT.md", markdown.report(inp, built))
 
 
-def _write(path: Path, text: str) -> Path:
-    write_text(path, text)
-    return path
+def _write_table(d: Path, t, formats: tuple[str, ...]) -> None:
+    if "md" in formats:
+        write_text(d / f"{t.name}.md", f"# {t.title}\n\n{t.markdown.rstrip()}\n" + "".join(f"\n_{n}_\n" for n in t.notes))
+    if "csv" in formats:
+        write_text(d / f"{t.name}.csv", t.data.to_csv(index=False))
 
 
-def _write_table(d: Path, t) -> set[Path]:
-    md = f"# {t.title}\n\n{t.markdown.rstrip()}\n" + "".join(f"\n_{n}_\n" for n in t.notes)
-    return {_write(d / f"{t.name}.md", md), _write(d / f"{t.name}.csv", t.data.to_csv(index=False))}
-
-
-def _figures(study, cells, keys_by, d: Path, written: set[Path]) -> list[tuple[str, str]]:
-    from pcbench.report import figures, tables
+def _draw(inp, figures: list, d: Path) -> list[tuple[str, str]]:
+    """Draw each figure (one per pair stage where its file name has `{stage}`): (file, caption) of those drawn."""
+    from pcbench.report import tables
 
     made = []
-    jobs = [(f"loss_vs_tokens_{s}.png", f"Loss vs retraining tokens, stage {s} (the paper's Figure 2)",
-             lambda p, s=s: figures.loss_vs_tokens(study, s, p)) for s in tables.pair_stages(study)]
-    jobs += [("gap_vs_tokens.png", "PC - HPR gap vs retraining tokens",
-              lambda p: figures.gap_vs_tokens(cells, keys_by, p)),
-             ("gap_vs_ratio.png", "PC - HPR gap vs base tokens-per-parameter",
-              lambda p: figures.gap_vs_ratio(cells, p)),
-             ("downstream.png", "Downstream average vs tokens (the poster's Figure 2)",
-              lambda p: figures.downstream(study, p)),
-             ("recovery.png", "PC recovery dynamics", lambda p: figures.recovery(study, p)),
-             ("curves.png", "Training curves", lambda p: figures.curves(study, p))]
-    for name, caption, fn in jobs:
-        path = fn(d / name)
-        if path is not None:
-            written.add(path)
-            made.append((name, caption))
+    for f in figures:
+        for stage in tables.pair_stages(inp.study) if "{stage}" in f.file else [None]:
+            name, caption = f.file.format(stage=stage), f.caption.format(stage=stage)
+            if f.draw(inp, d / name, stage) is not None:
+                made.append((name, caption))
     return made

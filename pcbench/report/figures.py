@@ -6,7 +6,6 @@ titles and legends name labels in words (`fmt.phrase`); a suptitle names only wh
 
 from __future__ import annotations
 
-import io
 import math
 import textwrap
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
-from pcbench.atomic import write_bytes  # noqa: E402
+from pcbench.atomic import write_png  # noqa: E402
 from pcbench.report import fmt  # noqa: E402
 from pcbench.report.load import Study  # noqa: E402
 from pcbench.report.tables import (aggregate, attach_paper, eval_frame, pair_stages,  # noqa: E402
@@ -36,14 +35,11 @@ DODGE = 0.012        # decades between neighbouring series at one budget (downst
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
-    """Write `fig` atomically (rendered in memory, then `atomic.write_bytes`) and close it."""
-    buf = io.BytesIO()
+    """Write `fig` atomically (`atomic.write_png`, no software metadata) and close it."""
     try:
-        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+        return write_png(path, fig, dpi=DPI, metadata={"Software": None})
     finally:
         plt.close(fig)
-    write_bytes(path, buf.getvalue())
-    return path
 
 
 def _wrap(text: str, inches: float, fontsize: float) -> str:

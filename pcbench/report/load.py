@@ -1,4 +1,5 @@
-"""The results store of one grid -> tidy DataFrames. Reads `<results>/<grid>/` and nothing else.
+"""The results store of one grid -> tidy DataFrames. Reads `<results>/<grid>/` and nothing else, through
+`pcbench.store.Store` (which owns the file layout and reads damaged records as absent, logging them).
 
     runs     one row per run (every state): id, stage, kind, state, error, label columns, and the
              standard columns method / compression / importance / tokens / seed / lr_used / base_id
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from pcbench.store import parse_ref, read_lines, read_record
+from pcbench.store import Store, parse_ref, read_lines
 
 STANDARD = ["method", "compression", "importance", "tokens", "seed"]
 
@@ -37,19 +38,17 @@ class Study:
 
     def curves(self, run_ids: list[str]) -> pd.DataFrame:
         """metrics.jsonl of the given runs, long: run, step, tokens, loss, loss_avg, lr, ..."""
-        return _jsonl_frame(self.root, run_ids, "metrics.jsonl")
+        return _long(run_ids, Store(self.root).metrics)
 
     def recovery(self, run_ids: list[str]) -> pd.DataFrame:
         """recovery.jsonl (PC runs), long: run, step, recovery/<axis>/<mean|max> (per-tensor detail dropped)."""
-        df = _jsonl_frame(self.root, run_ids, "recovery.jsonl")
+        df = _long(run_ids, Store(self.root).recovery)
         return df.drop(columns=[c for c in ("tensors",) if c in df.columns])
 
 
-def _jsonl_frame(root: Path, run_ids: list[str], name: str) -> pd.DataFrame:
-    rows = []
-    for rid in sorted(run_ids):
-        rows += [{"run": rid, **r} for r in read_lines(root / "runs" / rid / name)]
-    return pd.DataFrame(rows)
+def _long(run_ids: list[str], read) -> pd.DataFrame:
+    """One frame of the runs' JSON-lines records (`read(run_id)`), a `run` column first."""
+    return pd.DataFrame([{"run": rid, **r} for rid in sorted(run_ids) for r in read(rid)])
 
 
 def _get(d: Optional[dict], *path: str, default: Any = None) -> Any:
@@ -65,11 +64,6 @@ def _num(x: Any) -> float:
         return float(x)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _read(p: Path) -> Optional[Any]:
-    """A record, None when absent or damaged (the store logs a damaged one with its path)."""
-    return read_record(p)
 
 
 def _run_row(run: dict, status: dict, final: Optional[dict]) -> dict:
@@ -135,36 +129,30 @@ def _final_fields(final: dict) -> dict:
 
 def load_study(results_root: Path, grid: str) -> Study:
     """Read `<results_root>/<grid>/` into a Study (every frame sorted by run id)."""
-    root = Path(results_root) / grid
-    runs_dir = root / "runs"
-    ids = sorted(p.name for p in runs_dir.iterdir() if (p / "run.json").exists()) if runs_dir.exists() else []
+    store = Store(Path(results_root) / grid)  # records only: a report never asks for weights
     rows, finals, evals, label_names = [], {}, {}, set()
-    for rid in ids:
-        d = runs_dir / rid
-        run = _read(d / "run.json")
-        if run is None:  # damaged: logged, left out of the tables
-            continue
-        status = _read(d / "status.json") or {"state": "pending"}
-        final = _read(d / "final.json") if status.get("state") == "completed" else None
-        if status.get("state") == "completed" and run.get("kind", "train") == "train" and final is None:
+    for run in store.records():  # a damaged run.json is logged and left out of the tables
+        rid, status = run["id"], run["status"]
+        completed = status.get("state") == "completed"
+        final = run["final"] if completed else None
+        if completed and run.get("kind", "train") == "train" and final is None:
             status = {**status, "state": "damaged"}  # never counted completed without its record
         row = _run_row(run, status, final)
         label_names |= set((run.get("labels") or {}).keys())
         rows.append(row)
         if final is not None and row["kind"] == "train":
             finals[rid] = _final_fields(final)
-        if status.get("state") == "completed" and row["kind"] == "eval":
-            ev = _read(d / "eval.json")
-            if ev is not None:
-                evals[rid] = ev
+        if completed and row["kind"] == "eval":
+            if run["eval"] is not None:
+                evals[rid] = run["eval"]
             else:
                 row["state"] = "damaged"
     runs = pd.DataFrame(rows)
     if runs.empty:
         runs = pd.DataFrame(columns=["id", "stage", "kind", "state", "error", "base_id", *STANDARD, "lr_used"])
     train = _train_frame(runs, finals)
-    return Study(grid=grid, root=root, runs=runs, train=train, evals=_eval_frame(runs, train, evals),
-                 events=_events(root), labels=sorted(label_names))
+    return Study(grid=grid, root=store.root, runs=runs, train=train, evals=_eval_frame(runs, train, evals),
+                 events=_events(store), labels=sorted(label_names))
 
 
 def _train_frame(runs: pd.DataFrame, finals: dict[str, dict]) -> pd.DataFrame:
@@ -208,8 +196,8 @@ def _eval_frame(runs: pd.DataFrame, train: pd.DataFrame, evals: dict[str, dict])
     return df
 
 
-def _events(root: Path) -> pd.DataFrame:
-    ev = pd.DataFrame(read_lines(root / "events.jsonl"))
+def _events(store: Store) -> pd.DataFrame:
+    ev = pd.DataFrame(read_lines(store.events))
     if ev.empty:
         return pd.DataFrame(columns=["run", "state", "time"])
     return ev.sort_values(["time", "run", "state"], kind="stable").reset_index(drop=True)

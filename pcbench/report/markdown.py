@@ -1,4 +1,5 @@
-"""REPORT.md: what was run, the tables, the figures and the trend verdicts (no "now" in it)."""
+"""REPORT.md: what was run, the tables, the figures and the trend verdicts (no "now" in it), as the text of
+the parts in `contents.PARTS`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pcbench.report import fmt, reference
 from pcbench.report.load import Study
 from pcbench.report.tables import PAPER_GRIDS, Table
 from pcbench.report.trends import DECISION, Verdict
+from pcbench.store import ALL_STATES
 
-STATES = ["completed", "failed", "running", "submitted", "pending"]
 
 
 def _utc(t: float) -> str:
@@ -44,8 +45,8 @@ def runs_summary(study: Study) -> str:
     if r.empty:
         return "No runs recorded in this store.\n"
     counts = r.groupby(["stage", "kind", "state"]).size().unstack("state", fill_value=0)
-    counts = counts.reindex(columns=[s for s in STATES if s in counts.columns] +
-                            sorted(set(counts.columns) - set(STATES)), fill_value=0)
+    counts = counts.reindex(columns=[s for s in ALL_STATES if s in counts.columns] +
+                            sorted(set(counts.columns) - set(ALL_STATES)), fill_value=0)
     counts["total"] = counts.sum(axis=1)
     lines = [fmt.md_table(counts.reset_index())]
     t = study.train
@@ -106,40 +107,44 @@ def reference_md(grid: str) -> str:
         fmt.md_table(s), ""])
 
 
-def report(study: Study, sections: dict) -> str:
-    """Assemble REPORT.md from computed pieces (see build_report)."""
-    s = sections
-    out = [f"# pcbench report: grid `{study.grid}`", "",
+def headline_md(lines: list[str]) -> list[str]:
+    return ["## Headline", ""] + [f"- {line}" for line in lines] + [""] if lines else []
+
+
+def verdicts_md(ratio: Verdict, tokens: Verdict) -> list[str]:
+    return ["## Verdicts", "", f"_Decision rule: {DECISION}_", "", verdict_md("a", ratio), verdict_md("b", tokens)]
+
+
+def learning_rates_md(tables: list[Table]) -> list[str]:
+    """The LR sweep table (if any), then the rate each method used (the `lr_used` table as lines)."""
+    by = {t.name: t for t in tables}
+    if not by:
+        return []
+    out = ["## Learning rates", ""]
+    if "lr_sweep" in by:
+        out.append(table_md(by["lr_sweep"]))
+    return out + ["Learning rate each method used:", "", lr_text(by.get("lr_used"))]
+
+
+def figures_md(figures: list[tuple[str, str]]) -> list[str]:
+    """Each figure drawn, (file, caption): a link and the image."""
+    if not figures:
+        return []
+    return ["## Figures", ""] + [f"- {caption}: [figures/{name}](figures/{name})\n\n  ![{caption}](figures/{name})"
+                                 for name, caption in figures] + [""]
+
+
+def failed_md(failed: Table) -> list[str]:
+    return ["## Failed runs", "", failed.markdown if len(failed.data) else "None.\n"]
+
+
+def report(inp, built: list) -> str:
+    """Assemble REPORT.md: the header, then each part's text in `contents.PARTS` order (`built`: each
+    part with its tables; `inp`: the `contents.Inputs` they were built from)."""
+    out = [f"# pcbench report: grid `{inp.study.grid}`", "",
            "Built from this grid's results store only (run.json, status.json, final.json, metrics.jsonl, "
            "recovery.jsonl, eval.json, events.jsonl). Loss: training cross-entropy averaged over the last 100 "
            "steps (the paper's metric). gap = loss(PC) - loss(HPR): negative means PC is better.", ""]
-    if s.get("claims") is not None:
-        out.append(table_md(s["claims"], level=2))
-    out += ["## What was run", "", runs_summary(study)]
-    if s.get("headline"):
-        out += ["## Headline", ""] + [f"- {line}" for line in s["headline"]] + [""]
-    out += ["## Verdicts", "", f"_Decision rule: {DECISION}_", "", verdict_md("a", s["verdict_ratio"]),
-            verdict_md("b", s["verdict_tokens"])]
-    out += ["## Results", ""] + ([table_md(t) for t in s["pair"]] or ["No completed PC/HPR runs yet.", ""])
-    if s["trend"]:
-        out += ["## Trends", ""] + [table_md(t) for t in s["trend"]]
-    if s["lr_sweep"] is not None or s["lr_used"] is not None:
-        out += ["## Learning rates", ""]
-        if s["lr_sweep"] is not None:
-            out.append(table_md(s["lr_sweep"]))
-        out += ["Learning rate each method used:", "", lr_text(s["lr_used"])]
-    for key in ("tuning", "importance", "base", "downstream", "recovery", "cost"):
-        items = s.get(key)
-        for t in (items if isinstance(items, list) else [items]):
-            if t is not None:
-                out.append(table_md(t, level=2))
-    if s["figures"]:
-        out += ["## Figures", ""]
-        out += [f"- {caption}: [figures/{name}](figures/{name})\n\n  ![{caption}](figures/{name})" for name, caption
-                in s["figures"]]
-        out.append("")
-    out += ["## Failed runs", ""]
-    failed = s["failed"]
-    out.append(failed.markdown if len(failed.data) else "None.\n")
-    out.append(reference_md(study.grid))
+    for part, tables in built:
+        out += part.text(inp, tables)
     return "\n".join(out).rstrip() + "\n"
