@@ -202,7 +202,8 @@ def cmd_report(args) -> int:
         raise SpecError("report", f"no results for grid {name!r} under {results}/ (run it first: pcbench run GRID)")
     outputs.claim(Path(args.out) / name, "report", "--out")
     _writable(Path(args.out) / name, "--out")
-    out = build_report(Path(results), name, out_root=Path(args.out))
+    out = build_report(Path(results), name, out_root=Path(args.out),
+                       progress=lambda m: print(f"[pcbench] {m}", file=sys.stderr, flush=True))
     print(f"report written to {out}")
     return 0
 

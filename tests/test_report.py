@@ -356,6 +356,37 @@ def test_cli_report_takes_a_grid_name_or_yaml(tmp_path: Path, capsys):
     assert "no results for grid 'nosuch'" in capsys.readouterr().err
 
 
+SLOW_IMPORTS = ("pandas", "numpy", "matplotlib", "torch", "transformers")
+
+
+def _imported_after(code: str, *args: str) -> list:
+    """The last stdout line (JSON) of `code` run in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_report_says_it_started_before_its_slow_imports(tmp_path: Path):
+    """The first progress line comes before pandas/matplotlib are imported; `--help` and a bad grid name
+    import none of them (the CLI answers at once)."""
+    make_store(tmp_path / "results")
+    seen = _imported_after(
+        "import json, sys\nfrom pcbench.report import build_report\nseen = []\n"
+        f"build_report(sys.argv[1], {GRID!r}, sys.argv[2], progress=lambda m: seen.append("
+        f"[m, [x for x in {SLOW_IMPORTS!r} if x in sys.modules]]))\nprint(json.dumps(seen))",
+        str(tmp_path / "results"), str(tmp_path / "out"))
+    assert seen[0][0].startswith(f"report of grid {GRID}: reading") and seen[0][1] == []
+    assert "pandas" in seen[-1][1] and any(m.startswith("figure ") for m, _ in seen)
+    for argv in (["report", "--help"], ["report", "nosuch", "--results", str(tmp_path / "results")]):
+        heavy = _imported_after("import json, sys\nfrom pcbench.cli import main\ntry:\n    main(sys.argv[1:])\n"
+                                f"except SystemExit:\n    pass\nprint(json.dumps([m for m in {SLOW_IMPORTS!r} "
+                                "if m in sys.modules]))", *argv)
+        assert heavy == [], (argv, heavy)
+
+
 # -- what a person reads: chance levels, the bold rule, figure text, CLI tables ----------------------
 BUDGETS = (400_000, 800_000, 1_600_000, 3_200_000, 6_400_000)   # the mini study's budgets
 # tokens -> (HPR seeds, PC seeds): at 400k the means differ by 0.01 < their combined s.e. 0.0141; elsewhere by 0.1

@@ -16,6 +16,7 @@ never anything else in `out_root/<grid>/`, and refuses a non-empty directory tha
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 from pcbench import outputs
 from pcbench.atomic import write_text
@@ -23,30 +24,37 @@ from pcbench.atomic import write_text
 __all__ = ["build_report"]
 
 
-def build_report(results_root: Path, grid: str, out_root: Path = Path("paper_figures")) -> Path:
-    """Write the report of grid `grid` (store `<results_root>/<grid>`) under `out_root/<grid>/`; return that dir."""
+def build_report(results_root: Path, grid: str, out_root: Path = Path("paper_figures"),
+                 progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Write the report of grid `grid` (store `<results_root>/<grid>`) under `out_root/<grid>/`; return that dir.
+    `progress` (e.g. the CLI's stderr) hears one line as reading starts, then one per step."""
+    say = progress or (lambda _: None)
+    root = Path(results_root) / grid
+    if not root.is_dir():  # before any heavy import: bad input fails at once
+        raise FileNotFoundError(f"no results store for grid {grid!r} at {root}")
+    final = outputs.claim(Path(out_root) / grid, "report", "report --out")
+    say(f"report of grid {grid}: reading {root}")
     from pcbench.report.load import load_study
 
     study = load_study(Path(results_root), grid)
-    if not study.root.is_dir():
-        raise FileNotFoundError(f"no results store for grid {grid!r} at {study.root}")
-    final = outputs.claim(Path(out_root) / grid, "report", "report --out")
     with outputs.staging(final) as out:
-        _build(study, out)
+        _build(study, out, say)
         outputs.install(out, final, "report", "report --out")
     return final
 
 
-def _build(study, out: Path) -> None:
+def _build(study, out: Path, say: Callable[[str], None]) -> None:
     """Every file of the report, written under `out`: each part's tables, the figures, REPORT.md."""
     from pcbench.report import contents, markdown
 
+    say(f"{len(study.runs)} runs read; computing the tables")
     inp = contents.Inputs(study)
     built = [(part, part.tables(inp)) for part in contents.PARTS]
     for part, tables in built:
         for t in tables:
             _write_table(out / "tables", t, part.formats)
-    inp.figures = _draw(inp, contents.FIGURES, out / "figures")
+    say(f"{sum(len(ts) for _, ts in built)} tables written; drawing the figures")
+    inp.figures = _draw(inp, contents.FIGURES, out / "figures", say)
     write_text(out / "REPORT.md", markdown.report(inp, built))
 
 
@@ -57,7 +65,7 @@ def _write_table(d: Path, t, formats: tuple[str, ...]) -> None:
         write_text(d / f"{t.name}.csv", t.data.to_csv(index=False))
 
 
-def _draw(inp, figures: list, d: Path) -> list[tuple[str, str]]:
+def _draw(inp, figures: list, d: Path, say: Callable[[str], None]) -> list[tuple[str, str]]:
     """Draw each figure (one per pair stage where its file name has `{stage}`): (file, caption) of those drawn."""
     from pcbench.report import tables
 
@@ -67,4 +75,5 @@ def _draw(inp, figures: list, d: Path) -> list[tuple[str, str]]:
             name, caption = f.file.format(stage=stage), f.caption.format(stage=stage)
             if f.draw(inp, d / name, stage) is not None:
                 made.append((name, caption))
+                say(f"figure {name}")
     return made
