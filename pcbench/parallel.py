@@ -85,7 +85,7 @@ class Replicated:
     def __init__(self, trainable, env: DistEnv, net: Optional[nn.Module] = None, compile: bool = False):
         self.trainable, self.env = trainable, env
         if net is None:
-            net = torch.compile(trainable.model) if compile else trainable.model
+            net = torch.compile(trainable.network) if compile else trainable.network
             if env.world > 1:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 

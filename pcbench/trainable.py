@@ -29,6 +29,11 @@ class Direct(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def network(self) -> nn.Module:
+        """The module micro-batches run through (the protocol in `pcbench.methods`)."""
+        return self.model
+
     def param_groups(self, weight_decay: float, decay_norms: bool = False) -> list[dict]:
         return decay_groups(self.model.named_parameters(), weight_decay, decay_norms=decay_norms)
 
