@@ -76,26 +76,20 @@ def cmd_run(args) -> int:
     if problems:
         raise Problems(problems)
     _claim_store(store)
-    from pcbench import interrupts
+    from pcbench import executors, interrupts
 
+    ex = executors.named(args.executor)
     with interrupts.graceful():
         try:
             out = launch.submit(grid, store, args.executor, only=args.only, retry_failed=args.retry_failed,
                                 resources=_resources(args), progress=None, parallel=args.parallel)
-            if args.executor == "slurm" and args.wait:
-                launch.wait_for_jobs(out, store)
+            if args.wait:
+                ex.wait(out, store)
         except interrupts.Interrupted as e:
-            rid = getattr(e, "run_id", None)
-            if args.executor == "slurm":
-                what = "stopped waiting (the SLURM jobs go on)"
-            elif rid:
-                what = f"run {rid} recorded interrupted" + (f" at step {e.step}" if e.step is not None else "") + \
-                    ", its checkpoints kept"
-            else:
-                what = "no run was in progress"
-            print(f"pcbench: interrupted by {e.name}: {what}; run the same command again to resume", file=sys.stderr)
+            print(f"pcbench: interrupted by {e.name}: {ex.interrupted(e)}; run the same command again to resume",
+                  file=sys.stderr)
             return e.exit_code
-    print(f"{len(out.submitted)} run(s) {'submitted' if args.executor == 'slurm' else 'run'}, "
+    print(f"{len(out.submitted)} run(s) {ex.verb}, "
           f"{len(out.skipped)} skipped, {len(out.failed)} failed, {len(out.blocked)} blocked"
           + (f", {len(out.interrupted)} interrupted" if out.interrupted else ""))
     if not out.submitted and out.skipped and all(store.state(r) == "completed" for r in out.skipped):
@@ -377,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run or submit a grid")
     grid_args(sp)
-    sp.add_argument("--executor", default="local", choices=["local", "debug", "slurm"])
+    from pcbench.executors import EXECUTORS  # the registry
+
+    sp.add_argument("--executor", default="local", choices=list(EXECUTORS))
     sp.add_argument("--dry-run", action="store_true", help="print the expanded grid and GPU-hours; touch nothing")
     sp.add_argument("--retry-failed", action="store_true")
     sp.add_argument("--parallel", type=lambda v: v if v == "auto" else _number(int, 1)(v),

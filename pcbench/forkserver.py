@@ -1,6 +1,6 @@
 """A pre-imported process that forks one child per local run: the imports are paid once.
 
-The local executor (`pcbench/launch.py`) starts `python -m pcbench.forkserver CMD_FD REPLY_FD`
+The local executor (`pcbench/executors/local.py`) starts `python -m pcbench.forkserver CMD_FD REPLY_FD`
 once, a fresh process that imports what every run imports (torch, transformers, lm-eval, the
 training and evaluation code) and never runs a torch op or starts a thread: a fork of it is a clean
 start (a fork after torch's thread pool has run would hang the child). Each request (one JSON line

@@ -14,9 +14,6 @@ available offline.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -225,55 +222,9 @@ def check_grid(grid, store, only: Optional[str], override: dict, executor: str) 
             if str(e) not in seen:  # one line per distinct problem, not per run
                 seen.add(str(e))
                 problems.append(e)
-    if executor == "slurm" and not problems:
-        problems += check_sbatch(todo, override)
+    if not problems:  # the executor's own checks (slurm: `sbatch --test-only` of each job request)
+        from pcbench.executors import named
+
+        problems += named(executor).preflight(todo, override)
     return problems
 
-
-# ---------------------------------------------------------------------------------------------
-# SLURM
-
-
-def check_sbatch(runs: list, override: dict) -> list[SpecError]:
-    """`sbatch --test-only` of every distinct (stage, resources) request, through the parameters
-    submitit would submit with; dependencies left out (their jobs do not exist yet)."""
-    from pcbench.launch import _executor, merged_resources
-
-    problems: list[SpecError] = []
-    done: set[tuple] = set()
-    with tempfile.TemporaryDirectory(prefix="pcbench-sbatch-") as tmp:
-        for run in runs:
-            res = merged_resources(run, override)
-            field = f"stages.{run.stage}.resources"
-            try:
-                res.validate(field)
-            except SpecError as e:
-                problems.append(e)
-                continue
-            key = (run.stage, json.dumps(res.__dict__, sort_keys=True, default=str))
-            if key in done:
-                continue
-            done.add(key)
-            ex, extra = _executor("slurm", Path(tmp), res)
-            if extra:
-                ex.update_parameters(slurm_additional_parameters=extra)
-            ex.update_parameters(name=f"pcbench-{run.stage}")
-            script = Path(tmp) / f"{len(done)}.sh"
-            script.write_text(ex._executor._make_submission_file_text("true", "preflight"))
-            try:
-                out = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True,
-                                     timeout=60, env={**os.environ})
-            except FileNotFoundError:
-                return [SpecError("--executor", "slurm: sbatch is not on PATH")]
-            except subprocess.TimeoutExpired:
-                return [SpecError("--executor", "slurm: sbatch --test-only did not answer in 60 s")]
-            if out.returncode != 0:
-                lines = [ln.strip() for ln in (out.stderr + out.stdout).splitlines() if ln.strip()]
-                why = "; ".join(dict.fromkeys(lines)) or f"exit code {out.returncode}"
-                ask = ", ".join(f"{k}={v}" for k, v in (("partition", res.partition),
-                                                        ("cpus_per_task", res.cpus_per_task),
-                                                        ("gpus_per_node", res.gpus_per_node),
-                                                        ("mem_gb", res.mem_gb), ("nodes", res.nodes),
-                                                        ("timeout_min", res.timeout_min)) if v is not None)
-                problems.append(SpecError(field, f"sbatch refuses this stage's job ({ask}): {why}"))
-    return problems

@@ -1,4 +1,4 @@
-"""The local executor's fork server and parallel runs (`pcbench/forkserver.py`, `pcbench/launch.py`).
+"""The local executor's fork server and parallel runs (`pcbench/forkserver.py`, `pcbench/executors/local.py`).
 
 Runs forked from the pre-imported server record exactly what fresh `python -m pcbench.jobs`
 processes record; a child that dies hard (os._exit, a segfault, SIGKILL) is recorded failed or
@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pcbench import launch
+from pcbench.executors import local
 from pcbench.grid import load_grid
 from test_launch import tiny_grid
 
@@ -71,7 +72,7 @@ def records(store) -> dict:
 def fresh_server(monkeypatch):
     """A fork server of this test's own (started with this test's environment), closed after."""
     server = launch._ForkServer()
-    monkeypatch.setattr(launch, "_server", server)
+    monkeypatch.setattr(local, "_server", server)  # the local executor's
     yield server
     server.close()
 

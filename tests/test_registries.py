@@ -56,3 +56,105 @@ def test_a_new_family_is_one_entry(monkeypatch):
     p = presets.resolved_preset(spec)
     assert presets.param_count(p, 512) == models.count_params(config)["total"]
     assert "mistral" not in memory._PLAIN_MLP
+
+
+def test_each_executor_implements_the_interface():
+    from pcbench.executors import EXECUTORS, Executor
+
+    assert list(EXECUTORS) == ["local", "debug", "slurm"]
+    for name, ex in EXECUTORS.items():
+        assert isinstance(ex, Executor) and ex.name == name
+        assert type(ex).run is not Executor.run  # the abstract method is implemented
+        assert ex.verb == ("submitted" if ex.submits else "run")
+    assert [n for n, ex in EXECUTORS.items() if ex.submits] == ["slurm"]  # the others run in-process
+
+
+def test_unknown_executor_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from pcbench.executors import named
+
+    with pytest.raises(SpecError) as e:
+        named("kubernetes")
+    assert str(e.value) == "--executor: unknown executor 'kubernetes'; choose from local, debug, slurm"
+    p = subprocess.run([sys.executable, "-m", "pcbench.cli", "run", str(tmp_path / "g.yaml"), "--executor", "k8s"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "invalid choice: 'k8s' (choose from" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_in_process_executors_say_what_was_interrupted():
+    from pcbench import interrupts
+    from pcbench.executors import EXECUTORS
+
+    stop = interrupts.Interrupted(2, 7)
+    stop.run_id = "base-1"
+    assert EXECUTORS["local"].interrupted(stop) == "run base-1 recorded interrupted at step 7, its checkpoints kept"
+    stop.run_id = None
+    assert EXECUTORS["debug"].interrupted(stop) == "no run was in progress"
+    assert EXECUTORS["slurm"].interrupted(stop) == "stopped waiting (the SLURM jobs go on)"
+
+
+class _FakeSubmitit:
+    """Stands in for `submitit.AutoExecutor` (no SLURM here): records parameters and submissions."""
+
+    made: list = []
+
+    def __init__(self, folder, cluster):
+        self.cluster, self.params, self.batched = cluster, {}, []
+        _FakeSubmitit.made.append(self)
+
+    def update_parameters(self, **kw):
+        self.params.update(kw)
+
+    def batch(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def submit(self, job):
+        from types import SimpleNamespace
+
+        self.batched.append(job.run_id)
+        return SimpleNamespace(job_id=str(100 + sum(len(e.batched) for e in _FakeSubmitit.made)))
+
+
+def test_slurm_executor_submits_stages_with_afterok(tmp_path, monkeypatch):
+    """Through the registry: one submission per stage, the dependent one `afterok` on the base's
+    job, each run recorded submitted with its job id; nothing trains."""
+    import submitit
+
+    from pcbench import launch
+    from pcbench.grid import load_grid
+    from test_launch import tiny_grid
+
+    monkeypatch.setattr(_FakeSubmitit, "made", [])
+    monkeypatch.setattr(submitit, "AutoExecutor", _FakeSubmitit)
+    grid = load_grid(tiny_grid(tmp_path))
+    store = launch.store_for(grid, tmp_path / "results", tmp_path / "work")
+    out = launch.submit(grid, store, "slurm", log_dir=tmp_path / "logs")
+    assert len(out.submitted) == 3 and not out.blocked and not out.failed
+    base, comp = _FakeSubmitit.made
+    assert base.cluster == "slurm" and base.params["name"] == "pcbench-base"
+    assert base.params["slurm_partition"] == "debug" and base.params["timeout_min"] == 10
+    assert "dependency" not in base.params.get("slurm_additional_parameters", {})
+    base_id = next(r.id for r in grid.runs if r.stage == "base")
+    job = store.status(base_id)["job_id"]
+    assert comp.params["name"] == "pcbench-compress"
+    assert comp.params["slurm_additional_parameters"] == {"dependency": f"afterok:{job}", "kill-on-invalid-dep": "yes"}
+    assert sorted(comp.batched) == sorted(r.id for r in grid.runs if r.stage == "compress")
+    for r in grid.runs:
+        st = store.status(r.id)
+        assert st["state"] == "submitted" and st["executor"] == "slurm" and st["job_id"] == str(out.jobs[r.id].job_id)
+
+
+def test_debug_executor_runs_in_process(tmp_path):
+    from pcbench import launch
+    from pcbench.grid import load_grid
+    from test_launch import tiny_grid
+
+    grid = load_grid(tiny_grid(tmp_path, base_steps=10))
+    store = launch.store_for(grid, tmp_path / "results", tmp_path / "work")
+    out = launch.submit(grid, store, "debug", progress=False, log_dir=tmp_path / "logs")
+    assert len(out.submitted) == 3 and not out.failed and not out.blocked, out
+    assert all(store.state(r.id) == "completed" for r in grid.runs)
