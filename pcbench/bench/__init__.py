@@ -38,5 +38,10 @@ def run_stem(out: Path, name: str, suffix: str = "", when: Optional[float] = Non
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write a benchmark's matplotlib figure as PNG atomically (`atomic.write_png`)."""
-    write_png(path, fig, dpi=120, bbox_inches="tight")
+    """Write a benchmark's matplotlib figure as PNG atomically (`atomic.write_png`) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        write_png(path, fig, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)

@@ -746,7 +746,6 @@ def plot(rec: dict, path: Path) -> None:
                  f"failed {t.get('failed', '-')}, skipped {t.get('skipped', '-')}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def parser() -> argparse.ArgumentParser:
