@@ -3,7 +3,8 @@
 Per cell (tokens per optimiser step, split into micro-batches) and method, in one process:
 - `hpr`: `Direct(prune(base, plan))`;
 - `pc`: cost-free `Projected` (materialise once per step, push gradients into P/R once);
-- `naive`: `NaiveProjected`, autograd through P.W.P inside every micro-batch forward.
+- `naive`: method `pc-naive` (`pcbench.methods.pc_naive`), autograd through P.W.P inside every
+  micro-batch forward.
 Each optimiser step is the training loop's `Stepper`; warm-up steps are excluded, repeats are
 interleaved across methods (order rotated), medians reported with 95% bootstrap intervals.
 
@@ -29,55 +30,24 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch import nn
 
-from pcbench import models
+from pcbench import methods, models
 from pcbench.atomic import write_json
 from pcbench.bench import resolve_device, run_stem, save_figure, summary, sync
 from pcbench.bench.machine import (REPO, contention, cpu_snapshot, finish, load_average, machine_info,
                                    others_busy_cores)
 from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
-from pcbench.compress.projected import Projected
-from pcbench.compress.prune import prune
-from pcbench.config import ModelSpec
+from pcbench.config import CompressSpec, ModelSpec, RunSpec
 from pcbench.train import Stepper, amp_ctx, lr_factor
-from pcbench.trainable import Direct
 
-METHODS = ("hpr", "pc", "naive")
+METHODS = ("hpr", "pc", "naive")  # the JSON's keys; `naive` is the registered method `pc-naive`
+REGISTERED = {"naive": "pc-naive"}
 DEFAULT_CELLS = "1x8,1x32,1x128,16x8"
-
-
-class NaiveProjected(Projected):
-    """PC trained the slow way: every forward materialises W_c with autograd (`reference_logits`),
-    so gradients reach P/R through the graph; no per-step materialise or push-back."""
-
-    def before_step(self) -> None:
-        pass
-
-    def after_backward(self) -> None:
-        pass
-
-    @torch.no_grad()
-    def export(self):
-        Projected.before_step(self)
-        return self.model
-
-
-class NaiveNet(nn.Module):
-    """The network the Stepper calls for `NaiveProjected`: logits via `reference_logits`."""
-
-    def __init__(self, pc: NaiveProjected):
-        super().__init__()
-        self.pc = pc
-
-    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.pc.reference_logits(input_ids))
 
 
 @dataclass(frozen=True)
@@ -119,20 +89,17 @@ def build_base(model: str, vocab: int, seq: int, compression: float, seed: int):
 
 
 def build_method(method: str, base, plan, device: torch.device, lr: float, total_steps: int, micro: int):
-    """(trainable, Stepper) for `method`, as the training loop would build and step it."""
-    if method == "hpr":
-        trainable = Direct(prune(base, plan)).to(device)
-        net = trainable.model
-    elif method in ("pc", "naive"):
-        cls = Projected if method == "pc" else NaiveProjected
-        trainable = cls(base, plan, sides="both", residual=True).place(device)
-        net = trainable.model if method == "pc" else NaiveNet(trainable)
-    else:
+    """(trainable, Stepper) for `method` (a key of `METHODS`), built by its registered builder
+    (`pcbench.methods`) and stepped as the training loop steps it."""
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    name = REGISTERED.get(method, method)
+    spec = RunSpec(compress=CompressSpec(method=name, sides="both", residual=True))
+    trainable = methods.build(name, base, plan, spec, device)
     trainable.model.train()
     opt = torch.optim.AdamW(trainable.param_groups(0.1), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, 0, 0.0, 0.1))
-    return trainable, Stepper(trainable, net, opt, sched, micro=micro, amp=amp_ctx(device, "auto"))
+    return trainable, Stepper(trainable, trainable.network, opt, sched, micro=micro, amp=amp_ctx(device, "auto"))
 
 
 def fixed_batch(rows: int, seq: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
