@@ -356,6 +356,36 @@ def test_cli_report_takes_a_grid_name_or_yaml(tmp_path: Path, capsys):
     assert "no results for grid 'nosuch'" in capsys.readouterr().err
 
 
+def test_a_table_or_figure_is_one_entry_in_contents(tmp_path: Path, monkeypatch):
+    """A Part added to contents.PARTS reaches tables/ (md and csv) and REPORT.md at its place in the list;
+    a Figure added to contents.FIGURES is drawn and linked."""
+    import matplotlib.pyplot as plt
+
+    from pcbench.report import contents, figures
+    from pcbench.report.tables import Table
+
+    def per_stage(inp):
+        data = inp.study.runs.groupby("stage").size().reset_index(name="runs")
+        return [Table("per_stage", "Runs per stage", "| stage | runs |\n", data)]
+
+    def draw(inp, path, stage):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        return figures.save(fig, path)
+
+    at = [p.name for p in contents.PARTS].index("cost") + 1
+    monkeypatch.setattr(contents, "PARTS", contents.PARTS[:at] + [contents.Part("per_stage", per_stage,
+                                                                               contents.titled())] + contents.PARTS[at:])
+    monkeypatch.setattr(contents, "FIGURES", contents.FIGURES + [contents.Figure("line.png", "A line", draw)])
+    make_store(tmp_path / "results")
+    out = build_report(tmp_path / "results", GRID, tmp_path / "out")
+    text = (out / "REPORT.md").read_text()
+    assert text.index("## Cost per method") < text.index("## Runs per stage") < text.index("## Figures")
+    assert (out / "tables" / "per_stage.csv").read_text().splitlines()[:2] == ["stage,runs", "base,2"]
+    assert (out / "tables" / "per_stage.md").read_text().startswith("# Runs per stage")
+    assert (out / "figures" / "line.png").is_file() and "- A line: [figures/line.png](figures/line.png)" in text
+
+
 SLOW_IMPORTS = ("pandas", "numpy", "matplotlib", "torch", "transformers")
 
 

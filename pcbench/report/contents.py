@@ -57,20 +57,20 @@ Tables = Callable[[Inputs], list[Table]]
 Text = Callable[[Inputs, list[Table]], list[str]]
 
 
-def _none(_: Inputs) -> list[Table]:
-    return []
-
-
 @dataclass(frozen=True)
 class Part:
+    """A part of the report: its tables (none for a text-only part) and its REPORT.md text."""
+
     name: str
-    tables: Tables = _none
+    tables: Tables = lambda inp: []
     text: Text = lambda inp, ts: []
-    formats: tuple[str, ...] = ("md", "csv")
+    formats: tuple[str, ...] = ("md", "csv")  # ("csv",): data only, not shown as a table
 
 
 @dataclass(frozen=True)
 class Figure:
+    """A figure of the report (REPORT.md links each one drawn, in this order, under its caption)."""
+
     file: str
     caption: str
     draw: Callable[[Inputs, Path, Optional[str]], Optional[Path]]
