@@ -21,7 +21,6 @@ own export paths).
 from __future__ import annotations
 
 import hashlib
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,8 @@ from typing import Optional
 from pcbench import memory, sweep
 from pcbench.executors import EXECUTORS, Executor, Outcome, named  # noqa: F401 (EXECUTORS, Outcome re-exported)
 from pcbench.executors.local import LOCAL_MODES, _ForkServer, _wait_for, local_mode, local_parallel  # noqa: F401
-from pcbench.executors.slurm import wait_for_jobs  # noqa: F401 (re-exported)
 from pcbench.grid import Grid, Run, merged_resources, references  # noqa: F401 (merged_resources re-exported)
-from pcbench.liveness import Liveness, pid_alive, slurm_states
+from pcbench.liveness import Liveness
 from pcbench.paths import work_dir
 from pcbench.store import Store, brief
 
@@ -44,20 +42,6 @@ def store_for(grid: Grid, results: Optional[str] = None, work: Optional[str] = N
     work_root = Path(work or grid.spec.work_dir or work_dir())
     key = hashlib.sha256(str(res_root.resolve()).encode()).hexdigest()[:10]
     return Store(res_root / grid.name, work_root / f"{grid.name}-{key}")
-
-
-def in_flight(status: dict) -> bool:
-    """Is a submitted/running run still being worked on by a live job or process? (From a status
-    alone; `liveness.Liveness` also checks the run's lock.)"""
-    if status.get("state") not in ("submitted", "running"):
-        return False
-    job = status.get("job_id")
-    if status.get("executor") == "slurm" and job:
-        return slurm_states([str(job)]).get(str(job)) in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING")
-    pid = status.get("pid")
-    if pid and status.get("host") == socket.gethostname():
-        return pid_alive(int(pid))
-    return False
 
 
 @dataclass
