@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from pcbench import methods
 from pcbench.config import RunSpec, SpecError
 from pcbench.grid import merged_resources
 from pcbench.presets import FAMILIES
@@ -348,7 +349,7 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     prec = _precision(spec, dev)
     par = parallel or tc.parallel
     ckpt = tc.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
-    pc = c is not None and c.method == "pc"
+    pc = c is not None and methods.METHODS[c.method].projected  # P/R and frozen bases are held
     block = pc and (c.blockwise_step if blockwise is None else blockwise)
     if tc.batch_size % world:
         raise PlanUnavailable(f"batch_size {tc.batch_size} does not split over {world} processes")

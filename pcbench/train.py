@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pcbench import checkpoint, dcp_checkpoint, distributed, interrupts, models, parallel
+from pcbench import checkpoint, dcp_checkpoint, distributed, interrupts, methods, models, parallel
 from pcbench import memory as memory_plan
 from pcbench.atomic import append_jsonl, read_jsonl, write_json, write_text
 from pcbench.config import RunSpec, SpecError
@@ -109,7 +109,8 @@ def _check_data_tokenizer(spec: RunSpec, tok, load_tokenizer) -> None:
 
 
 def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibration=None):
-    """(trainable, tokenizer, teacher, info) for the spec's kind (pretrain | hpr | pc)."""
+    """(trainable, tokenizer, teacher, info) for the spec's kind: pretrain, finetune, or a registered
+    compression method (`pcbench.methods.METHODS`), built by its builder module."""
     from pcbench.tokenizer import load_tokenizer
 
     info: dict = {}
@@ -132,8 +133,6 @@ def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibr
 
     from pcbench.compress import importance as imp
     from pcbench.compress.plan import Plan, make_plan
-    from pcbench.compress.projected import Projected
-    from pcbench.compress.prune import prune
 
     c = spec.compress
     base, tok = models.load_pretrained(spec.model)
@@ -152,15 +151,7 @@ def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibr
         teacher = base.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    if c.method == "hpr":
-        trainable = Direct(prune(base, plan)).to(device)
-    else:
-        base_dtype = torch.bfloat16 if c.base_dtype == "bfloat16" else torch.float32
-        if c.base_device == "cpu" and teacher is not None and device.type != "cpu":
-            raise SpecError("compress.base_device", "cpu offload of the base cannot be combined with distill")
-        trainable = Projected(base, plan, sides=c.sides, residual=c.residual, base_dtype=base_dtype,
-                              decay_projections=c.decay_projections)
-        trainable.place(device, torch.device("cpu") if c.base_device == "cpu" else device)
+    trainable = methods.build(c.method, base, plan, spec, device, teacher)  # the method's builder module
     info["model"] = models.describe(trainable.model)
     return trainable, tok, teacher, info
 

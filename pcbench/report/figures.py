@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
+from pcbench import methods  # noqa: E402
 from pcbench.atomic import write_png  # noqa: E402
 from pcbench.report import fmt  # noqa: E402
 from pcbench.report.load import Study  # noqa: E402
@@ -26,8 +27,8 @@ from pcbench.report.tables import (aggregate, attach_paper, eval_frame, pair_sta
                                    stage_runs)
 
 DPI = 100
-STYLE = {"hpr": dict(linestyle="--", marker="s"), "pc": dict(linestyle="-", marker="o")}
-METHOD_COLOR = {"hpr": "tab:blue", "pc": "tab:orange"}
+STYLE = {n: dict(m.style) for n, m in methods.METHODS.items() if m.style}  # the registry's plot styles
+METHOD_COLOR = {n: m.color for n, m in methods.METHODS.items() if m.color}
 
 
 MIN_TICK_GAP = 0.11  # token ticks closer than this share of the axis width are thinned out

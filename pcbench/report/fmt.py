@@ -7,6 +7,8 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
+from pcbench import methods
+
 if TYPE_CHECKING:
     import pandas as pd  # tables come in as DataFrames; this module itself never needs pandas
 
@@ -40,7 +42,7 @@ def value(col: str, v: Any) -> str:
     if col == "ratio":
         return f"{float(v):g}:1"
     if col == "method":
-        return str(v).upper() if str(v) in ("pc", "hpr") else str(v)
+        return methods.label(v)  # the registry's label (HPR, PC, ...); other names as they are
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)

@@ -17,11 +17,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from pcbench.methods import COMPARED
 from pcbench.report import fmt, reference, stats
 from pcbench.report.chance import average_chance, chance
 from pcbench.report.load import Study
 
-METHODS = ("hpr", "pc")
+METHODS = COMPARED  # the paired comparison (baseline, proposed), from the registry
 NOT_KEYS = {"method", "seed", "tokens", "compression"}
 PAPER_COLS = ["paper_loss", "paper_position", "paper_lost", "paper_known", "paper_source"]
 PAPER_GRIDS = {"paper_gpt2": "Table A.2 (and Table 3)", "paper_llama3_1b": "the poster's Llama-3.2-1B table"}

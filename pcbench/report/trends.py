@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pcbench import methods
 from pcbench.report import fmt
 from pcbench.report.load import Study
 from pcbench.report.stats import mean_ci, ols_slope, t975, verdict
@@ -56,7 +57,7 @@ def gaps(study: Study) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, list[str]]
         df, keys = stage_runs(study, stage)
         keys_by[stage] = keys
         per = df.groupby(keys + ["tokens", "seed", "method"], dropna=False).loss.mean().unstack("method")
-        if not {"hpr", "pc"} <= set(per.columns):
+        if not set(methods.COMPARED) <= set(per.columns):
             continue
         per = per.reset_index()
         per["diff"] = per.pc - per.hpr
