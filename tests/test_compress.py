@@ -395,3 +395,101 @@ def test_bf16_base_push_matches_autograd_and_is_close_to_fp32():
     rel = {k: float((got[torch.bfloat16][k] - v).norm() / v.norm()) for k, v in got[torch.float32].items()}
     assert max(rel.values()) < 2e-2, rel  # bf16 rounding of W (2^-9 relative) and nothing more
     assert max(rel.values()) > 0  # the bf16 base really is rounded
+
+
+# -- in-place materialisation and order="flops" ---------------------------------------------------
+
+
+def test_before_step_writes_in_place_bitwise_and_falls_back_to_a_copy():
+    """fp32: before_step fills the small weights' own storage with exactly step_weight()'s W_c; an
+    `out` of another dtype gets a rounded copy; a bad order is refused."""
+    from pcbench.compress.projected import ProjectedTensor
+
+    m = tiny()
+    plan = make_plan(m, 0.5, importance.random(m, 0))
+    pc = Projected(m, plan)
+    _perturb(pc, 3)
+    small = dict(pc.model.named_parameters())
+    ptrs = {k: small[pc.names[k]].data_ptr() for k in pc.tensors}
+    pc.before_step()
+    for k, t in pc.tensors.items():
+        w = small[pc.names[k]]
+        assert w.data_ptr() == ptrs[k] and torch.equal(w, t.step_weight()), k
+    t = pc.tensors["model__layers__0__mlp__up_proj__weight"]
+    buf = torch.empty(t.small_shape, dtype=torch.bfloat16)
+    assert t.step_weight(out=buf) is buf and torch.equal(buf, t.step_weight().to(torch.bfloat16))
+    with pytest.raises(ValueError, match="order"):
+        Projected(m, plan, order="fastest")
+    with pytest.raises(ValueError, match="order"):
+        ProjectedTensor(torch.zeros(4, 4), [torch.tensor([0, 1]), None], (True, False), True, order="x")
+
+
+FLOPS_SHAPES = [(32, 8, 20, 5), (8, 32, 5, 20), (12, 7, 5, 3)]  # gate/up-, down-like (bench cell / 32), other
+
+
+def _shaped(shape, order: str, residual: bool):
+    from pcbench.compress.projected import ProjectedTensor
+
+    n_out, n_in, k_out, k_in = shape
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    keep = [torch.randperm(n_out, generator=g)[:k_out].sort().values,
+            torch.randperm(n_in, generator=g)[:k_in].sort().values]
+    t = ProjectedTensor(w, keep, (True, True), residual, base_dtype=torch.float64, order=order).double()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return t
+
+
+@pytest.mark.parametrize("shape", FLOPS_SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("cache", [True, False])
+def test_flops_order_push_equals_autograd_with_fewer_flops(shape, residual, cache):
+    """float64: order="flops" materialises P_out W P_in + R and accumulates the gradients autograd
+    gives through that product (twice, onto existing .grad); the FLOPs torch counts are the ones
+    it states; with the cache never more than the autograd order's, fewer on the bench cell's MLP
+    shapes, with no larger cache."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t, auto = _shaped(shape, "flops", residual), _shaped(shape, "autograd", residual)
+    if shape != FLOPS_SHAPES[-1]:
+        assert t.route() != auto.route()
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in t.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    for p in list(t.parameters()) + list(leaves.values()):
+        p.grad = torch.full_like(p, 0.5)
+    for _ in range(2):
+        G = torch.randn(t.small_shape, generator=g, dtype=torch.float64)
+        with FlopCounterMode(display=False) as fc:
+            w = t.step_weight(cache=cache)
+            if not cache:
+                assert t._mid is None
+            t.push(G)
+        assert fc.get_total_flops() == t.flops() + t.push_flops(cache)
+        ref = leaves["p_out"] @ t.base @ leaves["p_in"]
+        if residual:
+            ref = ref + leaves["residual"]
+        torch.testing.assert_close(w, ref.detach(), rtol=1e-12, atol=1e-13)
+        ref.backward(G)
+    for n, p in t.named_parameters():
+        torch.testing.assert_close(p.grad, leaves[n].grad, rtol=1e-12, atol=1e-13, msg=n)
+    total, total_auto = t.flops() + t.push_flops(), auto.flops() + auto.push_flops()  # with the cache
+    assert total <= total_auto and (total < total_auto if shape != FLOPS_SHAPES[-1] else True)
+    assert t.cache_numel() <= auto.cache_numel()
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("sides,residual", VARIANTS)
+def test_flops_order_cost_free_gradients_equal_autograd(family, sides, residual):
+    """As test_cost_free_gradients_equal_autograd_through_projections, with order="flops"."""
+    torch.manual_seed(0)
+    m = MODELS[family]().double()
+    plan = make_plan(m, 0.5, importance.random(m, 1))
+    pc = Projected(m, plan, sides=sides, residual=residual, order="flops").double()
+    _perturb(pc, 2)
+    ref = copy.deepcopy(pc)
+    got, want = cost_free_and_autograd_grads(pc, ref, calib(n=3, rows=2, seq=9, seed=5))
+    assert set(got) == set(want) and len(got) > 0
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-11, msg=k)

@@ -15,6 +15,14 @@ W P_in, whichever order is cheaper), held from `before_step` to `after_backward`
 Extra memory: k_out x n_in or n_out x k_in elements per two-sided tensor in the parameters' dtype,
 never more than its base and at 50% half of it (`step_cache_bytes`; 7.5 MiB fp32 on the
 step-cost benchmark's Llama cell). Without the cache the push recomputes it (one product more).
+`before_step` writes the last product (and R) straight into the small weight (no W_c temporary).
+
+`order` picks each two-sided tensor's association (`ProjectedTensor.route`): "autograd" (default)
+runs the products autograd's backward through the cheaper materialisation order would, so fp32
+training is bitwise that of the autograd-recompute path; "flops" picks, per tensor shape, the
+materialisation and push products with the fewest FLOPs in all, with the cache (the same gradients up to float
+rounding, so fp32 losses differ in the last bits; same cache size: the materialisation's own
+intermediate, the push computes the other one when it needs it).
 """
 
 from __future__ import annotations
@@ -31,6 +39,12 @@ from pcbench.compress.prune import prune
 from pcbench.trainable import Direct, decay_groups
 
 
+ORDERS = ("autograd", "flops")
+# A two-sided tensor's route: (W_c from "A" = P_out W, i.e. A P_in, or from "B" = W P_in, i.e. P_out B;
+# dP_out as G B^T ("B") or (G P_in^T) W^T ("C"); dP_in as A^T G ("A") or W^T (P_out^T G) ("D")).
+ROUTES = tuple((wc, dpo, dpi) for wc in "AB" for dpo in "BC" for dpi in "AD")
+
+
 def one_hot_rows(keep: torch.Tensor, full: int) -> torch.Tensor:
     """[k, full] selection: row i picks column keep[i] (so P @ W == W[keep])."""
     p = torch.zeros(len(keep), full)
@@ -43,9 +57,14 @@ class ProjectedTensor(nn.Module):
     `P_in` [n_in, k_in] (one-hot at init), optional residual `R` [k_out, k_in] (zero at init). A
     compressed dim without a trainable projection is a fixed selection of the kept indices."""
 
+    order = "autograd"  # class default: views built without __init__ (parallel's row views)
+
     def __init__(self, weight: torch.Tensor, keep: list[Optional[torch.Tensor]], trainable: tuple[bool, bool],
-                 residual: bool, base_dtype: torch.dtype = torch.float32):
+                 residual: bool, base_dtype: torch.dtype = torch.float32, order: str = "autograd"):
         super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.order = order
         if weight.ndim != 2:
             raise ValueError(f"ProjectedTensor needs a matrix, got shape {tuple(weight.shape)}")
         w = weight.detach()
@@ -98,53 +117,101 @@ class ProjectedTensor(nn.Module):
         n_out, n_in = self.base.shape
         return k_out * n_out * n_in + k_out * n_in * k_in <= n_out * n_in * k_in + k_out * n_out * k_in
 
+    def _route_macs(self, route: tuple[str, str, str]) -> tuple[int, int]:
+        """(multiply-adds of the materialisation, of the push with the cache) along `route`."""
+        k_out, k_in = self.small_shape
+        n_out, n_in = self.base.shape
+        a, b = k_out * n_out * n_in, n_out * n_in * k_in  # A = P_out W, B = W P_in
+        wc, dpo, dpi = route
+        mat = a + k_out * n_in * k_in if wc == "A" else b + k_out * n_out * k_in
+        push = k_out * k_in * n_out if dpo == "B" else k_out * k_in * n_in + k_out * n_in * n_out
+        push += n_in * k_out * k_in if dpi == "A" else n_out * k_out * k_in + n_in * n_out * k_in
+        push += (a if dpi == "A" and wc != "A" else 0) + (b if dpo == "B" and wc != "B" else 0)
+        return mat, push
+
+    def route(self) -> tuple[str, str, str]:
+        """Two-sided: the products of materialise and push (see `ROUTES`). "autograd": those of the
+        backward through the cheaper materialisation; "flops": the fewest in all (ties: autograd's)."""
+        auto = ("A", "C", "A") if self._out_first() else ("B", "B", "D")
+        if self.order == "autograd":
+            return auto
+        return min(ROUTES, key=lambda r: (sum(self._route_macs(r)), r != auto))
+
+    def _uses_mid(self) -> bool:
+        """Two-sided: does the push use the materialisation's intermediate (then it is cached)?"""
+        wc, dpo, dpi = self.route()
+        return (dpi if wc == "A" else dpo) == wc
+
     def materialise(self, device: Optional[torch.device] = None) -> torch.Tensor:
         """W_c on `device` (default: where the projections live). Differentiable in P and R."""
         return self._materialise(device or self._device())[0]
 
-    def _materialise(self, dev: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(W_c, the two-sided intermediate P_out W or W P_in, else None)."""
+    def _materialise(self, dev: torch.device, out: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(W_c, the two-sided intermediate P_out W or W P_in, else None); with `out` (no autograd),
+        W_c is written into it (the last product straight in when dtype, device and layout allow)."""
         w, mid = self._base_on(dev), None
         if self.p_out is not None and self.p_in is not None:
-            if self._out_first():
+            if self.route()[0] == "A":
                 mid = self.p_out @ w
-                w = mid @ self.p_in
+                w = _mm(mid, self.p_in, out)
             else:
                 mid = w @ self.p_in
-                w = self.p_out @ mid
+                w = _mm(self.p_out, mid, out)
         elif self.p_out is not None:
-            w = self.p_out @ w
+            w = _mm(self.p_out, w, out)
         elif self.p_in is not None:
-            w = w @ self.p_in
+            w = _mm(w, self.p_in, out)
         if self.residual is not None:
-            w = w + self.residual
+            w = w.add_(self.residual) if w is out else w + self.residual
+        if out is not None and w is not out:
+            w = out.copy_(w)
         return w, mid
 
     @torch.no_grad()
-    def step_weight(self, device: Optional[torch.device] = None, cache: bool = True) -> torch.Tensor:
-        """W_c without autograd; with `cache`, keep the two-sided intermediate for `push`."""
-        w, mid = self._materialise(device or self._device())
-        self._mid = mid if cache else None
+    def step_weight(self, device: Optional[torch.device] = None, cache: bool = True,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """W_c without autograd (into `out` if given); with `cache`, keep the two-sided
+        intermediate for `push` when the push uses it."""
+        w, mid = self._materialise(device or self._device(), out)
+        self._mid = mid if cache and mid is not None and self._uses_mid() else None
         return w
 
     @torch.no_grad()
     def push(self, grad: torch.Tensor) -> None:
-        """Accumulate dL/dP_out, dL/dP_in, dL/dR for dL/dW_c = `grad` into their `.grad`, as
-        autograd's backward through `materialise` would (same products, same order); uses and
-        drops the intermediate `step_weight(cache=True)` kept, else recomputes it."""
+        """Accumulate dL/dP_out, dL/dP_in, dL/dR for dL/dW_c = `grad` into their `.grad`, along
+        `route()` ("autograd": the products of autograd's backward through `materialise`, same
+        order); uses and drops the intermediate `step_weight(cache=True)` kept, else recomputes it.
+        The gradient that uses the materialisation's intermediate goes first, so at most one of
+        P_out W and W P_in is alive at a time."""
         g = grad.to(self._param_dtype())
         mid, self._mid = self._mid, None
         if self.p_out is not None or self.p_in is not None:
             w = self._base_on(g.device)
             if self.p_out is not None and self.p_in is not None:
-                if self._out_first():  # W_c = A P_in, A = P_out W
-                    a = mid if mid is not None else self.p_out @ w
-                    _accumulate(self.p_in, a.t() @ g)
-                    _accumulate(self.p_out, (g @ self.p_in.t()) @ w.t())
-                else:  # W_c = P_out B, B = W P_in
-                    b = mid if mid is not None else w @ self.p_in
-                    _accumulate(self.p_out, g @ b.t())
-                    _accumulate(self.p_in, w.t() @ (self.p_out.t() @ g))
+                wc, dpo, dpi = self.route()
+                p_out, p_in = self.p_out, self.p_in
+
+                def d_in(a):
+                    if dpi == "A":
+                        _accumulate(p_in, (a if a is not None else p_out @ w).t() @ g)
+                    else:
+                        _accumulate(p_in, w.t() @ (p_out.t() @ g))
+
+                def d_out(b):
+                    if dpo == "B":
+                        _accumulate(p_out, g @ (b if b is not None else w @ p_in).t())
+                    else:
+                        _accumulate(p_out, (g @ p_in.t()) @ w.t())
+
+                if wc == "A":  # W_c = A P_in
+                    d_in(mid)
+                    mid = None
+                    d_out(None)
+                else:  # W_c = P_out B
+                    d_out(mid)
+                    mid = None
+                    d_in(None)
             elif self.p_out is not None:
                 _accumulate(self.p_out, g @ w.t())
             else:
@@ -158,7 +225,7 @@ class ProjectedTensor(nn.Module):
         k_out, k_in = self.small_shape
         f = 0
         if self.p_out is not None and self.p_in is not None:
-            f = 2 * min(k_out * n_out * n_in + k_out * n_in * k_in, n_out * n_in * k_in + k_out * n_out * k_in)
+            f = 2 * self._route_macs(self.route())[0]
         elif self.p_out is not None:
             f = 2 * k_out * n_out * (n_in if self.idx_in is None else k_in)
         elif self.p_in is not None:
@@ -167,26 +234,25 @@ class ProjectedTensor(nn.Module):
 
     def push_flops(self, cache: bool = True) -> int:
         """FLOPs of `push`: one-sided, one product the size of the materialisation; two-sided, the
-        three products of the backward through the cheaper order, plus the intermediate's
-        recomputation without the cache. Residual-only gradients cost nothing."""
-        n_out, n_in = self.base.shape
-        k_out, k_in = self.small_shape
+        gradient products of `route()` (plus the intermediate the materialisation did not compute,
+        and without the cache the one it did). Residual-only gradients cost nothing."""
         if self.p_out is None or self.p_in is None:
             return self.flops()
-        if self._out_first():  # G P_in^T, A^T G, (G P_in^T) W^T; A = P_out W
-            f = 2 * (k_out * k_in * n_in + n_in * k_out * k_in + k_out * n_in * n_out)
-            return f + (0 if cache else 2 * k_out * n_out * n_in)
-        # G B^T, P_out^T G, W^T (P_out^T G); B = W P_in
-        f = 2 * (k_out * k_in * n_out + n_out * k_out * k_in + n_in * n_out * k_in)
-        return f + (0 if cache else 2 * n_out * n_in * k_in)
+        n_out, n_in = self.base.shape
+        k_out, k_in = self.small_shape
+        route = self.route()
+        f = self._route_macs(route)[1]
+        if not cache and self._uses_mid():
+            f += k_out * n_out * n_in if route[0] == "A" else n_out * n_in * k_in
+        return 2 * f
 
     def cache_numel(self) -> int:
         """Elements `step_weight(cache=True)` holds until `push`: the two-sided intermediate."""
-        if self.p_out is None or self.p_in is None:
+        if self.p_out is None or self.p_in is None or not self._uses_mid():
             return 0
         n_out, n_in = self.base.shape
         k_out, k_in = self.small_shape
-        return k_out * n_in if self._out_first() else n_out * k_in
+        return k_out * n_in if self.route()[0] == "A" else n_out * k_in
 
     @torch.no_grad()
     def dropped_mass(self) -> dict[str, float]:
@@ -200,6 +266,15 @@ class ProjectedTensor(nn.Module):
             kept = sq.index_select(dim, keep).sum()
             out[side] = float((total - kept) / total) if total > 0 else 0.0
         return out
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """`a @ b`, written into `out` when it fits (same dtype, device, shape, contiguous): the
+    same kernel, so bitwise the same result, without a temporary and a copy."""
+    if (out is not None and out.dtype == a.dtype == b.dtype and out.device == a.device
+            and out.shape == (a.shape[0], b.shape[1]) and out.is_contiguous()):
+        return torch.mm(a, b, out=out)
+    return a @ b
 
 
 def _accumulate(p: nn.Parameter, grad: torch.Tensor) -> None:
@@ -217,17 +292,22 @@ def _key(name: str) -> str:
 class Projected(Direct):
     """Projected Compression of `base` under `plan`; `self.model` is the small stock network.
     `cache`: keep each two-sided tensor's intermediate (P_out W or W P_in) from `before_step` to
-    `after_backward`, one matmul less per such tensor and step for `step_cache_bytes()` of memory."""
+    `after_backward`, one matmul less per such tensor and step for `step_cache_bytes()` of memory.
+    `order`: each two-sided tensor's association ("autograd" or "flops", see the module docstring)."""
 
     def __init__(self, base: PreTrainedModel, plan: Plan, sides: str = "both", residual: bool = True,
-                 base_dtype: torch.dtype = torch.float32, decay_projections: bool = True, cache: bool = True):
+                 base_dtype: torch.dtype = torch.float32, decay_projections: bool = True, cache: bool = True,
+                 order: str = "autograd"):
         if sides not in ("in", "out", "both"):
             raise ValueError(f"sides must be in, out or both, got {sides!r}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         super().__init__(prune(base, plan))
         self.plan = plan
         self.sides = sides
         self.decay_projections = decay_projections
         self.cache = cache
+        self.order = order
         self.tensors = nn.ModuleDict()
         self.names: dict[str, str] = {}  # module key -> parameter name
         small = dict(self.model.named_parameters())
@@ -242,7 +322,7 @@ class Projected(Direct):
                 ax.dims[1] is not None and (not both or sides in ("in", "both")),
             )
             keep = [None if a is None else plan.keep[a] for a in ax.dims]
-            t = ProjectedTensor(p.detach(), keep, trainable, residual, base_dtype)
+            t = ProjectedTensor(p.detach(), keep, trainable, residual, base_dtype, order)
             self.tensors[_key(name)] = t
             self.names[_key(name)] = name
             small[name].requires_grad_(True)  # receives gradients, never stepped directly
@@ -277,11 +357,12 @@ class Projected(Direct):
     # -- the cost-free step --------------------------------------------------------------------
     @torch.no_grad()
     def before_step(self) -> None:
-        """Materialise every W_c into the small network (keeping intermediates if `cache`)."""
+        """Materialise every W_c into the small network's weight in place (keeping intermediates
+        if `cache`)."""
         small = dict(self.model.named_parameters())
         for key, t in self.tensors.items():
             w = small[self.names[key]]
-            w.copy_(t.step_weight(w.device, cache=self.cache))
+            t.step_weight(w.device, cache=self.cache, out=w)
             w.grad = None
 
     @torch.no_grad()
