@@ -406,9 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_train)
 
-    sp = sub.add_parser("compress", help="compress a base model with PC or HPR and export it")
+    sp = sub.add_parser("compress", help="compress a base model with PC or HPR (or pc-naive) and export it")
     sp.add_argument("--base", required=True, help="HF checkpoint directory or preset (smollm2-135m)")
-    sp.add_argument("--method", required=True, choices=["pc", "hpr"])
+    from pcbench import methods  # the registry (torch-free)
+
+    sp.add_argument("--method", required=True, choices=methods.names(), type=methods.argument)
     sp.add_argument("--compression", type=float, required=True, help="share of all parameters removed")
     sp.add_argument("--steps", type=int, required=True, help="optimiser steps (0: prune/project and export)")
     sp.add_argument("--out", required=True, help="where the compressed HF checkpoint is written")

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from pcbench import presets
+from pcbench import methods, presets
 from pcbench.suggest import did_you_mean
 
 
@@ -179,9 +179,10 @@ class TrainSpec:
 
 @dataclass
 class CompressSpec:
-    """Hard pruning with retraining (`hpr`) or Projected Compression (`pc`) of a base model."""
+    """A base model compressed by a registered method (`pcbench.methods.METHODS`: hard pruning with
+    retraining `hpr`, Projected Compression `pc`, its autograd reference `pc-naive`)."""
 
-    method: Literal["hpr", "pc"] = "pc"
+    method: str = "pc"  # a name in pcbench.methods.METHODS
     compression: float = 0.5  # share of ALL parameters removed (embeddings and head included)
     importance: Literal["magnitude", "activation", "random"] = "random"
     importance_seed: int = 0
@@ -198,6 +199,7 @@ class CompressSpec:
     blockwise_step: bool = False  # PC: push and step P/R block by block (decoder layer, embedding, head)
 
     def validate(self, path: str) -> None:
+        require(self.method in methods.METHODS, f"{path}.method", methods.unknown(self.method))
         require(0 < self.compression < 1, f"{path}.compression",
                 f"must be a fraction in (0, 1), got {self.compression}")
         require(0 <= self.distill <= 1, f"{path}.distill", f"alpha must be in [0, 1], got {self.distill}")
@@ -234,7 +236,10 @@ class RunSpec:
             self.compress.validate(f"{path}.compress")
             require(self.model.path is not None or presets.has_weights(self.model.name),
                     f"{path}.model.path", "compression needs a pretrained base: give a checkpoint path")
-        pc = self.compress is not None and self.compress.method == "pc"
+        m = methods.METHODS[self.compress.method] if self.compress is not None else None
+        pc = m is not None and m.push  # P/R gradients by one closed-form push per step
+        require(m is None or pc or not m.projected or self.train.parallel != "fsdp", f"{path}.train.parallel",
+                f"method {m.name if m else ''!r} runs on one process or ddp, not fsdp")
         require(self.optim.clip == "global" or pc, f"{path}.optim.clip",
                 "`compressed` clips the small network of Projected Compression; use it with compress.method: pc")
         if self.compress is not None and self.compress.blockwise_step:
