@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -64,6 +63,7 @@ def _claim_store(store) -> None:
 
 def cmd_run(args) -> int:
     from pcbench import launch, preflight
+    from pcbench.views import dry_run_table, status_table
 
     grid, store = _grid_and_store(args)
     problems = preflight.check_grid(grid, store, args.only, _resources(args), args.executor)
@@ -99,78 +99,9 @@ def cmd_run(args) -> int:
     return 1 if out.failed or out.blocked or out.interrupted else 0
 
 
-def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
-    import pandas as pd
-
-    from pcbench import memory
-    from pcbench.launch import merged_resources, plan_submission
-    from pcbench.report import fmt
-
-    rows, resolve, over = [], memory.grid_resolver(grid), []
-    for d in plan_submission(grid, store, only, retry_failed):
-        r = merged_resources(d.run, override)
-        mp = memory.run_plan(d.run, r, resolve)  # predicted peak per GPU (process)
-        over += memory.over_limit([d.run], lambda _: r, resolve) if d.action == "submit" else []
-        spec = d.run.spec
-        row = {"run": d.run.id, "stage": d.run.stage, **d.run.labels, "action": d.action,
-               "why": d.reason, "gpus": r.nodes * r.gpus_per_node, "hours": d.run.hours,
-               "gpu_hours": r.gpu_hours(d.run.hours), "partition": r.partition, "time_min": r.timeout_min}
-        if d.run.kind == "train":
-            t = spec.train
-            row["tokens"] = t.tokens if t.tokens is not None else t.steps * t.batch_size * spec.data.seq_len
-            row["batch"] = f"{spec.data.seq_len}x{t.batch_size}"
-        row["GB/GPU"] = "-" if mp is None else f"{mp.gb:.1f}"
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    per_stage = df.groupby(df.run.str.rsplit("-", n=1).str[0], sort=False).size()
-    shown = [{**r, "hours": f"{r['hours']:.2f}", "gpu_hours": f"{r['gpu_hours']:.1f}"} for r in rows]
-    lines = [f"grid {grid.name}: {len(df)} runs ({', '.join(f'{s}: {n}' for s, n in per_stage.items())})",
-             fmt.text_table(shown)]
-    todo = df[df.action == "submit"]
-    lines.append(f"to submit: {len(todo)} runs, {todo.gpu_hours.sum():,.0f} GPU-hours estimated "
-                 f"({df.gpu_hours.sum():,.0f} for the whole grid)")
-    lines += [f"over the GPU memory asked, refused on submission: {m}" for m in over]
-    return "\n".join(lines)
-
-
-def status_table(grid, store, only: Optional[str] = None) -> str:
-    from collections import Counter
-
-    from pcbench.liveness import Liveness
-
-    rows = []
-    runs = grid.select(only)
-    live = Liveness(store)  # running/submitted only while its process or job is alive
-    live.prefetch(r.id for r in runs)
-    for run in runs:
-        st = store.status(run.id)
-        state, detail = live.state(run.id, run.kind)
-        final = store.final(run.id) or {}
-        ev = store.eval_result(run.id) or {}
-        row = {"run": run.id, **run.labels, "state": state}
-        if run.kind == "train":
-            loss = final.get("train_loss_last100")
-            row["loss"] = None if loss is None or (isinstance(loss, float) and math.isnan(loss)) else round(loss, 4)
-            row["heldout"] = None if final.get("heldout_loss") is None else round(final["heldout_loss"], 4)
-        elif ev:
-            avg = ev.get("average")
-            row["score"] = None if avg is None else round(avg, 4)
-        if state in ("failed", "interrupted", "cancelled"):
-            row["error"] = (st.get("error") or "")[:80]
-        elif state == "lost":
-            row["error"] = detail
-        elif state == "damaged":
-            from pcbench.store import brief
-
-            row["error"] = brief(detail)[:80]
-        rows.append(row)
-    from pcbench.report import fmt
-
-    counts = Counter(r["state"] for r in rows)
-    return fmt.text_table(rows) + "\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-
-
 def cmd_status(args) -> int:
+    from pcbench.views import status_table
+
     grid, store = _grid_and_store(args)
     print(status_table(grid, store, args.only))
     return 0
@@ -222,41 +153,42 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _spec_from_flags(cls: type, args, where: str, fields: dict):
+    """A `cls` spec through the one loader (`config.load_spec`): `fields` and the spec flags given
+    (`_spec_flag`) set over the dataclass defaults; a refused field is named by the flag that set it."""
+    from pcbench.config import load_spec
+
+    given = {f: getattr(args, dest) for f, (_, dest) in args.spec_flags.items() if getattr(args, dest) is not None}
+    try:
+        return load_spec(cls, {}, where, {**fields, **given})
+    except SpecError as e:
+        flag = {f"{where}.{f}": flag for f, (flag, _) in args.spec_flags.items()}.get(e.path)
+        if flag is None:
+            raise
+        raise SpecError(flag, e.reason) from None
+
+
 def cmd_compress(args) -> int:
     from pcbench import models, outputs, preflight
-    from pcbench.config import (CompressSpec, DataSpec, ModelSpec, OptimSpec, RunSpec, TrainSpec)
+    from pcbench.config import RunSpec
     from pcbench.train import RunPaths, train
 
     out = Path(args.out).resolve()
     outputs.claim(out, "model", "--out", replace=args.force)
     work = outputs.claim(out.with_name(out.name + ".pcbench"), "compress-work", "--out (its state dir)")
     if args.base in models.PRESETS and models.PRESETS[args.base].weights not in (None, "path"):
-        model = ModelSpec(name=args.base)
+        model = {"model.name": args.base}
     elif Path(args.base).exists():
         preflight.check_model_dir(args.base, "--base", hub_ok=False, tokenizer=args.tokenizer == "model")
-        model = ModelSpec(name="hf", path=str(Path(args.base).resolve()))
+        model = {"model.name": "hf", "model.path": str(Path(args.base).resolve())}
     else:
         raise SpecError("--base", f"{args.base!r} is neither a checkpoint directory nor a preset "
                         f"({', '.join(n for n, p in models.PRESETS.items() if p.weights and p.weights != 'path')})"
                         + ("" if args.base in models.PRESETS else ": no such path, it does not exist"))
-    if not 0 < args.compression < 1:
-        raise SpecError("--compression", f"must be a share of parameters in (0, 1), got {args.compression:g}")
-    spec = RunSpec(
-        model=model,
-        data=DataSpec(corpus=args.corpus, tokenizer=args.tokenizer, seq_len=args.seq_len,
-                      eval_batches=args.eval_batches),
-        optim=OptimSpec(lr=args.lr),
-        train=TrainSpec(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                        seed=args.seed, threads=args.threads, log_every=max(1, min(10, args.steps or 1)),
-                        ckpt_every=args.ckpt_every),
-        compress=CompressSpec(method=args.method, compression=args.compression, importance=args.importance,
-                              importance_seed=args.seed, sides=args.sides, residual=args.residual,
-                              distill=args.distill),
-    )
-    spec.validate("compress")
-    config = preflight.base_config(model, args.tokenizer, args.seq_len)
+    spec = _spec_from_flags(RunSpec, args, "compress", {**model, "compress.method": args.method})
+    config = preflight.base_config(spec.model, spec.data.tokenizer, spec.data.seq_len)
     if config is not None:
-        preflight.check_compression(config, args.compression, 1, "--compression")
+        preflight.check_compression(config, spec.compress.compression, spec.compress.align, "--compression")
     _fresh_compress_state(work, spec)
     rec = train(spec, RunPaths(record=work / "record", work=work, export=out))
     plan = rec.get("plan", {})
@@ -290,9 +222,7 @@ def cmd_eval(args) -> int:
     from pcbench.config import EvalSpec
     from pcbench.evaluate import lm_eval_scores
 
-    spec = EvalSpec(model=args.model, tasks=args.tasks.split(","), batch_size=args.batch_size, limit=args.limit,
-                    threads=args.threads)
-    spec.validate("eval")
+    spec = _spec_from_flags(EvalSpec, args, "eval", {"model": args.model})
     try:
         scores = lm_eval_scores(spec)
     except RuntimeError as e:  # e.g. a hub task whose dataset cannot be fetched offline
@@ -358,7 +288,34 @@ def _number(typ, least, strict: bool = False):
     return parse
 
 
+def _spec_flag(sp: argparse.ArgumentParser, cls: type):
+    """`flag(name, fields, help, **kw)`: add to `sp` a flag setting the fields (space-separated dotted
+    paths) of spec class `cls`. Left out, a field keeps its dataclass default, shown in the help;
+    a `Literal` field's values are the choices. `sp`'s `spec_flags` maps each field to its flag."""
+    from pcbench.config import field_choices, field_default
+
+    table: dict[str, tuple[str, str]] = {}
+    sp.set_defaults(spec_flags=table)
+
+    def flag(name: str, fields: str, help: str, **kw) -> None:
+        first = fields.split()[0]
+        choices = field_choices(cls, first)
+        if choices:
+            kw.setdefault("choices", list(choices))
+        kw.setdefault("default", None)
+        shown = field_default(cls, first) if kw["default"] is None else kw["default"]
+        if isinstance(shown, list):
+            shown = ",".join(shown)
+        if not kw.get("required") and shown is not None and "(default" not in help:
+            help = f"{help} (default: {shown})"
+        action = sp.add_argument(name, help=help, **kw)
+        table.update({f: (name, action.dest) for f in fields.split()})
+    return flag
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pcbench.config import EvalSpec, RunSpec
+
     p = argparse.ArgumentParser(prog="pcbench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -411,32 +368,34 @@ def build_parser() -> argparse.ArgumentParser:
     from pcbench import methods  # the registry (torch-free)
 
     sp.add_argument("--method", required=True, choices=methods.names(), type=methods.argument)
-    sp.add_argument("--compression", type=float, required=True, help="share of all parameters removed")
-    sp.add_argument("--steps", type=int, required=True, help="optimiser steps (0: prune/project and export)")
+    flag = _spec_flag(sp, RunSpec)
+    flag("--compression", "compress.compression", "share of all parameters removed", type=float, required=True)
+    flag("--steps", "train.steps", "optimiser steps (0: prune/project and export)", type=int, required=True)
     sp.add_argument("--out", required=True, help="where the compressed HF checkpoint is written")
     sp.add_argument("--force", action="store_true", help="replace an earlier pcbench model at --out (only its files)")
-    sp.add_argument("--importance", default="random", choices=["magnitude", "activation", "random"])
-    sp.add_argument("--sides", default="both", choices=["in", "out", "both"])
-    sp.add_argument("--residual", default=True, action=argparse.BooleanOptionalAction)
-    sp.add_argument("--distill", type=float, default=0.0, help="distillation alpha (0: off)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--lr", type=float, default=2 ** -12)
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--micro-batch-size", type=int, default=None)
-    sp.add_argument("--seq-len", type=int, default=128)
-    sp.add_argument("--corpus", default="books")
-    sp.add_argument("--tokenizer", default="model", help="`model`: the base checkpoint's own tokenizer")
-    sp.add_argument("--eval-batches", type=int, default=8)
-    sp.add_argument("--ckpt-every", type=int, default=0)
-    sp.add_argument("--threads", type=int, default=None)
+    flag("--importance", "compress.importance", "which dimensions are kept")
+    flag("--sides", "compress.sides", "PC: which sides of each matrix are projected")
+    flag("--residual", "compress.residual", "PC: train the residual R", action=argparse.BooleanOptionalAction)
+    flag("--distill", "compress.distill", "distillation alpha (0: off)", type=float)
+    flag("--seed", "train.seed compress.importance_seed", "seed of training and of random importance", type=int)
+    flag("--lr", "optim.lr", "peak learning rate", type=float)
+    flag("--batch-size", "train.batch_size", "rows per optimiser step", type=int)
+    flag("--micro-batch-size", "train.micro_batch_size", "rows per forward/backward (default: all)", type=int)
+    flag("--seq-len", "data.seq_len", "tokens per row", type=int)
+    flag("--corpus", "data.corpus", "training corpus")
+    flag("--tokenizer", "data.tokenizer", "`model`: the base checkpoint's own tokenizer", default="model")
+    flag("--eval-batches", "data.eval_batches", "held-out batches for the loss", type=int)
+    flag("--ckpt-every", "train.ckpt_every", "checkpoint every N steps (0: never)", type=int)
+    flag("--threads", "train.threads", "torch CPU threads (default: torch's)", type=int)
     sp.set_defaults(fn=cmd_compress)
 
     sp = sub.add_parser("eval", help="score a checkpoint with lm-eval (local task suite by default)")
     sp.add_argument("model", help="HF checkpoint directory")
-    sp.add_argument("--tasks", default="pcb_cloze,pcb_continuation")
-    sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--limit", type=int, default=None)
-    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    flag = _spec_flag(sp, EvalSpec)
+    flag("--tasks", "tasks", "comma-separated lm-eval tasks", type=lambda v: v.split(","))
+    flag("--batch-size", "batch_size", "rows per lm-eval batch", type=int)
+    flag("--limit", "limit", "examples per task (default: all)", type=int)
+    flag("--threads", "threads", "torch CPU threads (default: torch's)", type=int)
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("export", help="copy a run's exported HF checkpoint")

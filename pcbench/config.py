@@ -421,15 +421,53 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
-def load_run_spec(source: str | Path | dict, path: str = "spec") -> RunSpec:
-    """Load and validate a RunSpec from a YAML file or a mapping."""
+def _with_field(data: dict, dotted: str, value: Any) -> dict:
+    """A copy of the mapping `data` with `dotted` (`optim.lr`) set to `value`, mappings made on the way."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return {**data, head: value}
+    inner = data.get(head)
+    return {**data, head: _with_field(inner if isinstance(inner, dict) else {}, rest, value)}
+
+
+def load_spec(cls: type, source: str | Path | dict, path: str = "spec", fields: Optional[dict[str, Any]] = None) -> Any:
+    """The one way a spec is made (grids, `train`, `compress`, `eval`): a `cls` from a YAML file or a
+    mapping, with `fields` ({"optim.lr": 1e-3}) set over it, converted strictly and validated. A field
+    left out takes its dataclass default, so each default exists once, here in the spec classes."""
     if isinstance(source, dict):
-        data = source
-        where = path
+        data, where = source, path
     else:
-        p = Path(source)
-        data = load_yaml(p)
-        where = str(p)
-    spec = from_dict(RunSpec, data, where)
+        data, where = load_yaml(Path(source)), str(Path(source))
+    for dotted, value in (fields or {}).items():
+        data = _with_field(data if isinstance(data, dict) else {}, dotted, value)
+    spec = from_dict(cls, data, where)
     spec.validate(where)
     return spec
+
+
+def load_run_spec(source: str | Path | dict, path: str = "spec") -> RunSpec:
+    """Load and validate a RunSpec from a YAML file or a mapping."""
+    return load_spec(RunSpec, source, path)
+
+
+def _field(cls: type, dotted: str) -> tuple[dataclasses.Field, Any]:
+    """The dataclass field `dotted` (`optim.lr`) of the spec class `cls` and its type."""
+    head, _, rest = dotted.partition(".")
+    f = next(f for f in dataclasses.fields(cls) if f.name == head)
+    tp = _hints(cls)[head]
+    if not rest:
+        return f, tp
+    inner = tp if dataclasses.is_dataclass(tp) else next(a for a in typing.get_args(tp) if dataclasses.is_dataclass(a))
+    return _field(inner, rest)
+
+
+def field_default(cls: type, dotted: str) -> Any:
+    """The default of the field `dotted` of the spec class `cls` (its own dataclass's)."""
+    f, _ = _field(cls, dotted)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def field_choices(cls: type, dotted: str) -> Optional[tuple]:
+    """The values a `Literal` field `dotted` of `cls` takes; None for any other type."""
+    _, tp = _field(cls, dotted)
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
