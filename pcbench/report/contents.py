@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 
-from pcbench.report import figures, markdown, reference, scaling, tables, trends, tuning
+from pcbench.report import distill, figures, markdown, reference, scaling, tables, trends, tuning
 from pcbench.report.load import Study
 from pcbench.report.tables import PAPER_GRIDS, Table
 
@@ -43,6 +43,11 @@ class Inputs:
     @property
     def keys_by(self) -> dict[str, list[str]]:
         return self.gaps[2]
+
+    @cached_property
+    def claims(self) -> Optional[Table]:
+        """The opening claims table (`scaling.claims_table`; None outside scaling grids)."""
+        return scaling.claims_table(self.study)
 
     @cached_property
     def slopes(self):
@@ -117,13 +122,14 @@ def _paper_table(inp: Inputs) -> list[Table]:
 
 
 PARTS: list[Part] = [
-    Part("claims", lambda i: _some(scaling.claims_table(i.study)), titled()),  # opens the report (scaling grids)
+    Part("claims", lambda i: _some(i.claims), titled()),  # opens the report (scaling grids)
     Part("runs", _runs_table, lambda i, ts: ["## What was run", "", markdown.runs_summary(i.study)],
          formats=("csv",)),
     Part("headline", text=lambda i, ts: markdown.headline_md(trends.headline(i.cells))),
-    Part("verdicts", text=lambda i, ts: markdown.verdicts_md(trends.verdict_ratio(i.effect),
-                                                             trends.verdict_tokens(i.slopes))),
+    Part("verdicts", text=lambda i, ts: markdown.claims_verdicts_md() if i.claims is not None else
+         markdown.verdicts_md(trends.verdict_ratio(i.effect), trends.verdict_tokens(i.slopes))),
     Part("results", _pair_tables, section("Results", empty="No completed PC/HPR runs yet.")),
+    Part("distill", lambda i: _some(distill.distill_table(i.study)), titled()),
     Part("trends", lambda i: trends.trend_tables(i.cells, i.slopes, i.effect), section("Trends")),
     Part("learning_rates", _lr_tables, lambda i, ts: markdown.learning_rates_md(ts)),
     Part("tuning", lambda i: _some(tuning.tuning_table(i.study)), titled()),  # flags tuned values at a sweep's edge

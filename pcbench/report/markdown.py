@@ -111,6 +111,13 @@ def headline_md(lines: list[str]) -> list[str]:
     return ["## Headline", ""] + [f"- {line}" for line in lines] + [""] if lines else []
 
 
+def claims_verdicts_md() -> list[str]:
+    """The verdicts section of a grid with the opening claims table: the verdicts are that table's."""
+    return ["## Verdicts", "", "The verdicts are the opening table's: one estimator of the gap fitted over every "
+            "cell at once (its interval decides each claim), in place of the pairwise trend verdicts of smaller "
+            "grids. The per-cell slopes and the ratio contrasts are under Trends.", ""]
+
+
 def verdicts_md(ratio: Verdict, tokens: Verdict) -> list[str]:
     return ["## Verdicts", "", f"_Decision rule: {DECISION}_", "", verdict_md("a", ratio), verdict_md("b", tokens)]
 

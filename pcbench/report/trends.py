@@ -126,6 +126,8 @@ def ratio_effect(cells: pd.DataFrame, keys_by: dict[str, list[str]]) -> pd.DataF
     for stage, keys in sorted(keys_by.items()):
         c = cells[cells.stage == stage]
         match = [k for k in keys if k != "ratio"] + ["tokens"]
+        if c.empty or any(k not in c.columns for k in match):  # a stage without paired cells yet
+            continue
         for combo, sub in c.groupby(match, dropna=False, sort=True):
             a, b = sub[sub.base_ratio == lo_r], sub[sub.base_ratio == hi_r]
             if len(a) != 1 or len(b) != 1:
