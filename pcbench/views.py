@@ -15,8 +15,10 @@ def status_table(grid, store, only: Optional[str] = None) -> str:
     """One row per selected run (state after a liveness check), then the count of each state."""
     from pcbench.liveness import Liveness
     from pcbench.store import brief
+    from pcbench.sweep import extend_grid
 
     rows = []
+    extend_grid(grid, store)  # the extension runs its sweeps' records have added
     runs = grid.select(only)
     live = Liveness(store)  # running/submitted only while its process or job is alive
     live.prefetch(r.id for r in runs)

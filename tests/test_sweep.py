@@ -166,3 +166,18 @@ def test_local_launcher_extends_with_real_runs(tmp_path):
             assert tuned["value"] == 4e-5 and tuned["from_run"] in {e.id for e in ext}
             assert order.index(r.id) > max(order.index(e.id) for e in ext)
     assert not tuned_lines(load_study(tmp_path / "res", "sw")).bracketed.any()
+
+
+def test_status_lists_the_extension_runs(tmp_path):
+    from pcbench import views
+
+    path = sweep_grid(tmp_path, [0.001, 0.002, 0.004], max_steps=3)
+    grid = load_grid(path)
+    store = launch.store_for(grid, tmp_path / "res", tmp_path / "work")
+    settle_fake(grid, store)
+    added = [r for ln in sweep.extend_grid(load_grid(path), store) for r in ln.added]
+    assert len(added) == 3  # hpr: 0.008, 0.016, 0.032
+    text = views.status_table(load_grid(path), store)  # a fresh grid, as `pcbench status` loads it
+    for rid in added:
+        assert rid in text
+    assert "completed: 10" in text  # base + 6 sweep runs + 3 extensions
