@@ -154,7 +154,7 @@ def test_local_mode_and_parallel_are_checked(monkeypatch, tmp_path):
     assert launch.local_parallel(grid.runs) == 1
     cores = len(os.sched_getaffinity(0))
     assert launch.local_parallel(grid.runs, "auto") == max(1, cores // 1)  # tiny grid: 1 thread per run
-    default = load_grid(ROOT / "experiments" / "mini.yaml")
+    default = load_grid(ROOT / "experiments" / "default.yaml")
     assert launch.local_parallel(default.runs, "auto") == max(1, cores // 2)  # train.threads: 2
     monkeypatch.setenv("PCBENCH_PARALLEL", "3")
     assert launch.local_parallel(grid.runs) == 3
