@@ -64,8 +64,12 @@ def test_status_checks_slurm_before_saying_running(job_env, tmp_path):  # noqa: 
         time.sleep(0.5)
     assert store.state(base.id) == "running"
     job_env.run("scancel", str(job))
+    # SLURM cancels the dependents (afterok can no longer be met) at its next scheduling pass: wait
+    # until no job of the grid is left in the queue, since until then "submitted" is the truth
+    jobs = [str(job)] + [str(store.status(x.id).get("job_id")).split("_")[0] for x in grid.runs  # an array
+                         if x.stage != "base" and store.status(x.id).get("job_id")]  # pending unsplit: by its id
     deadline = time.time() + 120
-    while time.time() < deadline and job_env.squeue_state(job):
+    while time.time() < deadline and any(job_env.squeue_state(j) for j in jobs):
         time.sleep(0.5)
     st = cli("status", str(path), *where)
     assert st.returncode == 0 and "Traceback" not in st.stderr
