@@ -16,7 +16,7 @@ from typing import Optional
 import pandas as pd
 
 from pcbench.report import fmt
-from pcbench.report.tables import Table, base_names, compress_runs
+from pcbench.report.tables import Table, base_names, compress_runs, sweep_stages
 
 KEYS = ["base_id", "compression", "tokens"]
 
@@ -35,7 +35,7 @@ def distill_cells(study) -> pd.DataFrame:
         return pd.DataFrame()
     t = t[t.state == "completed"] if "state" in t.columns else t
     kd, plain = t[_distilled(t)], t[~_distilled(t)]
-    plain = plain[~plain.stage.isin(_sweeps(study))]
+    plain = plain[~plain.stage.isin(sweep_stages(study))]
     rows = []
     for (base, comp, tok, method), g in kd.groupby(KEYS + ["method"], sort=True):
         p = plain[(plain.base_id == base) & (plain.compression == comp) & (plain.tokens == tok)
@@ -49,12 +49,6 @@ def distill_cells(study) -> pd.DataFrame:
                      "alpha": float(pd.to_numeric(g["distill"]).iloc[0]), "plain": a, "distilled": b,
                      "kd_effect": b - a, "seeds": ",".join(str(int(s)) for s in seeds)})
     return pd.DataFrame(rows)
-
-
-def _sweeps(study) -> list[str]:
-    from pcbench.report.tables import sweep_stages
-
-    return sweep_stages(study)
 
 
 def distill_table(study) -> Optional[Table]:
