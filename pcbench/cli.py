@@ -446,6 +446,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from pcbench import allocator
+
+    allocator.tune()  # for the commands that train or score in this process (no effect on the rest)
     try:
         return args.fn(args)
     except Problems as e:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -156,7 +157,7 @@ def lm_eval_scores(spec: EvalSpec) -> dict:
         torch.set_num_threads(spec.threads)
     suite = build_tasks()
     include = [str(suite)] + ([spec.include_path] if spec.include_path else [])
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(), _lean_lm_eval():
         tm, hub = _task_manager(list(spec.tasks), include)
         why = hub_unavailable() if hub else None
         offline = not hub or why is not None
@@ -213,6 +214,31 @@ class _Drop(logging.Filter):
             self.truncated += 1
             return False
         return not msg.startswith("Overwriting default num_fewshot")
+
+
+@contextlib.contextmanager
+def _lean_lm_eval():
+    """Skip what lm-eval does per evaluation that pcbench neither needs nor records, without
+    changing a score: its environment report (`pip list`, `nvidia-smi`, `git` in subprocesses:
+    about 0.5 s per evaluation; the record names torch and lm-eval itself) and the process pool it
+    starts for each bootstrapped standard error (`DISABLE_MULTIPROC`: the same draws, seeded alike,
+    in this process; a pool forked from a job is slower than the draws and its workers' exit was
+    printed as a traceback)."""
+    from unittest import mock
+
+    import lm_eval.evaluator
+
+    saved = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        with mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None), \
+                mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = saved
 
 
 @contextlib.contextmanager

@@ -21,6 +21,8 @@ import signal
 import sys
 import threading
 
+from pcbench import allocator
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -31,8 +33,11 @@ def preload() -> None:
     import pcbench.train  # noqa: F401
 
     try:
-        import lm_eval  # noqa: F401 - evaluation runs
+        import datasets  # noqa: F401 - evaluation runs
+        import lm_eval  # noqa: F401
+        import lm_eval.evaluator  # noqa: F401
         import lm_eval.models.huggingface  # noqa: F401
+        import lm_eval.tasks  # noqa: F401
     except ImportError:  # pragma: no cover - an install without lm-eval trains only
         pass
 
@@ -64,6 +69,7 @@ def _child(req: dict, fds: tuple[int, int]) -> None:
 def serve(cmd_fd: int, reply_fd: int) -> None:
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)  # each child keeps them ignored until the job installs its own
+    allocator.tune()  # before the imports allocate; every fork inherits it
     preload()
     threads = threading.active_count()
 

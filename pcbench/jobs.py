@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import submitit
 
-from pcbench import interrupts
+from pcbench import allocator, interrupts
 from pcbench.config import RunSpec, SpecError, from_dict
 from pcbench.grid.fieldpath import field_value, with_field
 from pcbench.store import Store
@@ -94,6 +94,7 @@ class RunJob(submitit.helpers.Checkpointable):
         self.progress = progress
 
     def __call__(self) -> dict:
+        allocator.tune()
         with interrupts.graceful():
             return self._call()
 
