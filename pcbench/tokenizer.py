@@ -3,7 +3,8 @@
 Every tokenizer returned is a fast `transformers` tokenizer with `eos_token_id` set that survives
 `save_pretrained` + `AutoTokenizer.from_pretrained` unchanged (it is saved next to exported models).
 `bpe-<N>` is a byte-level BPE of vocabulary N trained on the `train` split of a corpus with the
-`tokenizers` library; it is deterministic and cached under `cache_dir()/tokenizers/`.
+`tokenizers` library; it is deterministic and cached under `cache_dir()/tokenizers/` (the default
+study's, bpe-512 on books, ships with pcbench: `PACKAGED`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from pcbench.paths import cache_dir
 EOT = "<|endoftext|>"
 BPE_FORMAT = 1  # bump when the BPE recipe changes
 BPE_MAX_CHARS = 200_000_000  # training text cap (matters only for streamed corpora)
+# Trained BPEs shipped with pcbench, named as their cache directory (so: by corpus fingerprint and
+# tokenizers version): copied instead of trained (6 s of the default study's first run); a test
+# trains each again and compares bytes. Any other vocabulary, corpus or tokenizers version trains.
+PACKAGED = Path(__file__).parent / "bpe"
 NAME_FORMS = ("gpt2", "llama3", "bpe-<N> (N >= 257, e.g. bpe-512)", "a local tokenizer directory")
 
 
@@ -105,8 +110,12 @@ def _bpe(vocab_size: int, corpus: str) -> PreTrainedTokenizerFast:
             if not (out / "tokenizer.json").exists():
                 tmp = Path(tempfile.mkdtemp(dir=_root(), prefix=f".{out.name}.tmp-"))
                 try:
-                    train_bpe(vocab_size, _capped(corpora.iter_documents(corpus, "train"))).save(
-                        str(tmp / "tokenizer.json"))
+                    packaged = PACKAGED / f"{out.name}.json"
+                    if packaged.is_file():  # the same inputs and tokenizers version: what training writes
+                        shutil.copyfile(packaged, tmp / "tokenizer.json")
+                    else:
+                        train_bpe(vocab_size, _capped(corpora.iter_documents(corpus, "train"))).save(
+                            str(tmp / "tokenizer.json"))
                     write_json(tmp / "meta.json", {"vocab_size": vocab_size, "corpus": corpus,
                                                    "max_chars": BPE_MAX_CHARS,
                                                    "tokenizers": tokenizers.__version__})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,6 +238,27 @@ def test_bpe_training_is_deterministic_and_cached(fresh_cache, shared_assets, tm
     monkeypatch.setattr(tk, "train_bpe", lambda *a, **k: pytest.fail("retrained a cached tokenizer"))
     assert load_tokenizer("bpe-300", corpus="shakespeare").get_vocab() == b.get_vocab()
     assert tk.bpe_dir(300, "books") != tk.bpe_dir(300, "shakespeare")
+
+
+def test_packaged_bpe_is_what_training_writes(fresh_cache, shared_assets, monkeypatch):
+    """Each shipped BPE (pcbench/bpe/) is byte for byte the training's output for its inputs, and
+    `load_tokenizer` copies it instead of training."""
+    from pcbench import tokenizer as tk
+
+    packaged = sorted(tk.PACKAGED.glob("bpe-*.json"))
+    assert packaged, "no packaged tokenizer"
+    for path in packaged:
+        vocab, corpus = re.fullmatch(r"bpe-(\d+)-(.+)-[0-9a-f]{12}", path.stem).groups()
+        if tk.bpe_dir(int(vocab), corpus).name != path.stem:
+            pytest.skip(f"{path.name} is for another tokenizers version than {tk.tokenizers.__version__}")
+        out = fresh_cache / "trained.json"
+        tk.train_bpe(int(vocab), tk._capped(corpora.iter_documents(corpus, "train"))).save(str(out))
+        assert out.read_bytes() == path.read_bytes()
+        monkeypatch.setattr(tk, "train_bpe", lambda *a, **k: pytest.fail("trained a packaged tokenizer"))
+        tok = load_tokenizer(f"bpe-{vocab}", corpus=corpus)
+        assert (tk.bpe_dir(int(vocab), corpus) / "tokenizer.json").read_bytes() == path.read_bytes()
+        assert len(tok) == int(vocab) and tok.eos_token_id == 0
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "bpe-512"])

@@ -158,9 +158,8 @@ def _local_one(run: Run, where: str, store: Store, progress: Optional[bool], bad
         say(f"{where}: {run.id} ({_label_str(run)})")
         job = _start_job(store, run.id, progress)
         with interrupts.deferred():
-            while (rc := job.poll()) is None:
+            while (rc := job.poll(wait=0.2)) is None:
                 job.forward(interrupts.requested())
-                time.sleep(0.2)
         result = _result_of(run, rc, store)
         if result is None:  # another process took the run's lock first
             waited_self = True
@@ -263,9 +262,15 @@ class _Job:
     def __init__(self, pid: int, proc: Optional[subprocess.Popen] = None):
         self.pid, self.proc, self.rc, self._forwarded = pid, proc, None, 0.0
 
-    def poll(self) -> Optional[int]:
-        if self.rc is None:
-            self.rc = self.proc.poll() if self.proc is not None else _server.exit_code(self.pid)
+    def poll(self, wait: float = 0.0) -> Optional[int]:
+        """The exit code, waiting up to `wait` seconds for it (returns as soon as the job ends)."""
+        if self.rc is None and self.proc is not None:
+            try:
+                self.rc = self.proc.wait(wait) if wait > 0 else self.proc.poll()
+            except subprocess.TimeoutExpired:
+                pass
+        elif self.rc is None:
+            self.rc = _server.exit_code(self.pid, wait)
         return self.rc
 
     def forward(self, sig: Optional[int]) -> None:
@@ -295,9 +300,11 @@ class _ForkServer:
         self._send({"args": args, "env": env, "cwd": os.getcwd()})
         return self._wait_for("pid")
 
-    def exit_code(self, pid: int) -> Optional[int]:
+    def exit_code(self, pid: int, wait: float = 0.0) -> Optional[int]:
+        """The exit code of child `pid`, waiting up to `wait` seconds for the server's report."""
+        until = time.monotonic() + wait
         while pid not in self.exits:
-            msg = self._read(0)
+            msg = self._read(max(0.0, until - time.monotonic()))
             if msg is None:
                 break
         if pid in self.exits:

@@ -118,11 +118,15 @@ def _balanced(s: str) -> bool:
             and s.count("“") == s.count("”"))
 
 
+def _mostly_letters(text: str) -> bool:
+    chars = "".join(text.split())  # the characters that are not whitespace (str.isspace's)
+    return sum(map(str.isalpha, chars)) >= 0.7 * len(chars)
+
+
 def _sentence(text: str) -> Sentence:
     words = len(text.split())
-    chars = [c for c in text if not c.isspace()]
     clean = (4 <= words <= 60 and _balanced(text) and not _ODD.search(text) and len(_CAPS.findall(text)) < 2
-             and sum(c.isalpha() for c in chars) >= 0.7 * len(chars))
+             and _mostly_letters(text))
     ending = (clean and ENDING_WORDS[0] <= words <= ENDING_WORDS[1] and len(text) <= ENDING_CHARS
               and text[0].isupper() and text[-1] in ".!?")
     return Sentence(text, words, clean, ending)
