@@ -185,6 +185,7 @@ class Sharded(Replicated):
         needs_all_rows = t.p_out is not None or t.idx_out is not None
         v.base = t.base.full_tensor() if needs_all_rows else t.base.to_local()
         v.small_shape = (b - a, k_in)
+        v.order = t.order
         v._mid = None
         return v
 
@@ -197,7 +198,7 @@ class Sharded(Replicated):
         for name in ("p_out", "p_in", "residual"):
             p = getattr(t, name)
             setattr(v, name, None if p is None else p.full_tensor().detach())
-        v.keep_out, v.keep_in, v.small_shape = t.keep_out, t.keep_in, t.small_shape
+        v.keep_out, v.keep_in, v.small_shape, v.order = t.keep_out, t.keep_in, t.small_shape, t.order
         return v
 
     @contextlib.contextmanager

@@ -196,3 +196,23 @@ def test_registry_module_is_torch_free_and_builders_are_lazy():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["PC", "PC-naive", "x", "False", "False"]
+
+
+def test_compress_order_reaches_every_projected_tensor_and_a_bad_one_is_one_line():
+    """`compress.order` (spec) -> `Projected(order=...)`: flops routes where they are cheaper; the
+    default stays autograd's; an unknown order names the field before any work."""
+    from pcbench.bench import step_cost
+
+    base, plan = step_cost.build_base("llama-bench", 97, 16, 0.5, seed=0)
+    built = {}
+    for order in ("autograd", "flops"):
+        spec = load_run_spec({"model": {"name": "llama-bench", "path": "x"}, "compress": {"order": order}})
+        built[order] = methods.build("pc", base, plan, spec, torch.device("cpu"))
+        assert {t.order for t in built[order].tensors.values()} == {order}
+    assert load_run_spec({"model": {"name": "hf", "path": "x"}, "compress": {}}).compress.order == "autograd"
+    two = [k for k, t in built["flops"].tensors.items() if t.p_out is not None and t.p_in is not None]
+    assert any(built["flops"].tensors[k].route() != built["autograd"].tensors[k].route() for k in two)
+    assert built["flops"].fixed_flops_per_step() < built["autograd"].fixed_flops_per_step()
+    with pytest.raises(SpecError) as e:
+        load_run_spec({"model": {"name": "hf", "path": "x"}, "compress": {"order": "fast"}})
+    assert e.value.path == "spec.compress.order"

@@ -88,13 +88,14 @@ def build_base(model: str, vocab: int, seq: int, compression: float, seed: int):
     return base, plan
 
 
-def build_method(method: str, base, plan, device: torch.device, lr: float, total_steps: int, micro: int):
+def build_method(method: str, base, plan, device: torch.device, lr: float, total_steps: int, micro: int,
+                 order: str = "autograd"):
     """(trainable, Stepper) for `method` (a key of `METHODS`), built by its registered builder
     (`pcbench.methods`) and stepped as the training loop steps it."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     name = REGISTERED.get(method, method)
-    spec = RunSpec(compress=CompressSpec(method=name, sides="both", residual=True))
+    spec = RunSpec(compress=CompressSpec(method=name, sides="both", residual=True, order=order))
     trainable = methods.build(name, base, plan, spec, device)
     trainable.model.train()
     opt = torch.optim.AdamW(trainable.param_groups(0.1), lr=lr)
@@ -159,7 +160,8 @@ def probe(cfg: dict) -> dict:
     cuda = device.type == "cuda"
     start = memory_baseline(device)
     base, plan = build_base(cfg["model"], cfg["vocab"], cfg["seq"], cfg["compression"], cfg["seed"])
-    trainable, stepper = build_method(cfg["method"], base, plan, device, cfg["lr"], cfg["steps"], cell.rows)
+    trainable, stepper = build_method(cfg["method"], base, plan, device, cfg["lr"], cfg["steps"], cell.rows,
+                                      cfg.get("order", "autograd"))
     batch = fixed_batch(cell.total_rows, cfg["seq"], cfg["vocab"], cfg["seed"], device)
     del base, plan  # a real run keeps only what the method holds (PC: the base tensors)
     if cuda:
@@ -272,7 +274,7 @@ def time_cell(cell: Cell, base, plan, device: torch.device, args: argparse.Names
     timed steps of every method on one fixed batch, order rotated per repeat; PC's materialise and
     push and every method's optimiser step timed inside those steps."""
     total_steps = args.warmup + args.repeats
-    built = {m: build_method(m, base, plan, device, args.lr, total_steps, cell.rows) for m in METHODS}
+    built = {m: build_method(m, base, plan, device, args.lr, total_steps, cell.rows, args.order) for m in METHODS}
     pc = built["pc"][0]
     parts = PartTimer(device)
     parts.wrap(pc, "before_step", "pc/materialise")
@@ -372,7 +374,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.memory != "off":
             rec["memory"] = {m: measure_memory({
                 "model": args.model, "vocab": args.vocab, "seq": args.seq, "compression": args.compression,
-                "seed": args.seed, "lr": args.lr, "threads": args.threads, "device": str(device),
+                "seed": args.seed, "lr": args.lr, "threads": args.threads, "device": str(device), "order": args.order,
                 "cell": asdict(cell), "method": m, "steps": max(2, args.warmup + 1)}) for m in METHODS}
         results.append(rec)
         print(row(rec), flush=True)
@@ -511,6 +513,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--compression", type=float, default=0.5)
     p.add_argument("--cells", default=DEFAULT_CELLS, help="NxR: N micro-batches of R rows per step")
+    p.add_argument("--order", choices=("autograd", "flops"), default="autograd",
+                   help="PC's products per two-sided tensor (compress.order)")
     p.add_argument("--memory", default="on", choices=["on", "off"])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,7 @@ from pcbench.config import SpecError
 def options(spec) -> dict:
     """`Projected`'s keyword arguments from `spec.compress`."""
     c = spec.compress
-    return dict(sides=c.sides, residual=c.residual, decay_projections=c.decay_projections,
+    return dict(sides=c.sides, residual=c.residual, decay_projections=c.decay_projections, order=c.order,
                 base_dtype=torch.bfloat16 if c.base_dtype == "bfloat16" else torch.float32)
 
 
