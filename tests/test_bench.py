@@ -136,3 +136,18 @@ def test_benchmarked_steps_update_the_trained_parameters(method):
 def test_machine_info_fields():
     m = machine_info()
     assert m["hostname"] and m["logical_cores"] >= 1 and m["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["step-cost", "--cells", "1y8"], "--cells"), (["step-cost", "--cells", "0x8"], "--cells"),
+    (["step-cost", "--cells", ","], "--cells"), (["memory", "--cells", "hpr-1-ddp"], "--cells"),
+    (["memory", "--cells", "pc:0:fsdp"], "--cells"), (["memory", "--cells", "pcx:1:ddp"], "--cells"),
+    (["memory", "--sizes", "huge"], "--sizes"),
+])
+def test_bad_bench_arguments_are_one_line_before_any_work(argv, field, tmp_path, capsys):
+    from pcbench import cli
+
+    assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"pcbench: error: {field}: ") and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written

@@ -152,14 +152,34 @@ def write_config(cfg: dict, where: Path) -> None:
     models.build_config(ModelSpec(name=preset, **over), cfg["vocab"], cfg["seq"]).save_pretrained(where)
 
 
+CELL_METHODS = ("hpr", "pc", "pc-blockwise")
+
+
 def parse_cells(text: str) -> list[tuple[str, int, str]]:
+    """`"hpr:1:ddp,pc:2:fsdp"` -> [(method, processes, parallel)]; a malformed cell is a SpecError."""
+    from pcbench.config import SpecError
+
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        method, world, par = part.split(":")
-        if method not in ("hpr", "pc", "pc-blockwise") or par not in ("ddp", "fsdp"):
-            raise SystemExit(f"bad cell {part!r}: METHOD:PROCESSES:PARALLEL, METHOD hpr|pc|pc-blockwise")
-        out.append((method, int(world), par))
+        fields = part.split(":")
+        if (len(fields) != 3 or fields[0] not in CELL_METHODS or not fields[1].isdigit() or int(fields[1]) < 1
+                or fields[2] not in ("ddp", "fsdp")):
+            raise SpecError("--cells", f"bad cell {part!r}: want METHOD:PROCESSES:PARALLEL with METHOD "
+                            f"{'|'.join(CELL_METHODS)}, PROCESSES >= 1, PARALLEL ddp|fsdp (e.g. pc:2:fsdp)")
+        out.append((fields[0], int(fields[1]), fields[2]))
+    if not out:
+        raise SpecError("--cells", "no cell given")
     return out
+
+
+def parse_sizes(text: str) -> list[str]:
+    from pcbench.config import SpecError
+
+    sizes = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad or not sizes:
+        raise SpecError("--sizes", f"unknown size(s) {', '.join(map(repr, bad)) or '(none)'}; known: {', '.join(SIZES)}")
+    return sizes
 
 
 def run(args) -> dict:
@@ -167,12 +187,13 @@ def run(args) -> dict:
     from pcbench.config import load_run_spec
     from pcbench.devices import resolve_device
 
+    sizes, todo = parse_sizes(args.sizes), parse_cells(args.cells)  # bad input: one line, before any work
     device = str(resolve_device(args.device))
     info = machine_info()
     cells = []
     with tempfile.TemporaryDirectory(prefix="pcbench-memcfg-") as cfg_root:
-        for size in args.sizes.split(","):
-            for method, world, par in parse_cells(args.cells):
+        for size in sizes:
+            for method, world, par in todo:
                 cfg = {"method": method, "world": world, "parallel": par, "size": size, "vocab": args.vocab,
                        "seq": args.seq, "rows": args.rows, "micro": args.micro, "steps": args.steps,
                        "compression": args.compression, "threads": args.threads, "device": device}

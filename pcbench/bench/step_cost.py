@@ -69,10 +69,16 @@ class Cell:
 
 def parse_cells(text: str) -> list[Cell]:
     """`"1x8,16x8"` -> one micro-batch of 8 rows, 16 micro-batches of 8 rows."""
+    from pcbench.config import SpecError
+
     cells = []
-    for part in text.split(","):
-        n, r = part.strip().lower().split("x")
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        n, x, r = part.partition("x")
+        if not (x and n.isdigit() and r.isdigit() and int(n) >= 1 and int(r) >= 1):
+            raise SpecError("--cells", f"bad cell {part!r}: want NxR, N micro-batches of R rows, both >= 1 (e.g. 1x8)")
         cells.append(Cell(int(n), int(r)))
+    if not cells:
+        raise SpecError("--cells", "no cell given")
     return cells
 
 
