@@ -110,7 +110,10 @@ def _prepare(store: Store, grid: Grid) -> None:
 
         write_text(store.root / "grid.yaml", Path(grid.source).read_text())
     for run in grid.runs:
-        store.write_run(run.record())
+        # A completed run keeps the record it ran with: its id hashes the spec's non-default fields,
+        # so a newer pcbench would only add fields at their defaults (and churn committed records).
+        if store.state(run.id) != "completed" or not (store.run_dir(run.id) / "run.json").exists():
+            store.write_run(run.record())
 
 
 def submit(grid: Grid, store: Store, executor: str = "local", *, only: Optional[str] = None,

@@ -65,8 +65,15 @@ def test_local_grid_runs_then_skips_everything(tmp_path):
     # Same tokens, same sequences, same widths for both methods.
     comp = [f[r.id] for r in grid.runs if r.stage == "compress"]
     assert comp[0]["plan"]["widths"] == comp[1]["plan"]["widths"] and comp[0]["tokens"] == comp[1]["tokens"]
+    # A record written by an older pcbench (a field added since, at its default) is not rewritten.
+    rec_path = store.run_dir(comp_id := next(r.id for r in grid.runs if r.stage == "compress")) / "run.json"
+    old = json.loads(rec_path.read_text())
+    del old["spec"]["compress"]["order"]
+    rec_path.write_text(json.dumps(old))
+    before = rec_path.read_bytes()
     again = launch.submit(grid, store, "local", progress=False)
     assert again.submitted == [] and len(again.skipped) == 3
+    assert rec_path.read_bytes() == before and store.state(comp_id) == "completed"
     events = read_jsonl(store.events)
     assert [e["state"] for e in events].count("completed") == 3
 
