@@ -13,6 +13,7 @@ have recorded their runs `interrupted`, `run` raises `interrupts.Interrupted` (a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -40,7 +41,8 @@ class LocalExecutor(Executor):
 
     def run(self, todo: list[Run], store: Store, outcome: Outcome, *, override: dict, log_dir: Path,
             progress: Optional[bool], parallel: Optional[int | str]) -> None:
-        _run_local(todo, store, outcome, progress, parallel)
+        with _prefetching(todo):
+            _run_local(todo, store, outcome, progress, parallel)
 
 
 LOCAL_MODES = ("fork", "subprocess")
@@ -53,6 +55,34 @@ def local_mode() -> str:
     if mode not in LOCAL_MODES:
         raise SpecError("PCBENCH_LOCAL_MODE", f"unknown mode {mode!r}; choose from {', '.join(LOCAL_MODES)}")
     return mode if hasattr(os, "fork") else "subprocess"
+
+
+@contextlib.contextmanager
+def _prefetching(todo: list[Run]):
+    """While the runs go: the fork server started at once, and the runs' data prepared beside its
+    imports (`pcbench/prefetch.py`; `PCBENCH_PREFETCH=0` turns it off). Stopped, if still going, when
+    the runs are done."""
+    proc = None
+    if todo and local_mode() == "fork":
+        _server.warm()
+    if todo and os.environ.get("PCBENCH_PREFETCH", "1") != "0":
+        from pcbench.prefetch import missing, needs
+
+        items = missing(needs(todo))
+        if items:
+            proc = subprocess.Popen([sys.executable, "-m", "pcbench.prefetch", json.dumps(items)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    preexec_fn=_ignore_sigint)
+    try:
+        yield
+    finally:
+        if proc is not None and proc.poll() is None:  # the runs ended first (failed, or stopped)
+            proc.terminate()  # its half-written store is removed; stores are atomic, locks die with it
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def local_parallel(todo: list[Run], parallel: Optional[int | str] = None) -> int:
@@ -289,12 +319,18 @@ class _ForkServer:
     def __init__(self):
         self.proc: Optional[subprocess.Popen] = None
         self.cmd = self.reply = -1
-        self.buf, self.exits, self.broken, self.last = b"", {}, False, {}
+        self.buf, self.exits, self.broken, self.last, self.ready = b"", {}, False, {}, False
+
+    def warm(self) -> None:
+        """Start the server (its imports) without waiting for it: the launcher goes on meanwhile."""
+        if self.proc is None and not self.broken:
+            self._launch()
 
     def start(self, args: list[str], env: dict) -> Optional[int]:
         """The pid of a forked child running `pcbench.jobs.main(args)`, None if no server runs."""
-        if self.proc is None and not self.broken:
-            self._spawn()
+        self.warm()
+        if not self.ready and not self.broken:
+            self._await_ready()
         if self.broken:
             return None
         self._send({"args": args, "env": env, "cwd": os.getcwd()})
@@ -314,7 +350,7 @@ class _ForkServer:
             return 1
         return None
 
-    def _spawn(self) -> None:
+    def _launch(self) -> None:
         cmd_r, cmd_w = os.pipe()
         rep_r, rep_w = os.pipe()
         try:
@@ -326,12 +362,15 @@ class _ForkServer:
         self.cmd, self.reply = cmd_w, rep_r
         os.set_inheritable(self.cmd, False)
         os.set_inheritable(self.reply, False)
+        atexit.register(self.close)
+
+    def _await_ready(self) -> None:
         ready = self._wait_for("ready")
+        self.ready = ready is not None
         if ready is not None and self.last.get("threads", 1) > 1:  # a fork would copy a thread's locks
             say(f"fork server has {self.last['threads']} threads: runs start as fresh processes")
             self.close()
             self.broken = True
-        atexit.register(self.close)
 
     def _send(self, msg: dict) -> None:
         try:
@@ -379,6 +418,7 @@ class _ForkServer:
                 except OSError:
                     pass
         self.cmd = self.reply = -1
+        self.ready = False
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=5)
@@ -410,6 +450,10 @@ def _start_job(store: Store, run_id: str, progress: Optional[bool]) -> _Job:
 def _ignore_stop_signals() -> None:
     for s in interrupts.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _wait_for(store: Store, run_id: str, detail: Optional[str], for_run: str) -> None:
