@@ -114,6 +114,11 @@ def _legacy_kind(d: Path) -> Optional[str]:
     return None
 
 
+def _marker_in_flight(name: str) -> bool:
+    """A marker being written atomically (`atomic.temp_file` next to it), not a user's file."""
+    return re.fullmatch(rf"\.{re.escape(MARKER)}\.[0-9a-f]{{12}}\.tmp", name) is not None
+
+
 def kind_of(d: str | os.PathLike) -> Optional[str]:
     """The kind of pcbench output at `d`, "" for a missing or empty directory, None for anything else."""
     d = Path(d)
@@ -121,7 +126,7 @@ def kind_of(d: str | os.PathLike) -> Optional[str]:
         return ""
     if not d.is_dir():
         return None
-    if not any(d.iterdir()):
+    if all(_marker_in_flight(e.name) for e in d.iterdir()):  # empty, or another process marking it now
         return ""
     m = read_marker(d)
     return m["kind"] if m else _legacy_kind(d)

@@ -259,3 +259,41 @@ def test_kind_recognition_of_older_outputs(tmp_path):
     (tmp_path / "empty").mkdir()
     assert [outputs.kind_of(tmp_path / n) for n in ("store", "work", "suite", "t", "user", "empty", "none")] == \
         ["results", "work", "tasks", "train", None, "", ""]
+
+
+def _ensure(args):
+    from pcbench.outputs import ensure_dir
+
+    path, kind = args
+    try:
+        ensure_dir(path, kind, "--out")
+        return None
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return f"{type(e).__name__}: {e}"
+
+
+def test_processes_creating_one_output_at_once_all_succeed(tmp_path):
+    """Two ranks (or two launchers) create the same output directory at the same moment: the one
+    that comes second sees the first's marker being written, not a user's file, and goes on."""
+    import multiprocessing as mp
+
+    from pcbench.outputs import kind_of
+
+    with mp.get_context("fork").Pool(8) as pool:
+        for i in range(20):
+            errors = [e for e in pool.map(_ensure, [(str(tmp_path / f"out{i}"), "train")] * 8) if e]
+            assert errors == [], errors
+            assert kind_of(tmp_path / f"out{i}") == "train"
+
+
+def test_a_marker_in_flight_is_not_a_users_file(tmp_path):
+    from pcbench.outputs import OutputError, claim, kind_of
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "..pcbench.json.0123456789ab.tmp").write_text("{")
+    assert kind_of(d) == "" and claim(d, "train", "--out") == d
+    (d / ".pcbench.json.tmp").write_text("mine")  # not pcbench's temp name: a user's file
+    assert kind_of(d) is None
+    with pytest.raises(OutputError):
+        claim(d, "train", "--out")
