@@ -26,6 +26,9 @@ SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", 
                "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "PREEMPTED")
 
 
+GONE = "GONE"  # `slurm_states`: neither the queue nor accounting knows the job
+
+
 def pid_alive(pid: int) -> bool:
     """A live (not zombie) process with this pid."""
     try:
@@ -62,22 +65,29 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
     if not ids:                                                  # is known only by its own id
         return {}
     out: dict[str, str] = {}
+    asked = False  # the controller answered: a wanted job neither it nor accounting knows is gone
     cmds = (["sacct", "-n", "-P", "-X", "--duplicates", "-j", ",".join(ids), "-o", "JobID,State"],
             ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T"])
     for cmd in cmds:
+        if wanted <= out.keys():
+            break
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             continue
         if r.returncode != 0:
             continue
+        asked = asked or cmd[0] == "squeue"
+        found: dict[str, str] = {}
         for line in r.stdout.splitlines():
             job, _, state = line.partition("|")
             for j in _expand(job.strip()):
                 if state.strip():
-                    out[j] = state.split()[0].rstrip("+")  # the last (newest) record wins
-        if out:
-            break
+                    found[j] = state.split()[0].rstrip("+")  # the last (newest) record wins
+        out = {**found, **out}  # accounting first; the queue fills in the jobs it lacks
+    if asked:
+        for j in wanted - out.keys():
+            out[j] = GONE
     return out
 
 
@@ -109,7 +119,9 @@ class Liveness:
         if st.get("executor") == "slurm" and job:
             js = self._slurm.get(str(job)) or slurm_states([job]).get(str(job))
             if js is None:
-                return state, f"job {job} (SLURM has no record of it)"
+                return state, f"job {job} (SLURM did not answer)"
+            if js == GONE:
+                return "lost", f"SLURM job {job} is gone (not queued, no accounting record)"
             self._slurm[str(job)] = js
             if js in SLURM_ALIVE:
                 return state, f"job {job} {js.lower()}"
