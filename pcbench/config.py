@@ -87,6 +87,19 @@ class DataSpec:
     eval_batches: int = 16
     max_tokens: Optional[int] = None  # required for streamed (hub) corpora
 
+    def token_stores(self, tokenizer: Optional[str] = None) -> dict[str, dict]:
+        """The token stores a run reads, as `data.prepare_tokens` keyword arguments: "train" (the
+        corpus's train split) and, with `eval_batches`, "eval" (the held-out split, tokenised with the
+        same ids). `tokenizer`: the resolved name (default: this spec's; `model` resolves to the base
+        checkpoint's, which only the job knows)."""
+        tok = tokenizer or self.tokenizer
+        out = {"train": dict(corpus=self.corpus, tokenizer=tok, split="train", max_tokens=self.max_tokens,
+                             tokenizer_corpus=self.corpus)}
+        if self.eval_batches > 0:
+            out["eval"] = dict(corpus=self.eval_corpus, tokenizer=tok, split=self.eval_split,
+                               max_tokens=self.max_tokens, tokenizer_corpus=self.corpus)
+        return out
+
     def validate(self, path: str) -> None:
         from pcbench import corpora
 

@@ -6,7 +6,9 @@ A status of `running`/`submitted` is only a claim; `Liveness.state` checks it be
   (records written before locks existed) the recorded pid on this host;
 - SLURM runs: the job's state in accounting (`sacct`, one call for many jobs; `squeue` without
   accounting): PENDING/RUNNING/... is alive, CANCELLED becomes `cancelled` (e.g. an `afterok`
-  dependency failed), any other end becomes `lost`.
+  dependency failed), and so does a job pending for a dependency that can never be met (reason
+  DependencyNeverSatisfied: clusters without `kill_invalid_depend` keep such jobs queued forever);
+  any other end becomes `lost`.
 
 Derived states (never written by a job): `lost` (its process or job is gone; a rerun resumes it),
 `damaged` (unreadable records, `Store.health`). `cancelled` is also written by `launch` once known.
@@ -27,6 +29,8 @@ SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", 
 
 
 GONE = "GONE"  # `slurm_states`: neither the queue nor accounting knows the job
+NEVER = "NEVER"  # `slurm_states`: pending on a dependency that can never be met; it will not start
+NEVER_REASONS = ("DependencyNeverSatisfied",)
 
 
 def pid_alive(pid: int) -> bool:
@@ -59,15 +63,17 @@ def _expand(job: str) -> list[str]:
 
 
 def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
-    """{job id: SLURM state} (first word, e.g. CANCELLED) for the jobs SLURM still knows."""
+    """{job id: SLURM state} (first word, e.g. CANCELLED) for the jobs SLURM still knows; `NEVER` for
+    one pending on a dependency that can never be met, `GONE` for one the answering controller and
+    accounting both lack."""
     wanted = {str(j) for j in job_ids if j}
     ids = sorted(wanted | {j.split("_")[0] for j in wanted})  # an array cancelled before it split
     if not ids:                                                  # is known only by its own id
         return {}
     out: dict[str, str] = {}
     asked = False  # the controller answered: a wanted job neither it nor accounting knows is gone
-    cmds = (["sacct", "-n", "-P", "-X", "--duplicates", "-j", ",".join(ids), "-o", "JobID,State"],
-            ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T"])
+    cmds = (["sacct", "-n", "-P", "-X", "--duplicates", "-j", ",".join(ids), "-o", "JobID,State,Reason"],
+            ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"])
     for cmd in cmds:
         if wanted <= out.keys():
             break
@@ -80,10 +86,14 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
         asked = asked or cmd[0] == "squeue"
         found: dict[str, str] = {}
         for line in r.stdout.splitlines():
-            job, _, state = line.partition("|")
+            job, state, reason = (line.split("|") + ["", ""])[:3]
+            if not state.strip():
+                continue
+            state = state.split()[0].rstrip("+")
+            if state == "PENDING" and reason.strip() in NEVER_REASONS:
+                state = NEVER
             for j in _expand(job.strip()):
-                if state.strip():
-                    found[j] = state.split()[0].rstrip("+")  # the last (newest) record wins
+                found[j] = state  # the last (newest) record wins
         out = {**found, **out}  # accounting first; the queue fills in the jobs it lacks
     if asked:
         for j in wanted - out.keys():
@@ -122,6 +132,9 @@ class Liveness:
                 return state, f"job {job} (SLURM did not answer)"
             if js == GONE:
                 return "lost", f"SLURM job {job} is gone (not queued, no accounting record)"
+            if js == NEVER:
+                return "cancelled", (f"SLURM job {job} can never start (DependencyNeverSatisfied: a dependency "
+                                     f"did not complete); a rerun resubmits it, `scancel {job}` clears the queue")
             self._slurm[str(job)] = js
             if js in SLURM_ALIVE:
                 return state, f"job {job} {js.lower()}"

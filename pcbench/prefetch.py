@@ -34,11 +34,7 @@ def needs(todo: list[Run]) -> list[dict]:
         data = getattr(spec, "data", None)
         if data is None or not (data.tokenizer in NAMED_TOKENIZERS or data.tokenizer.startswith("bpe-")):
             continue
-        out.append({"corpus": data.corpus, "tokenizer": data.tokenizer, "split": "train",
-                    "max_tokens": data.max_tokens, "tokenizer_corpus": data.corpus})
-        if data.eval_batches > 0:
-            out.append({"corpus": data.eval_corpus, "tokenizer": data.tokenizer, "split": data.eval_split,
-                        "max_tokens": data.max_tokens, "tokenizer_corpus": data.corpus})
+        out.extend(data.token_stores().values())  # what train.py prepares, from the one list
     unique: list[dict] = []
     for n in out:
         if n not in unique:
@@ -86,8 +82,7 @@ def prepare(items: list[dict]) -> None:
 
             build_tasks()
         else:
-            prepare_tokens(n["corpus"], n["tokenizer"], n["split"], max_tokens=n["max_tokens"],
-                           tokenizer_corpus=n["tokenizer_corpus"])
+            prepare_tokens(**n)
 
 
 if __name__ == "__main__":

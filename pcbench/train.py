@@ -270,9 +270,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         paths.work.mkdir(parents=True, exist_ok=True)
     distributed.barrier(env)
 
-    tok_name = data_tokenizer_name(spec)
-    train_store = prepare_tokens(dc.corpus, tok_name, "train", max_tokens=dc.max_tokens,
-                                 tokenizer_corpus=dc.corpus)
+    stores = dc.token_stores(data_tokenizer_name(spec))
+    train_store = prepare_tokens(**stores["train"])
     data_seed = tc.seed if tc.data_seed is None else tc.data_seed
     batches = Batches(train_store, dc.seq_len, seed=data_seed)
 
@@ -284,10 +283,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     vocab = trainable.model.config.vocab_size
     if len(tokenizer) > vocab:
         raise SpecError("data.tokenizer", f"tokenizer has {len(tokenizer)} tokens, model vocab is {vocab}")
-    eval_store = None
-    if dc.eval_batches > 0:
-        eval_store = prepare_tokens(dc.eval_corpus, tok_name, dc.eval_split, max_tokens=dc.max_tokens,
-                                    tokenizer_corpus=dc.corpus)
+    eval_store = prepare_tokens(**stores["eval"]) if "eval" in stores else None
 
     par = parallel.wrap(trainable, env, spec)  # ddp (one process or DDP) or fsdp (FSDP2)
     net = par.net

@@ -33,3 +33,28 @@ def test_missing_reads_the_stores_own_records(tmp_path, monkeypatch):
     assert missing(items) == items[1:]
     (store / "meta.json").write_text(json.dumps({**meta, "inputs_sha256": "0" * 64}))  # other inputs
     assert missing(items) == items
+
+
+def test_needs_are_what_training_prepares(tmp_path, monkeypatch):
+    """The prefetch list and the training loop read one list (`DataSpec.token_stores`): the stores a
+    real run prepares are exactly those `needs` names for it, with and without a held-out set."""
+    from types import SimpleNamespace
+
+    from pcbench import data
+    from test_train import paths, spec_of
+
+    from pcbench.train import train
+
+    real, calls = data.prepare_tokens, []
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(data, "prepare_tokens", spy)
+    for i, eval_batches in enumerate((2, 0)):
+        calls.clear()
+        spec = spec_of(data={"eval_batches": eval_batches}, train={"steps": 2})
+        train(spec, paths(tmp_path, f"r{i}"))
+        assert calls == needs([SimpleNamespace(kind="train", spec=spec)])
+        assert len(calls) == (2 if eval_batches else 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import select
@@ -72,7 +73,7 @@ def _prefetching(todo: list[Run]):
         if items:
             proc = subprocess.Popen([sys.executable, "-m", "pcbench.prefetch", json.dumps(items)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    preexec_fn=_ignore_sigint)
+                                    preexec_fn=functools.partial(_ignore_signals, signal.SIGINT))
     try:
         yield
     finally:
@@ -355,7 +356,7 @@ class _ForkServer:
         rep_r, rep_w = os.pipe()
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "pcbench.forkserver", str(cmd_r), str(rep_w)],
-                                         pass_fds=(cmd_r, rep_w), preexec_fn=_ignore_stop_signals)
+                                         pass_fds=(cmd_r, rep_w), preexec_fn=_ignore_signals)
         finally:
             os.close(cmd_r)
             os.close(rep_w)
@@ -443,17 +444,15 @@ def _start_job(store: Store, run_id: str, progress: Optional[bool]) -> _Job:
         pid = _server.start(args, env)
         if pid is not None:
             return _Job(pid)
-    proc = subprocess.Popen([sys.executable, "-m", "pcbench.jobs", *args], env=env, preexec_fn=_ignore_stop_signals)
+    proc = subprocess.Popen([sys.executable, "-m", "pcbench.jobs", *args], env=env, preexec_fn=_ignore_signals)
     return _Job(proc.pid, proc)
 
 
-def _ignore_stop_signals() -> None:
-    for s in interrupts.SIGNALS:
+def _ignore_signals(*signals: int) -> None:
+    """A child's `preexec_fn`: ignore `signals` (default: every stop signal; the launcher forwards
+    them as it decides)."""
+    for s in signals or interrupts.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _wait_for(store: Store, run_id: str, detail: Optional[str], for_run: str) -> None:

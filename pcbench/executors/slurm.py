@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 from pcbench.config import SpecError
 from pcbench.executors.base import Outcome, say
 from pcbench.executors.submitit_base import SubmititExecutor
-from pcbench.liveness import SLURM_ALIVE, slurm_states
+from pcbench.liveness import NEVER, SLURM_ALIVE, slurm_states
 from pcbench.store import Store
 
 if TYPE_CHECKING:
@@ -133,7 +133,8 @@ class SlurmExecutor(SubmititExecutor):
 def wait_for_jobs(outcome: Outcome, store: Store, poll_s: float = 3.0) -> None:
     """Wait for the SLURM jobs of `outcome`, then make its counts the truth: a run whose job failed
     is counted failed; one SLURM cancelled because a dependency failed (`afterok`) is recorded
-    `cancelled` and counted blocked; one whose job ended without recording it is recorded
+    `cancelled` and counted blocked (as is one left pending with DependencyNeverSatisfied, which is
+    scancelled first); one whose job ended without recording it is recorded
     `interrupted` (a rerun resumes it). A progress line whenever the counts change (or each minute)."""
     pending = {rid: str(job.job_id) for rid, job in outcome.jobs.items()}
     said, last = 0.0, None
@@ -143,6 +144,12 @@ def wait_for_jobs(outcome: Outcome, store: Store, poll_s: float = 3.0) -> None:
             js = states.get(job)
             if js in SLURM_ALIVE or (js is None and store.state(rid) in ("submitted", "running")):
                 continue
+            if js == NEVER:  # our job, queued forever on a cluster without kill_invalid_depend
+                try:
+                    subprocess.run(["scancel", job], capture_output=True, timeout=60)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass  # recorded cancelled either way: it can never run
+                js = "CANCELLED"
             del pending[rid]
             _settle(rid, job, js or "UNKNOWN", store, outcome)
         counts = (len(outcome.jobs) - len(pending), len(pending))
