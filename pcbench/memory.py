@@ -350,6 +350,7 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     par = parallel or tc.parallel
     ckpt = tc.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     pc = c is not None and methods.METHODS[c.method].projected  # P/R and frozen bases are held
+    naive = pc and not methods.METHODS[c.method].push  # autograd through P.W.P in every micro-batch
     block = pc and (c.blockwise_step if blockwise is None else blockwise)
     if tc.batch_size % world:
         raise PlanUnavailable(f"batch_size {tc.batch_size} does not split over {world} processes")
@@ -396,6 +397,8 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
 
     # Gradients of the network during the micro-batches (FSDP2 keeps them unsharded to accumulate).
     grads_net = FP32 * (sum(numel.values()) if sh > 1 and accum > 1 else net_n)
+    if naive:  # gradients reach P/R in the backward: the small network's own are the direct vectors'
+        grads_net = FP32 * direct_n
     comp["network_gradients"] = grads_net
     if pc:
         comp["projection_gradients"] = pr_n * FP32
@@ -422,9 +425,22 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
         gathered = FP32 * (2 * biggest + (biggest if accum == 1 else 0))
         comp["fsdp_gathered"] = gathered
 
-    # PC's step: cached intermediates, the push of one tensor.
+    # PC's step: cached intermediates, the push of one tensor. pc-naive instead keeps, through every
+    # micro-batch, what autograd saves of each W_c's products (the two-sided intermediate, a selected
+    # copy of W) and W_c itself (the forward's weights), and accumulates P/R's gradients as it goes.
     cache = push_t = 0
-    if pc:
+    if naive:
+        graph = 0
+        for p in projs:
+            (n_out, n_in), (k_out, k_in) = p.base, p.small
+            cache += p.mid(k_out) * FP32
+            if p.selected or base_bytes != FP32:  # W selected (or cast) is a new tensor the product saves
+                graph += (k_out if not p.p_out else n_out) * (k_in if not p.p_in else n_in) * FP32
+            graph += k_out * k_in * FP32
+        comp["step_cache"] = cache
+        comp["graph_weights"] = graph
+        cache += graph + pr_n * FP32  # held during the micro-batches (the phase sums `cache`)
+    elif pc:
         for p in projs:
             k_out = -(-p.small[0] // sh)  # this rank's rows of W_c
             mid = p.mid(k_out) * FP32
@@ -458,7 +474,9 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     micro_phase = (persistent + grads_net + cache + act["layers"] + act["outside"] + logits
                    + comp["autocast_copies"] + gathered)
     phases = {"forward_backward": micro_phase}
-    if pc and not block:
+    if naive:
+        phases["optimizer_step"] = persistent + pr_n * FP32 + FP32 * direct_n + opt_t
+    elif pc and not block:
         phases["push"] = persistent + pr_n * FP32 + FP32 * direct_n + push_t
         phases["optimizer_step"] = persistent + pr_n * FP32 + FP32 * direct_n + opt_t
     elif pc:

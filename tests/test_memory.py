@@ -4,6 +4,7 @@ the dry-run column. Plan-vs-measured peaks are the benchmark's (`pcbench bench m
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -274,3 +275,50 @@ def test_run_record_holds_the_plan_beside_the_measured_peak(tmp_path):
     assert plan["world_size"] == 1 and plan["parallel"] == "ddp"
     assert rec["peak_memory_bytes"] > plan["peak_bytes"]  # CPU: the process's whole peak RSS
     assert "RSS" in rec["peak_memory_method"]
+
+
+def _kept_storages(run, extra=lambda: ()) -> dict[int, int]:
+    """{storage: bytes} autograd saves in `run()` plus those of `extra()` after it (by data pointer)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    for t in extra():
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return seen
+
+
+@pytest.mark.parametrize("sides", ["both", "out", "in"])
+def test_pc_naive_plans_what_its_micro_batches_keep(tmp_path, sides):
+    """pc-naive keeps, per micro-batch, what autograd saves of every W_c's products and W_c itself:
+    the plan's `step_cache` + `graph_weights` equal the bytes of those storages (saved-tensor hooks,
+    beyond what the small network's own forward saves); its network gradients are the direct
+    vectors' only, and it has no push phase."""
+    from pcbench import methods
+    from pcbench.compress import importance
+    from pcbench.compress.plan import make_plan
+
+    torch.manual_seed(0)
+    spec = load_run_spec({**_spec_dict(tiny_spec(tmp_path, "pc-naive")),
+                          "compress": {"method": "pc-naive", "compression": 0.5, "sides": sides}})
+    base = models.build_model(models.build_config(ModelSpec(name="llama-tiny"), V, 32))
+    naive = methods.build("pc-naive", base, make_plan(base, 0.5, importance.random(base, 0)), spec, torch.device("cpu"))
+    x = torch.randint(0, V, (spec.train.micro_batch_size, 32))
+    owned = {t.untyped_storage().data_ptr() for t in [*naive.parameters(), *naive.buffers()]}
+    kept = _kept_storages(lambda: naive.network(input_ids=x), lambda: naive._last.values())
+    hpr = copy.deepcopy(naive.model).requires_grad_(True)  # the same small network, every weight trained
+    small = _kept_storages(lambda: hpr(input_ids=x))
+    own_hpr = {t.untyped_storage().data_ptr() for t in hpr.parameters()}
+    measured = sum(n for k, n in kept.items() if k not in owned) - sum(n for k, n in small.items() if k not in own_hpr)
+    p = memory.plan(spec)
+    c = p.components
+    assert c["step_cache"] + c["graph_weights"] == measured > 0
+    direct = sum(q.numel() for n, q in naive.model.named_parameters() if q.requires_grad)
+    assert c["network_gradients"] == 4 * direct < c["network"]
+    assert "push" not in p.phases
+    pc = memory.plan(load_run_spec({**_spec_dict(spec), "compress": {"method": "pc", "compression": 0.5, "sides": sides}}))
+    assert p.phases["forward_backward"] > pc.phases["forward_backward"]
