@@ -303,9 +303,10 @@ def _xo_text(x: pd.DataFrame) -> str:
     parts = []
     for r in x.itertuples():
         where = f"{fmt.value('ratio', r.ratio)}, {fmt.tokens(r.params)} params"
+        side = r.note.split(";")[0]  # PC ahead above it (it overtakes HPR there) or below it (it falls behind)
         parts.append(f"{where}: " + (r.note if math.isnan(r.tokens) else
                                      f"{fmt.tokens(r.tokens)} [{fmt.tokens(r.tokens_lo)}, {fmt.tokens(r.tokens_hi)}]"
-                                     + (" (extrapolated)" if "extrapolated" in r.note else "")))
+                                     + f" ({side}" + ("; extrapolated)" if "extrapolated" in r.note else ")")))
     return "; ".join(parts)
 
 
@@ -336,7 +337,7 @@ def claims_table(study):
                        "verdict": data.verdict})
     xo_p = {k: crossovers(f, sources[k]) for k, f in fits.items()}
     xo_o = crossovers(ours, mine)
-    md.loc[len(md)] = ["crossover: retraining tokens where PC overtakes HPR (50% compression)",
+    md.loc[len(md)] = ["crossover: retraining tokens where the fitted gap is 0 (50% compression; PC ahead on the side named)",
                        "; ".join(f"{names[k]}: {_xo_text(x)}" for k, x in xo_p.items()), _xo_text(xo_o), ""]
     xo = pd.concat([*xo_p.values(), xo_o], ignore_index=True)
     data = pd.concat([data, xo.assign(claim="crossover")], ignore_index=True)
