@@ -72,11 +72,15 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     asked = False  # the controller answered: a wanted job neither it nor accounting knows is gone
-    cmds = (["sacct", "-n", "-P", "-X", "--duplicates", "-j", ",".join(ids), "-o", "JobID,State,Reason"],
+    sacct = ["sacct", "-n", "-P", "-X", "--duplicates", "-j", ",".join(ids), "-o"]
+    cmds = (sacct + ["JobID,State,Reason"], sacct + ["JobID,State"],  # an accounting without Reason
             ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+    accounted = False  # accounting answered once: its second form is not needed
     for cmd in cmds:
         if wanted <= out.keys():
             break
+        if accounted and cmd[0] == "sacct":
+            continue
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
@@ -84,6 +88,7 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
         if r.returncode != 0:
             continue
         asked = asked or cmd[0] == "squeue"
+        accounted = accounted or cmd[0] == "sacct"
         found: dict[str, str] = {}
         for line in r.stdout.splitlines():
             job, state, reason = (line.split("|") + ["", ""])[:3]

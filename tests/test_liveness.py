@@ -69,3 +69,11 @@ def test_wait_cancels_such_a_job_and_counts_its_run_blocked(tmp_path, monkeypatc
     assert outcome.blocked == ["child"] and outcome.submitted == []
     st = store.status("child")
     assert st["state"] == "cancelled" and "base" in st["error"]
+
+
+def test_an_accounting_without_the_reason_field_still_answers(tmp_path, monkeypatch):
+    """sacct that refuses `Reason` (exit 1) is asked again without it; the queue gives the reason."""
+    fake_slurm(tmp_path, monkeypatch, None, "11|PENDING|DependencyNeverSatisfied")
+    sacct = tmp_path / "bin" / "sacct"
+    sacct.write_text('#!/bin/sh\ncase "$*" in *Reason*) exit 1;; esac\necho "10|COMPLETED"\n')
+    assert slurm_states(["10", "11"]) == {"10": "COMPLETED", "11": NEVER}
