@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="print the expanded grid and GPU-hours; touch nothing")
     sp.add_argument("--retry-failed", action="store_true")
     sp.add_argument("--parallel", type=lambda v: v if v == "auto" else _number(int, 1)(v),
-                    help="local: runs at once (default 1; auto: as many as fit the cores at the runs' threads)")
+                    help="local: runs at once (default auto: as many as fit the cores at the CPU runs' threads; 1: one at a time)")
     sp.add_argument("--wait", action="store_true", help="slurm: wait for the submitted jobs")
     for flag, typ, h in (("--partition", str, "SLURM partition"), ("--account", str, "SLURM account"),
                          ("--qos", str, "SLURM QOS"), ("--gpus", _number(int, 0), "GPUs per node"),

@@ -25,7 +25,9 @@ from pcbench.liveness import Liveness
 from test_launch import tiny_grid
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# one run at a time: each fault below is injected at a point of that order (side by side runs under
+# a signal: tests/test_fork_runs.py)
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PCBENCH_PARALLEL": "1"}
 FINAL_KEYS = ("train_loss_last100", "final_train_loss", "heldout_loss", "steps", "tokens")
 CURVE_KEYS = ("step", "loss", "loss_avg", "lr", "grad_norm", "tokens")
 

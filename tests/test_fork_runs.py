@@ -151,11 +151,20 @@ def test_local_mode_and_parallel_are_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("PCBENCH_LOCAL_MODE", "subprocess")
     assert launch.local_mode() == "subprocess"
     monkeypatch.delenv("PCBENCH_PARALLEL", raising=False)
-    assert launch.local_parallel(grid.runs) == 1
     cores = len(os.sched_getaffinity(0))
-    assert launch.local_parallel(grid.runs, "auto") == max(1, cores // 1)  # tiny grid: 1 thread per run
+    assert launch.local_parallel(grid.runs) == cores  # the default is auto; tiny grid: 1 CPU thread per run
+    assert launch.local_parallel(grid.runs, 1) == 1
     default = load_grid(ROOT / "experiments" / "default.yaml")
-    assert launch.local_parallel(default.runs, "auto") == max(1, cores // 2)  # train.threads: 2
+    assert launch.local_parallel(default.runs, "auto") == cores  # train and eval: threads 1 on the CPU
+    mini = load_grid(ROOT / "experiments" / "mini.yaml")
+    assert launch.local_parallel(mini.runs, "auto") == max(1, cores // 2)  # train.threads: 2
+    for change in ({"device": "auto"}, {"device": "cuda"}, {"threads": None}):  # these take the machine
+        text = tiny_grid(tmp_path).read_text()
+        d = yaml.safe_load(text)
+        d["defaults"]["train"].update(change)
+        other = tmp_path / "other.yaml"
+        other.write_text(yaml.safe_dump(d))
+        assert launch.local_parallel(load_grid(other).runs, "auto") == 1, change
     monkeypatch.setenv("PCBENCH_PARALLEL", "3")
     assert launch.local_parallel(grid.runs) == 3
     with pytest.raises(Exception, match="parallel"):

@@ -1,9 +1,9 @@
 """The local executor: every run in dependency order, each in its own process (a crash cannot take
 the launcher down): a fork of one pre-imported server (`pcbench/forkserver.py`: torch/transformers/
 lm-eval imported once), or a fresh `python -m pcbench.jobs` with `PCBENCH_LOCAL_MODE=subprocess`. Up
-to `--parallel N` runs at once (default 1; `auto`: as many as fit the cores at the threads the runs
-ask for, so each run keeps its thread count: the same losses), each started once its dependencies
-are completed.
+to `--parallel N` runs at once (default `auto`: as many as fit the cores at the threads the CPU runs
+ask for, so each run keeps its thread count and its losses; a run without a thread count, or not
+pinned to the CPU, takes the machine), each started once its dependencies are completed.
 
 A run or a dependency that another process is training (it holds the run's lock, `pcbench/jobs.py`)
 is waited for, with a progress line. SIGINT/SIGTERM are forwarded to the running jobs; once they
@@ -87,15 +87,16 @@ def _prefetching(todo: list[Run]):
 
 
 def local_parallel(todo: list[Run], parallel: Optional[int | str] = None) -> int:
-    """How many local runs at once: `parallel` (else `PCBENCH_PARALLEL`, else 1); `auto`: as many
-    as fit the cores at the largest thread count a run asks for (a run without one takes every
-    core), so each run keeps its own thread count and the machine is not oversubscribed."""
+    """How many local runs at once: `parallel` (else `PCBENCH_PARALLEL`, else `auto`); `auto`: as
+    many as fit the cores at the largest share a run takes (its thread count when it runs on the CPU
+    with one; else every core: a GPU run or one that lets torch pick), so each run keeps its own
+    thread count and the machine is not oversubscribed."""
     if parallel is None:
-        parallel = os.environ.get("PCBENCH_PARALLEL") or 1
+        parallel = os.environ.get("PCBENCH_PARALLEL") or "auto"
     if parallel == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = [_threads(run) or cores for run in todo]
-        return max(1, cores // max(threads)) if threads else 1
+        share = [min(cores, _cores_taken(run) or cores) for run in todo]
+        return max(1, cores // max(share)) if share else 1
     try:
         n = int(parallel)
     except ValueError:
@@ -105,8 +106,11 @@ def local_parallel(todo: list[Run], parallel: Optional[int | str] = None) -> int
     return n
 
 
-def _threads(run: Run) -> Optional[int]:
+def _cores_taken(run: Run) -> Optional[int]:
+    """The cores a run keeps busy: its thread count if it runs on the CPU with one, else None (all)."""
     part = getattr(run.spec, "train", None) if run.kind == "train" else run.spec
+    if getattr(part, "device", None) != "cpu":
+        return None
     return getattr(part, "threads", None)
 
 
