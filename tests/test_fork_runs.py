@@ -158,10 +158,9 @@ def test_local_mode_and_parallel_are_checked(monkeypatch, tmp_path):
     assert launch.local_parallel(default.runs, "auto") == cores  # train and eval: threads 1 on the CPU
     mini = load_grid(ROOT / "experiments" / "mini.yaml")
     assert launch.local_parallel(mini.runs, "auto") == max(1, cores // 2)  # train.threads: 2
+    tiny = yaml.safe_load(tiny_grid(tmp_path).read_text())
     for change in ({"device": "auto"}, {"device": "cuda"}, {"threads": None}):  # these take the machine
-        text = tiny_grid(tmp_path).read_text()
-        d = yaml.safe_load(text)
-        d["defaults"]["train"].update(change)
+        d = {**tiny, "defaults": {**tiny["defaults"], "train": {**tiny["defaults"]["train"], **change}}}
         other = tmp_path / "other.yaml"
         other.write_text(yaml.safe_dump(d))
         assert launch.local_parallel(load_grid(other).runs, "auto") == 1, change
