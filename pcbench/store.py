@@ -17,6 +17,8 @@ exported model): `parse_ref` is its only parser, `Store.resolve_ref` turns it in
 Every file is written atomically; appends are locked, so many array tasks can write at once.
 Reports read this store and nothing else. Reading is tolerant: an unreadable (truncated, empty) record
 is logged once with its path, read as absent, and `health` never calls such a run completed.
+
+May import: `spec`, `util` (torch-free). Imported by `grid`, `report`, `evaluate`, `train`, `run`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pcbench.atomic import OwnerLock, append_jsonl, lock_holder, read_jsonl, try_owner_lock, write_json
-from pcbench.config import SpecError
+from pcbench.util.atomic import OwnerLock, append_jsonl, lock_holder, read_jsonl, try_owner_lock, write_json
+from pcbench.spec.config import SpecError
 
 log = logging.getLogger(__name__)
 

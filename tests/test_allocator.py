@@ -10,7 +10,7 @@ import pytest
 
 PROBE = textwrap.dedent("""
     import resource, sys
-    from pcbench import allocator
+    from pcbench.util import allocator
     tuned = allocator.tune() if sys.argv[1] == "tune" else False
     import torch
     torch.set_num_threads(1)

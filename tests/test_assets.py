@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pcbench import assets
+from pcbench.data import assets
 
 
 def _tgz(path: Path, files: dict[str, bytes]) -> str:

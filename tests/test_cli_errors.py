@@ -51,10 +51,10 @@ def refused(rc: int, err: str, *needles: str) -> None:
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory) -> Path:
     """A tiny exported checkpoint (gpt2-nano, bpe-512), untrained: enough to compress and to refuse."""
-    from pcbench.config import ModelSpec
+    from pcbench.spec.config import ModelSpec
     from pcbench.models import build_config, build_model
-    from pcbench.tokenizer import load_tokenizer
-    from pcbench.train import export_model
+    from pcbench.data.tokenizer import load_tokenizer
+    from pcbench.train.loop import export_model
 
     tok = load_tokenizer("bpe-512")
     model = build_model(build_config(ModelSpec(name="gpt2-nano"), 512, 32, tok.bos_token_id, tok.eos_token_id))
@@ -154,8 +154,8 @@ def _read_only(paths: list[Path]):
 
 def _completed_store(tmp_path: Path, grid_path: Path, base_model: Path):
     """Records saying every run of the grid completed (exports present): nothing left to run."""
-    from pcbench import launch
-    from pcbench.atomic import write_json
+    from pcbench.run import launch
+    from pcbench.util.atomic import write_json
     from pcbench.grid import load_grid
 
     grid = load_grid(grid_path)

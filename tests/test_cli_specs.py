@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from pcbench.cli import _spec_from_flags, build_parser
-from pcbench.config import EvalSpec, RunSpec, SpecError, field_default, load_spec
+from pcbench.spec.config import EvalSpec, RunSpec, SpecError, field_default, load_spec
 
 BASE = {"model.name": "smollm2-135m"}  # a preset with weights: no checkpoint needed to validate
 

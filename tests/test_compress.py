@@ -12,7 +12,7 @@ from pcbench.compress.axes import index_set_sizes, tensor_axes
 from pcbench.compress.plan import Plan, count_with_widths, make_plan, target_widths
 from pcbench.compress.projected import Projected
 from pcbench.compress.prune import prune
-from pcbench.config import ModelSpec
+from pcbench.spec.config import ModelSpec
 from pcbench.models import build_config, build_model, count_params
 
 VOCAB = 97
@@ -350,7 +350,7 @@ def test_closed_form_push_trains_bitwise_like_the_autograd_recompute(family, sid
     """fp32, real optimiser steps with micro-batches: the closed-form push reproduces the
     autograd-recompute path bit for bit (same products in the same order), so the losses of
     studies trained before it are unchanged."""
-    from pcbench.train import Stepper
+    from pcbench.train.loop import Stepper
 
     m = MODELS[family]()
     plan = make_plan(m, 0.5, importance.random(m, 1))

@@ -14,13 +14,13 @@ import os
 import pytest
 import torch
 
-from pcbench import checkpoint
+from pcbench.train import checkpoint
 from pcbench.bench.step_cost import build_method, fixed_batch
 from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
 from pcbench.compress.projected import Projected
 from pcbench.compress.prune import prune
-from pcbench.train import _rng_state, _set_rng_state, amp_ctx, export_model
+from pcbench.train.loop import _rng_state, _set_rng_state, amp_ctx, export_model
 from test_compress import MODELS, VOCAB, _perturb, calib, cost_free_and_autograd_grads
 
 DEVICE = os.environ.get("PCBENCH_CUDA_TESTS_DEVICE", "cuda")

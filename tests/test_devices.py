@@ -1,11 +1,11 @@
-"""One device resolution (`pcbench.devices.resolve_device`) for training, evaluation and benchmarks."""
+"""One device resolution (`pcbench.util.devices.resolve_device`) for training, evaluation and benchmarks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pcbench import devices
+from pcbench.util import devices
 
 
 @pytest.mark.parametrize("cuda", [False, True])
@@ -28,7 +28,8 @@ def test_cuda_without_a_gpu_names_the_setting(monkeypatch):
 
 
 def test_every_caller_uses_it():
-    from pcbench import bench, distributed, evaluate
+    from pcbench import bench, evaluate
+    from pcbench.train import distributed
 
     assert bench.resolve_device is devices.resolve_device
     assert evaluate.resolve_device is devices.resolve_device

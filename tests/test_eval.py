@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pcbench import assets, corpora, tasks
-from pcbench.atomic import read_json, write_json
-from pcbench.config import EvalSpec, ModelSpec, SpecError
+from pcbench.data import assets, corpora, tasks
+from pcbench.util.atomic import read_json, write_json
+from pcbench.spec.config import EvalSpec, ModelSpec, SpecError
 from pcbench.evaluate import lm_eval_scores, primary_metric, run_eval
 from pcbench.models import build_config, build_model
 from pcbench.store import Store
-from pcbench.tokenizer import load_tokenizer
+from pcbench.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 300  # examples per task scored in-process (the random model's chance level needs a few hundred)
@@ -326,7 +326,7 @@ def test_hub_task_offline_fails_fast_and_clearly(tiny_model, suite, monkeypatch)
 
 
 def test_run_eval_resolves_the_parent_run(tiny_model, suite, tmp_path):
-    from pcbench.jobs import RunJob
+    from pcbench.run.jobs import RunJob
 
     store = Store(tmp_path / "results", tmp_path / "work")
     store.write_run({"id": "pc-0", "stage": "compress", "kind": "train", "labels": {}, "spec": {}, "deps": []})

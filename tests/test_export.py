@@ -17,11 +17,11 @@ from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
 from pcbench.compress.projected import Projected
 from pcbench.compress.prune import prune
-from pcbench.config import ModelSpec
+from pcbench.spec.config import ModelSpec
 from pcbench.models import build_config, build_model, count_params, flops_per_token
-from pcbench.tokenizer import load_tokenizer
-from pcbench.train import Stepper, export_model
-from pcbench.trainable import Direct
+from pcbench.data.tokenizer import load_tokenizer
+from pcbench.train.loop import Stepper, export_model
+from pcbench.compress.trainable import Direct
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +63,8 @@ def test_exported_pc_model_matches_plan_cost_and_reloads(tmp_path, name, tied):
 
 def test_cli_compress_steps_zero_pc_equals_hpr(tmp_path):
     """Through the whole CLI: with --steps 0, PC and HPR export identical checkpoints."""
-    from pcbench.train import RunPaths, train
-    from pcbench.config import load_run_spec
+    from pcbench.train.loop import RunPaths, train
+    from pcbench.spec.config import load_run_spec
 
     base_spec = load_run_spec({"model": {"name": "gpt2-nano"},
                                "data": {"tokenizer": "bpe-512", "seq_len": 32, "eval_batches": 1},

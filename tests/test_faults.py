@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbench import checkpoint, launch
+from pcbench.train import checkpoint
+
+from pcbench.run import launch
 from pcbench.grid import load_grid
-from pcbench.liveness import Liveness
+from pcbench.run.liveness import Liveness
 from test_launch import tiny_grid
 
 ROOT = Path(__file__).resolve().parents[1]

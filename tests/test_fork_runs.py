@@ -1,6 +1,6 @@
 """The local executor's fork server and parallel runs (`pcbench/forkserver.py`, `pcbench/executors/local.py`).
 
-Runs forked from the pre-imported server record exactly what fresh `python -m pcbench.jobs`
+Runs forked from the pre-imported server record exactly what fresh `python -m pcbench.run.jobs`
 processes record; a child that dies hard (os._exit, a segfault, SIGKILL) is recorded failed or
 interrupted and the launcher goes on; parallel runs start only once their dependencies completed."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbench import launch
-from pcbench.executors import local
+from pcbench.run import launch
+from pcbench.run.executors import local
 from pcbench.grid import load_grid
 from test_launch import tiny_grid
 
@@ -27,7 +27,7 @@ FINAL_KEYS = ("train_loss_last100", "final_train_loss", "heldout_loss", "steps",
 CRASH_HOOK = '''
 import os
 if os.environ.get("PCBENCH_TEST_CRASH"):
-    import pcbench.jobs as jobs
+    import pcbench.run.jobs as jobs
     run_locked = jobs.RunJob._run_locked
 
     def crashing(self, store, run, *args):
@@ -138,7 +138,7 @@ def test_parallel_runs_start_after_their_dependencies(tmp_path, monkeypatch, fre
 
 
 def _events(store) -> list[dict]:
-    from pcbench.atomic import read_jsonl
+    from pcbench.util.atomic import read_jsonl
 
     return read_jsonl(store.events)
 

@@ -18,10 +18,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pcbench import checkpoint
-from pcbench.atomic import read_jsonl
-from pcbench.config import SpecError, load_run_spec
-from pcbench.train import RunPaths, train
+from pcbench.train import checkpoint
+from pcbench.util.atomic import read_jsonl
+from pcbench.spec.config import SpecError, load_run_spec
+from pcbench.train.loop import RunPaths, train
 from test_train import BASE_SPEC, ROOT, _free_port, run_cli
 
 SPEC = {**BASE_SPEC, "train": {**BASE_SPEC["train"], "steps": 8, "ckpt_every": 0}}
@@ -168,8 +168,8 @@ from pcbench.bench.step_cost import _settle_and_reset_peak, _status_bytes, fixed
 from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
 from pcbench.compress.projected import Projected
-from pcbench.config import ModelSpec
-from pcbench.train import Stepper
+from pcbench.spec.config import ModelSpec
+from pcbench.train.loop import Stepper
 torch.set_num_threads(1)
 cfg = models.build_config(ModelSpec(name="gpt2-small", d_model=256, heads=4, d_ff=2048), 512, 32)
 base = models.build_model(cfg, seed=0)
@@ -207,12 +207,12 @@ def test_compressed_clipping_is_as_defined(base):
     optimiser is given against autograd through `materialise` for the push, scaled as defined."""
     import copy
 
-    from pcbench import parallel
+    from pcbench.train import parallel
     from pcbench.compress import importance
     from pcbench.compress.plan import make_plan
     from pcbench.compress.projected import Projected
-    from pcbench.distributed import DistEnv
-    from pcbench.train import lm_loss
+    from pcbench.train.distributed import DistEnv
+    from pcbench.train.loop import lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(base)
     tr0 = Projected(model, make_plan(model, 0.5, importance.random(model, 0)))
@@ -290,7 +290,7 @@ def test_activation_checkpointing_gives_the_same_losses(base, tmp_path):
 def test_two_task_slurm_fsdp_matches_one_process(slurm_cluster, tmp_path, monkeypatch):
     """A grid asking for 2 tasks per node (as `--nodes 1 --gpus 2` would on GPUs) under fsdp: submitit
     starts one task per rank, they join torch.distributed (gloo) and give the 1-process losses."""
-    from pcbench import launch
+    from pcbench.run import launch
     from pcbench.grid import load_grid
     from test_launch import tiny_grid
 

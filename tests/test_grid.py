@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbench.config import SpecError
+from pcbench.spec.config import SpecError
 from pcbench.grid import GridSpec, expand, from_dict, load_grid
 from pcbench.models import build_config, count_params
-from pcbench.config import ModelSpec
+from pcbench.spec.config import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

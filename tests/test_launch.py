@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbench import checkpoint, launch
-from pcbench.atomic import read_jsonl
+from pcbench.train import checkpoint
+
+from pcbench.run import launch
+from pcbench.util.atomic import read_jsonl
 from pcbench.grid import load_grid
 from pcbench.store import Store
 
@@ -171,7 +173,7 @@ def test_eight_parallel_writers_lose_no_record(tmp_path):
 
 
 def test_bad_executor_and_missing_slurm_resources_refused_before_submitting(tmp_path):
-    from pcbench.config import SpecError
+    from pcbench.spec.config import SpecError
 
     path = tiny_grid(tmp_path)
     g = yaml.safe_load(path.read_text())
@@ -189,7 +191,7 @@ def test_bad_executor_and_missing_slurm_resources_refused_before_submitting(tmp_
 def test_completed_input_whose_export_is_gone_is_rerun(tmp_path):
     """Records come from git but the work directory is empty: a pending run that loads a completed
     run's export gets that run re-run first; with the export present it is skipped."""
-    from pcbench.atomic import write_json
+    from pcbench.util.atomic import write_json
 
     grid = load_grid(tiny_grid(tmp_path))
     store = launch.store_for(grid, tmp_path / "results", tmp_path / "work")

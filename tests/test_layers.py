@@ -1,5 +1,6 @@
-"""Layers: pcbench's import graph has no cycle (function-level imports included), and the
-light modules (spec, grid, store, report) import neither torch nor transformers."""
+"""Layers: every room of pcbench (a top-level package or module) imports only the rooms below it
+in `LAYERS` (function-level imports included), the import graph has no cycle, and the light
+rooms (spec, grid, store, report) import neither torch nor transformers."""
 
 import ast
 import json
@@ -14,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pcbench"
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -30,12 +31,12 @@ def _resolve(base: str, modules: Set[str]) -> Optional[str]:
     return None
 
 
-def import_graph() -> Dict[str, Set[str]]:
+def import_graph(package: Path = PACKAGE) -> Dict[str, Set[str]]:
     """Module -> the pcbench modules it imports anywhere in its source (any scope).
 
     `from pcbench import x` and `from pcbench.x import y` resolve to the module x (or x.y when
     y is a submodule); relative imports are resolved against the importing module."""
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    files = {_module_name(p, package.parent): p for p in package.rglob("*.py")}
     modules = set(files)
     graph: Dict[str, Set[str]] = {}
     for name, path in files.items():
@@ -88,12 +89,73 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
     return None
 
 
+# The rooms, from the bottom; a room may import only rooms before it (and `pcbench` itself, for
+# `__version__`). The same list, with what each room holds, opens `pcbench/__init__.py`.
+LAYERS = ["util", "data", "spec", "store", "grid", "report", "models", "compress", "methods",
+          "evaluate", "train", "run", "bench", "cli"]
+
+
+def room(module: str) -> str:
+    """The room of a pcbench module: its top-level package or module under `pcbench`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "pcbench"
+
+
+def layer_violations(graph: Dict[str, Set[str]], layers: List[str]) -> List[str]:
+    """`a -> b` for every import of a module in room A from room B at A's level or above it
+    (another room of the same level included), or from a room missing from `layers`."""
+    rank = {name: i for i, name in enumerate(layers)}
+    bad = []
+    for module, targets in sorted(graph.items()):
+        source = room(module)
+        for target in sorted(targets):
+            dest = room(target)
+            if dest in (source, "pcbench"):
+                continue
+            if source not in rank or dest not in rank or rank[dest] >= rank[source]:
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
+def test_every_room_is_in_the_layers():
+    rooms = {room(m) for m in import_graph()} - {"pcbench"}
+    assert rooms == set(LAYERS), f"rooms not in LAYERS: {rooms - set(LAYERS)}; gone: {set(LAYERS) - rooms}"
+    top = (PACKAGE / "__init__.py").read_text()
+    listed = [line.split()[0] for line in top.splitlines() if line.startswith("    ") and line.split()]
+    assert listed == LAYERS, "pcbench/__init__.py lists the rooms in another order than LAYERS"
+
+
+def test_rooms_import_only_lower_rooms():
+    bad = layer_violations(import_graph(), LAYERS)
+    assert bad == [], "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_layer_check_catches_a_planted_violation(tmp_path):
+    """A lower room importing a higher one, here `util` importing the training loop inside a
+    function, is reported; so is a room missing from the list."""
+    graph = import_graph()
+    planted = {k: set(v) for k, v in graph.items()}
+    planted["pcbench.util.atomic"].add("pcbench.train.loop")
+    assert layer_violations(planted, LAYERS) == ["pcbench.util.atomic -> pcbench.train.loop"]
+    # the same through the parser: a copy of the package with the import written into a file
+    import shutil
+    copy = tmp_path / "pcbench"
+    shutil.copytree(PACKAGE, copy)
+    atomic = copy / "util" / "atomic.py"
+    atomic.write_text(atomic.read_text() + "\n\ndef _planted():\n    from pcbench.run import launch\n")
+    parsed = import_graph(copy)
+    assert layer_violations(parsed, LAYERS) == ["pcbench.util.atomic -> pcbench.run.launch"]
+    # two rooms at one level may not import each other either
+    assert layer_violations({"pcbench.a.x": {"pcbench.b.y"}}, ["a", "b"]) == ["pcbench.a.x -> pcbench.b.y"]
+    assert layer_violations({"pcbench.b.y": {"pcbench.a.x"}}, ["a", "b"]) == []
+
+
 def test_graph_resolves_imports():
     graph = import_graph()
     assert "pcbench.store" in graph and "pcbench.cli" in graph
     # the CLI reaches the launcher; the launcher reaches the grid
-    assert "pcbench.launch" in graph["pcbench.cli"]
-    assert "pcbench.grid" in graph["pcbench.launch"]
+    assert "pcbench.run.launch" in graph["pcbench.cli"]
+    assert "pcbench.grid" in graph["pcbench.run.launch"]
 
 
 def test_find_cycle_detects_one():
@@ -106,7 +168,7 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-LIGHT = ["pcbench.config", "pcbench.grid", "pcbench.store", "pcbench.report"]
+LIGHT = ["pcbench.spec.config", "pcbench.grid", "pcbench.store", "pcbench.report"]
 HEAVY = ["torch", "transformers", "lm_eval", "submitit"]
 
 
@@ -123,8 +185,9 @@ def test_light_modules_do_not_import_torch(module):
 def test_param_count_without_torch_equals_the_model():
     """The grid's `params` template (tokens per parameter) counts from presets without torch; it
     must equal the built model's count for every preset and size override."""
-    from pcbench import models, presets
-    from pcbench.config import ModelSpec
+    from pcbench import models
+    from pcbench.spec import presets
+    from pcbench.spec.config import ModelSpec
 
     for name, p in presets.PRESETS.items():
         if p.weights == "path":

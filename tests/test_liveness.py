@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pcbench import liveness
-from pcbench.executors.base import Outcome
-from pcbench.executors.slurm import wait_for_jobs
-from pcbench.liveness import NEVER, Liveness, slurm_states
+from pcbench.run import liveness
+from pcbench.run.executors.base import Outcome
+from pcbench.run.executors.slurm import wait_for_jobs
+from pcbench.run.liveness import NEVER, Liveness, slurm_states
 from pcbench.store import Store
 
 

@@ -1,4 +1,4 @@
-"""The memory plan (`pcbench.memory`): the breakdown of a hand-computed config, the activation
+"""The memory plan (`pcbench.train.memory`): the breakdown of a hand-computed config, the activation
 coefficients against saved-tensor hooks, ddp vs fsdp scaling, the refusal before submission and
 the dry-run column. Plan-vs-measured peaks are the benchmark's (`pcbench bench memory`)."""
 
@@ -14,8 +14,10 @@ import pytest
 import torch
 import yaml
 
-from pcbench import memory, models
-from pcbench.config import ModelSpec, load_run_spec
+from pcbench.train import memory
+
+from pcbench import models
+from pcbench.spec.config import ModelSpec, load_run_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +83,7 @@ def test_projections_of_a_hand_computed_pc_plan(tmp_path):
 
 
 def _spec_dict(spec) -> dict:
-    from pcbench.config import to_dict
+    from pcbench.spec.config import to_dict
 
     return {k: v for k, v in to_dict(spec).items() if v is not None}
 
@@ -262,7 +264,7 @@ def test_the_8b_grid_fits_80gb_gpus():
 
 
 def test_run_record_holds_the_plan_beside_the_measured_peak(tmp_path):
-    from pcbench.train import RunPaths, train
+    from pcbench.train.loop import RunPaths, train
 
     spec = load_run_spec({"model": {"name": "gpt2-nano"},
                           "data": {"corpus": "books", "tokenizer": "bpe-512", "seq_len": 32, "eval_batches": 1},
@@ -298,7 +300,7 @@ def test_pc_naive_plans_what_its_micro_batches_keep(tmp_path, sides):
     the plan's `step_cache` + `graph_weights` equal the bytes of those storages (saved-tensor hooks,
     beyond what the small network's own forward saves); its network gradients are the direct
     vectors' only, and it has no push phase."""
-    from pcbench import methods
+    from pcbench.spec import methods
     from pcbench.compress import importance
     from pcbench.compress.plan import make_plan
 

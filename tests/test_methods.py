@@ -1,4 +1,4 @@
-"""The compression-method registry (`pcbench.methods`): `pc-naive` (autograd through P.W.P every
+"""The compression-method registry (`pcbench.spec.methods`): `pc-naive` (autograd through P.W.P every
 micro-batch) trains to the same losses and export as cost-free `pc` through the real CLI and loop;
 config, grids and the CLI accept exactly the registered names; an unknown one is one clear line."""
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pcbench import cli, methods
-from pcbench.atomic import read_jsonl
-from pcbench.config import SpecError, load_run_spec
+from pcbench import cli
+
+from pcbench.spec import methods
+from pcbench.util.atomic import read_jsonl
+from pcbench.spec.config import SpecError, load_run_spec
 
 # fp32 on CPU: the two paths run the same products but sum micro-batch gradients in a different
 # order (pc: G summed, then pushed; pc-naive: each micro-batch's dP summed), so equal to rounding.
@@ -23,10 +25,10 @@ RTOL, ATOL = 1e-5, 1e-6
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     """A tiny exported checkpoint (gpt2-nano, tied embeddings, bpe-512), seeded and untrained."""
-    from pcbench.config import ModelSpec
+    from pcbench.spec.config import ModelSpec
     from pcbench.models import build_config, build_model
-    from pcbench.tokenizer import load_tokenizer
-    from pcbench.train import export_model
+    from pcbench.data.tokenizer import load_tokenizer
+    from pcbench.train.loop import export_model
 
     tok = load_tokenizer("bpe-512")
     model = build_model(build_config(ModelSpec(name="gpt2-nano"), 512, 32, tok.bos_token_id, tok.eos_token_id),
@@ -50,7 +52,7 @@ def trained(base: Path, tmp: Path, method: str) -> dict:
     """Train `method` through `train.train`: per-step metric lines, final record, exported weights."""
     from safetensors.torch import load_file
 
-    from pcbench.train import RunPaths, train
+    from pcbench.train.loop import RunPaths, train
 
     p = RunPaths(record=tmp / method / "record", work=tmp / method / "work")
     final = train(load_run_spec(run_spec(base, method)), p, progress=False)
@@ -191,8 +193,8 @@ def test_registry_module_is_torch_free_and_builders_are_lazy():
     import subprocess
     import sys
 
-    code = ("import sys, pcbench.methods as m; print(m.label('pc'), m.label('pc-naive'), m.label('x'), "
-            "'torch' in sys.modules, any(k.startswith('pcbench.methods.') for k in sys.modules))")
+    code = ("import sys, pcbench.spec.methods as m; print(m.label('pc'), m.label('pc-naive'), m.label('x'), "
+            "'torch' in sys.modules, any(k.startswith('pcbench.spec.methods.') for k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["PC", "PC-naive", "x", "False", "False"]

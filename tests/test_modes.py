@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pcbench.atomic import write_bytes, write_json, write_text
+from pcbench.util.atomic import write_bytes, write_json, write_text
 
 
 @pytest.fixture()
@@ -65,10 +65,10 @@ def test_bench_figure_is_0644(tmp_path: Path, umask):
 
 
 def test_exported_model_files_are_0644_and_dirs_0755(tmp_path: Path, umask):
-    from pcbench.config import ModelSpec
+    from pcbench.spec.config import ModelSpec
     from pcbench.models import build_config, build_model
-    from pcbench.tokenizer import load_tokenizer
-    from pcbench.train import export_model
+    from pcbench.data.tokenizer import load_tokenizer
+    from pcbench.train.loop import export_model
 
     tok = load_tokenizer("bpe-512")
     model = build_model(build_config(ModelSpec(name="gpt2-tiny"), 512, 32, tok.bos_token_id, tok.eos_token_id), seed=0)

@@ -10,8 +10,8 @@ import pytest
 from torch import nn
 
 from pcbench.grid import load_grid
-from pcbench.train import lr_factor
-from pcbench.trainable import Direct, decay_groups
+from pcbench.train.loop import lr_factor
+from pcbench.compress.trainable import Direct, decay_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from pcbench.grid import load_grid
-from pcbench.prefetch import missing, needs
+from pcbench.run.prefetch import missing, needs
 
 from test_launch import ROOT
 
@@ -21,7 +21,7 @@ def test_needs_are_each_store_and_the_suite_once_in_first_use_order():
 
 
 def test_missing_reads_the_stores_own_records(tmp_path, monkeypatch):
-    from pcbench import corpora
+    from pcbench.data import corpora
 
     monkeypatch.setenv("PCBENCH_CACHE", str(tmp_path))
     items = needs(load_grid(ROOT / "experiments" / "default.yaml").runs)
@@ -40,10 +40,10 @@ def test_needs_are_what_training_prepares(tmp_path, monkeypatch):
     real run prepares are exactly those `needs` names for it, with and without a held-out set."""
     from types import SimpleNamespace
 
-    from pcbench import data
+    from pcbench.data import tokens as data
     from test_train import paths, spec_of
 
-    from pcbench.train import train
+    from pcbench.train.loop import train
 
     real, calls = data.prepare_tokens, []
 

@@ -1,4 +1,4 @@
-"""The registries of model families (`presets.FAMILIES`) and executors (`pcbench.executors`): each
+"""The registries of model families (`presets.FAMILIES`) and executors (`pcbench.run.executors`): each
 entry implements its interface, an unknown name is one clear line, and a new entry is all a new
 family needs."""
 
@@ -8,8 +8,8 @@ import dataclasses
 
 import pytest
 
-from pcbench import presets
-from pcbench.config import ModelSpec, SpecError
+from pcbench.spec import presets
+from pcbench.spec.config import ModelSpec, SpecError
 
 
 def test_presets_are_the_families_presets():
@@ -43,7 +43,8 @@ def test_unknown_family_is_one_line():
 
 def test_a_new_family_is_one_entry(monkeypatch):
     """Registering a family (here Mistral) with a preset is enough to build, count and plan it."""
-    from pcbench import memory, models
+    from pcbench.train import memory
+    from pcbench import models
 
     tiny = presets.Preset(2, 64, 4, 192, kv_heads=2, head_dim=16, tokenizer="bpe-512")
     fam = presets.Family("MistralConfig", "mistral", "silu", gated=True, presets={"mistral-tiny": tiny})
@@ -59,7 +60,7 @@ def test_a_new_family_is_one_entry(monkeypatch):
 
 
 def test_each_executor_implements_the_interface():
-    from pcbench.executors import EXECUTORS, Executor
+    from pcbench.run.executors import EXECUTORS, Executor
 
     assert list(EXECUTORS) == ["local", "debug", "slurm"]
     for name, ex in EXECUTORS.items():
@@ -73,7 +74,7 @@ def test_unknown_executor_is_one_line(tmp_path):
     import subprocess
     import sys
 
-    from pcbench.executors import named
+    from pcbench.run.executors import named
 
     with pytest.raises(SpecError) as e:
         named("kubernetes")
@@ -84,8 +85,8 @@ def test_unknown_executor_is_one_line(tmp_path):
 
 
 def test_in_process_executors_say_what_was_interrupted():
-    from pcbench import interrupts
-    from pcbench.executors import EXECUTORS
+    from pcbench.train import interrupts
+    from pcbench.run.executors import EXECUTORS
 
     stop = interrupts.Interrupted(2, 7)
     stop.run_id = "base-1"
@@ -124,7 +125,7 @@ def test_slurm_executor_submits_stages_with_afterok(tmp_path, monkeypatch):
     job, each run recorded submitted with its job id; nothing trains."""
     import submitit
 
-    from pcbench import launch
+    from pcbench.run import launch
     from pcbench.grid import load_grid
     from test_launch import tiny_grid
 
@@ -149,7 +150,7 @@ def test_slurm_executor_submits_stages_with_afterok(tmp_path, monkeypatch):
 
 
 def test_debug_executor_runs_in_process(tmp_path):
-    from pcbench import launch
+    from pcbench.run import launch
     from pcbench.grid import load_grid
     from test_launch import tiny_grid
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbench import launch
+from pcbench.run import launch
 from pcbench.grid import load_grid
 from test_launch import tiny_grid
 from test_slurm_grid import job_env  # noqa: F401 - fixture

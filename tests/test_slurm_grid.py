@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbench import checkpoint, launch
+from pcbench.train import checkpoint
+
+from pcbench.run import launch
 from pcbench.grid import load_grid
 from test_launch import tiny_grid
 

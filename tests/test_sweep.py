@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbench import launch, sweep
-from pcbench.atomic import write_json
-from pcbench.config import SpecError
+from pcbench.run import launch, sweep
+from pcbench.util.atomic import write_json
+from pcbench.spec.config import SpecError
 from pcbench.grid import load_grid
-from pcbench.jobs import tuned_value
+from pcbench.run.jobs import tuned_value
 from pcbench.report.load import load_study
 from pcbench.report.tuning import tuned_lines, tuning_table
 
@@ -169,7 +169,7 @@ def test_local_launcher_extends_with_real_runs(tmp_path):
 
 
 def test_status_lists_the_extension_runs(tmp_path):
-    from pcbench import views
+    from pcbench.run import views
 
     path = sweep_grid(tmp_path, [0.001, 0.002, 0.004], max_steps=3)
     grid = load_grid(path)

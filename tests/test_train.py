@@ -17,10 +17,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pcbench import checkpoint
-from pcbench.atomic import read_jsonl
-from pcbench.config import SpecError, load_run_spec
-from pcbench.train import NonFiniteLoss, RunPaths, export_model, lm_loss, lr_factor, train
+from pcbench.train import checkpoint
+from pcbench.util.atomic import read_jsonl
+from pcbench.spec.config import SpecError, load_run_spec
+from pcbench.train.loop import NonFiniteLoss, RunPaths, export_model, lm_loss, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_export_is_a_stock_hf_checkpoint(reference_run):
     again = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(again(input_ids=ids).logits, logits)
     # The export is the trained network: its held-out loss is the recorded one.
-    from pcbench.data import eval_batches, prepare_tokens
+    from pcbench.data.tokens import eval_batches, prepare_tokens
     from pcbench.evaluate import heldout_loss
 
     store = prepare_tokens("sotu", "bpe-512", "test")
@@ -228,7 +228,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_non_finite_loss_marks_the_run_failed(tmp_path):
-    from pcbench.jobs import RunJob
+    from pcbench.run.jobs import RunJob
     from pcbench.store import Store
 
     store = Store(tmp_path / "res", tmp_path / "work")

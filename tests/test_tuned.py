@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbench import atomic, launch
-from pcbench.config import OptimSpec, RunSpec, SpecError
+from pcbench.util import atomic
+
+from pcbench.run import launch
+from pcbench.spec.config import OptimSpec, RunSpec, SpecError
 from pcbench.grid import load_grid
 from pcbench.grid.fieldpath import field_value, with_field
-from pcbench.jobs import RunJob, resolved_train_spec
+from pcbench.run.jobs import RunJob, resolved_train_spec
 from test_sweep import OPTIMUM, fake_complete, settle_fake, sweep_grid
 
 

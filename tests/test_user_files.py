@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pcbench import outputs
+from pcbench.util import outputs
 from test_cli_errors import _completed_store, base_model, cli, cli_proc, compress_args, refused, write_grid  # noqa: F401
 from test_report import GRID, make_store
 
@@ -85,7 +85,7 @@ def test_export_model_refuses_foreign_targets_and_cleans_up(tmp_path, base_model
     """`train.export_model` (every run's export): never into someone else's folder, no temp dir left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pcbench.train import export_model
+    from pcbench.train.loop import export_model
 
     model, tok = AutoModelForCausalLM.from_pretrained(base_model), AutoTokenizer.from_pretrained(base_model)
     target = tmp_path / "t"
@@ -206,7 +206,7 @@ def test_report_over_a_report_of_an_older_pcbench(tmp_path):
 @pytest.mark.parametrize("where", ["results", "work"])
 def test_run_refuses_user_folders_as_its_store(tmp_path, where):
     from pcbench.grid import load_grid
-    from pcbench.launch import store_for
+    from pcbench.run.launch import store_for
 
     grid = write_grid(tmp_path)
     roots = {"results": tmp_path / "results", "work": tmp_path / "work"}
@@ -262,7 +262,7 @@ def test_kind_recognition_of_older_outputs(tmp_path):
 
 
 def _ensure(args):
-    from pcbench.outputs import ensure_dir
+    from pcbench.util.outputs import ensure_dir
 
     path, kind = args
     try:
@@ -277,7 +277,7 @@ def test_processes_creating_one_output_at_once_all_succeed(tmp_path):
     that comes second sees the first's marker being written, not a user's file, and goes on."""
     import multiprocessing as mp
 
-    from pcbench.outputs import kind_of
+    from pcbench.util.outputs import kind_of
 
     with mp.get_context("fork").Pool(8) as pool:
         for i in range(20):
@@ -287,7 +287,7 @@ def test_processes_creating_one_output_at_once_all_succeed(tmp_path):
 
 
 def test_a_marker_in_flight_is_not_a_users_file(tmp_path):
-    from pcbench.outputs import OutputError, claim, kind_of
+    from pcbench.util.outputs import OutputError, claim, kind_of
 
     d = tmp_path / "d"
     d.mkdir()

@@ -1,7 +1,10 @@
 """Benchmarks (`pcbench bench throughput|step-cost`). Each run writes one JSON (the step-cost
 benchmark also a PNG) named `<name>-<hostname>-<YYYYmmdd-HHMMSS>` under `results/bench/`, holding
 the config, the machine info, every measurement and the derived ratios. Speed is measured here,
-never asserted in tests."""
+never asserted in tests.
+
+May import every room up to `train`. Imported by `cli`.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from pcbench.atomic import write_png
+from pcbench.util.atomic import write_png
 from pcbench.bench.machine import hostname
-from pcbench.devices import resolve_device  # noqa: F401 - the benchmarks' --device
+from pcbench.util.devices import resolve_device  # noqa: F401 - the benchmarks' --device
 
 
 def sync(device: torch.device) -> None:

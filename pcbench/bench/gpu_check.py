@@ -12,7 +12,7 @@ measurement, so a killed run still leaves what it measured) always holds every s
    (compiled last: its compile time is the least predictable);
 3. `step_262k`: PC and HPR optimiser-step time at 262,144 tokens per step by accumulation;
 4. `memory_llama1b`: peak memory of PC and HPR on a Llama-3.2-1B-shaped model (random init, tied)
-   at 50%, beside the memory plan (`pcbench.memory.plan`, null with a note where it cannot be made);
+   at 50%, beside the memory plan (`pcbench.train.memory.plan`, null with a note where it cannot be made);
 5. `study`: not run (see `STUDY_NOTE`).
 Every step is the training loop's `Stepper` over the methods that `pcbench.bench.step_cost`
 builds. `--smoke` runs the same code on CPU with tiny sizes (bf16 autocast on CPU). A watchdog
@@ -38,17 +38,19 @@ from typing import Callable, Optional
 
 import torch
 
-from pcbench import methods, models
-from pcbench.atomic import write_json
+from pcbench.spec import methods
+
+from pcbench import models
+from pcbench.util.atomic import write_json
 from pcbench.bench import run_stem, save_figure, summary, sync
 from pcbench.bench.machine import REPO, finish, machine_info
 from pcbench.bench.step_cost import _settle_and_reset_peak, _status_bytes, build_method, fixed_batch
 from pcbench.bench.throughput import peak_bf16
 from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
-from pcbench.config import ModelSpec
-from pcbench.devices import resolve_device
-from pcbench.train import Stepper, amp_ctx
+from pcbench.spec.config import ModelSpec
+from pcbench.util.devices import resolve_device
+from pcbench.train.loop import Stepper, amp_ctx
 
 METHODS = methods.COMPARED  # hpr, pc (the registry's compared pair)
 GOALS = {"hpr_bf16_mfu_min": 0.40, "pc_over_hpr_step_262k_max": 1.02, "pc_peak_over_plan_max": 1.0}
@@ -259,13 +261,13 @@ def peak_memory(device: torch.device, build: Callable[[], tuple], steps: int) ->
 
 
 def memory_plan(base, method: str, compression: float, rows: int, seq: int, device: torch.device) -> dict:
-    """The memory plan's predicted peak (`pcbench.memory.plan`, issue 11) for this cell: the base's
+    """The memory plan's predicted peak (`pcbench.train.memory.plan`, issue 11) for this cell: the base's
     config written to a temp dir and planned as a `hf` model (as `pcbench bench memory` does)."""
     try:
-        from pcbench import memory
-        from pcbench.config import load_run_spec
+        from pcbench.train import memory
+        from pcbench.spec.config import load_run_spec
     except ImportError:
-        return {"plan_bytes": None, "note": "no memory plan: pcbench.memory (issue 11) is not in this tree"}
+        return {"plan_bytes": None, "note": "no memory plan: pcbench.train.memory (issue 11) is not in this tree"}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             base.config.save_pretrained(tmp)
@@ -277,9 +279,9 @@ def memory_plan(base, method: str, compression: float, rows: int, seq: int, devi
                 "compress": {"method": method, "compression": compression, "importance": "random"}})
             p = memory.plan(spec, 1, device=device.type)
         return {"plan_bytes": int(p.peak), "plan_peak_phase": p.peak_phase, "plan_persistent_bytes": int(p.persistent),
-                "note": "pcbench.memory.plan (1 process, bf16 autocast, this micro-batch)"}
+                "note": "pcbench.train.memory.plan (1 process, bf16 autocast, this micro-batch)"}
     except Exception as e:  # noqa: BLE001 - an interface change must not lose the measurement
-        return {"plan_bytes": None, "note": f"pcbench.memory.plan failed: {type(e).__name__}: {str(e)[:300]}"}
+        return {"plan_bytes": None, "note": f"pcbench.train.memory.plan failed: {type(e).__name__}: {str(e)[:300]}"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,7 +651,7 @@ def verdicts(rec: dict) -> dict:
             "pc_over_hpr_step_262k": {**verdict(ratio, lambda v: v <= GOALS["pc_over_hpr_step_262k_max"]),
                                       "goal": f"<= {GOALS['pc_over_hpr_step_262k_max']}"},
             "pc_peak_over_plan_llama1b": {**verdict(over, lambda v: v <= GOALS["pc_peak_over_plan_max"]),
-                                          "goal": "<= 1 (plan from pcbench.memory, when it exists)"}}
+                                          "goal": "<= 1 (plan from pcbench.train.memory, when it exists)"}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`pcbench bench memory`: the memory plan (`pcbench.memory`) against measured peaks.
+"""`pcbench bench memory`: the memory plan (`pcbench.train.memory`) against measured peaks.
 
 Each cell (method x processes x parallelism x model size, plus PC with block-wise stepping) runs
 in fresh processes (`torch.distributed.run` for more than one): a seeded from-scratch base of the
@@ -59,7 +59,7 @@ def _warm_up(device) -> None:
     import torch
 
     from pcbench import models
-    from pcbench.config import ModelSpec
+    from pcbench.spec.config import ModelSpec
 
     m = models.build_model(models.build_config(ModelSpec(name="llama-tiny"), 64, 16)).to(device)
     opt = torch.optim.AdamW(m.parameters())
@@ -74,12 +74,16 @@ def probe(cfg: dict) -> dict:
     """One rank of one cell: build, step, measure (bytes)."""
     import torch
 
-    from pcbench import distributed, methods, models, parallel
+    from pcbench.train import distributed, parallel
+
+    from pcbench.spec import methods
+
+    from pcbench import models
     from pcbench.compress import importance
     from pcbench.compress.plan import make_plan
     from pcbench.bench.step_cost import _settle_and_reset_peak, _status_bytes, memory_baseline
-    from pcbench.config import ModelSpec, load_run_spec
-    from pcbench.train import Stepper, amp_ctx
+    from pcbench.spec.config import ModelSpec, load_run_spec
+    from pcbench.train.loop import Stepper, amp_ctx
 
     torch.set_num_threads(cfg["threads"])
     spec = load_run_spec(cell_spec(cfg, cfg["config_dir"]))
@@ -146,7 +150,7 @@ def measure(cfg: dict) -> list[dict]:
 def write_config(cfg: dict, where: Path) -> None:
     """The cell's base config.json (what the planner reads; no weights)."""
     from pcbench import models
-    from pcbench.config import ModelSpec
+    from pcbench.spec.config import ModelSpec
 
     preset, over = SIZES[cfg["size"]]
     models.build_config(ModelSpec(name=preset, **over), cfg["vocab"], cfg["seq"]).save_pretrained(where)
@@ -157,7 +161,7 @@ CELL_METHODS = ("hpr", "pc", "pc-blockwise")
 
 def parse_cells(text: str) -> list[tuple[str, int, str]]:
     """`"hpr:1:ddp,pc:2:fsdp"` -> [(method, processes, parallel)]; a malformed cell is a SpecError."""
-    from pcbench.config import SpecError
+    from pcbench.spec.config import SpecError
 
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -173,7 +177,7 @@ def parse_cells(text: str) -> list[tuple[str, int, str]]:
 
 
 def parse_sizes(text: str) -> list[str]:
-    from pcbench.config import SpecError
+    from pcbench.spec.config import SpecError
 
     sizes = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in sizes if s not in SIZES]
@@ -183,9 +187,9 @@ def parse_sizes(text: str) -> list[str]:
 
 
 def run(args) -> dict:
-    from pcbench import memory
-    from pcbench.config import load_run_spec
-    from pcbench.devices import resolve_device
+    from pcbench.train import memory
+    from pcbench.spec.config import load_run_spec
+    from pcbench.util.devices import resolve_device
 
     sizes, todo = parse_sizes(args.sizes), parse_cells(args.cells)  # bad input: one line, before any work
     device = str(resolve_device(args.device))
@@ -271,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from pcbench.atomic import write_json
+    from pcbench.util.atomic import write_json
 
     args = parser().parse_args(argv)
     if args.probe:  # internal: one rank of one cell in this fresh process

@@ -35,15 +35,17 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pcbench import methods, models
-from pcbench.atomic import write_json
+from pcbench.spec import methods
+
+from pcbench import models
+from pcbench.util.atomic import write_json
 from pcbench.bench import resolve_device, run_stem, save_figure, summary, sync
 from pcbench.bench.machine import (REPO, contention, cpu_snapshot, finish, load_average, machine_info,
                                    others_busy_cores)
 from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
-from pcbench.config import CompressSpec, ModelSpec, RunSpec
-from pcbench.train import Stepper, amp_ctx, lr_factor
+from pcbench.spec.config import CompressSpec, ModelSpec, RunSpec
+from pcbench.train.loop import Stepper, amp_ctx, lr_factor
 
 METHODS = ("hpr", "pc", "naive")  # the JSON's keys; `naive` is the registered method `pc-naive`
 REGISTERED = {"naive": "pc-naive"}
@@ -69,7 +71,7 @@ class Cell:
 
 def parse_cells(text: str) -> list[Cell]:
     """`"1x8,16x8"` -> one micro-batch of 8 rows, 16 micro-batches of 8 rows."""
-    from pcbench.config import SpecError
+    from pcbench.spec.config import SpecError
 
     cells = []
     for part in filter(None, (p.strip().lower() for p in text.split(","))):
@@ -97,7 +99,7 @@ def build_base(model: str, vocab: int, seq: int, compression: float, seed: int):
 def build_method(method: str, base, plan, device: torch.device, lr: float, total_steps: int, micro: int,
                  order: str = "autograd"):
     """(trainable, Stepper) for `method` (a key of `METHODS`), built by its registered builder
-    (`pcbench.methods`) and stepped as the training loop steps it."""
+    (`pcbench.spec.methods`) and stepped as the training loop steps it."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     name = REGISTERED.get(method, method)

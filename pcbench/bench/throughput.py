@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from pcbench import models
-from pcbench.atomic import write_json
+from pcbench.util.atomic import write_json
 from pcbench.bench import resolve_device, run_stem, summary, sync
 from pcbench.bench.machine import contention, cpu_snapshot, finish, load_average, machine_info, others_busy_cores
-from pcbench.config import ModelSpec
-from pcbench.train import Stepper, amp_ctx, lr_factor
-from pcbench.trainable import Direct
+from pcbench.spec.config import ModelSpec
+from pcbench.train.loop import Stepper, amp_ctx, lr_factor
+from pcbench.compress.trainable import Direct
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s; first matching substring of the device name.
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200 NVL", 835e12),

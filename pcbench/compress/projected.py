@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 from pcbench.compress.axes import axis_kind, tensor_axes
 from pcbench.compress.plan import Plan
 from pcbench.compress.prune import prune
-from pcbench.trainable import Direct, decay_groups
+from pcbench.compress.trainable import Direct, decay_groups
 
 
 ORDERS = ("autograd", "flops")

@@ -18,9 +18,11 @@ The package, one concern a module (none imports torch):
     expansion.py  stages x axes -> runs: overrides, exclude, tune dependencies, ids, `load_grid`
     selection.py  label conditions and `--only` filters
     fieldpath.py  dotted field paths on typed specs: `tune.field` read and patched (`jobs.py`)
+
+May import: `store`, `spec`, `util` (torch-free). Imported by `train`, `run`, `cli`.
 """
 
-from pcbench.config import from_dict
+from pcbench.spec.config import from_dict
 from pcbench.grid.expansion import expand, load_grid, references
 from pcbench.grid.schema import Grid, GridSpec, Resources, Run, merged_resources, validate_extend
 from pcbench.grid.selection import label_matches

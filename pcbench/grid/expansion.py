@@ -26,14 +26,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from pcbench.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SpecError, from_dict, require, to_dict
+from pcbench.spec.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SpecError, from_dict, require, to_dict
 from pcbench.grid.fieldpath import field_value
 from pcbench.grid.schema import Grid, GridSpec, Resources, Run, StageSpec, parse_stages, read_grid_spec, stage_order
 from pcbench.grid.selection import label_matches, matches
 from pcbench.grid.templates import substitute, template_names
-from pcbench.presets import param_count, resolved_preset, vocab_size_for
+from pcbench.spec.presets import param_count, resolved_preset, vocab_size_for
 from pcbench.store import parse_ref
-from pcbench.suggest import did_you_mean
+from pcbench.util.suggest import did_you_mean
 
 def deep_merge(base: dict, over: dict) -> dict:
     """`over` merged into a copy of `base` (mappings recursively, everything else replaced)."""

@@ -13,8 +13,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from pcbench.config import SpecError, convert, to_dict
-from pcbench.suggest import did_you_mean
+from pcbench.spec.config import SpecError, convert, to_dict
+from pcbench.util.suggest import did_you_mean
 
 
 def _step(node: Any, name: str, dotted: str, path: str) -> None:

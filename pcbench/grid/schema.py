@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pcbench.config import SpecError, from_dict, load_yaml, require, to_dict
+from pcbench.spec.config import SpecError, from_dict, load_yaml, require, to_dict
 from pcbench.grid.selection import select
-from pcbench.suggest import did_you_mean
+from pcbench.util.suggest import did_you_mean
 
 @dataclass
 class Resources:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pcbench.config import SpecError
+from pcbench.spec.config import SpecError
 
 
 def select(runs: list, only: Optional[str]) -> list:

@@ -14,8 +14,8 @@ import ast
 import operator
 from typing import Any
 
-from pcbench.config import SpecError
-from pcbench.suggest import did_you_mean
+from pcbench.spec.config import SpecError
+from pcbench.util.suggest import did_you_mean
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pcbench.compress.prune import prune
-from pcbench.trainable import Direct
+from pcbench.compress.trainable import Direct
 
 
 def build(base, plan, spec, device: torch.device, teacher=None) -> Direct:

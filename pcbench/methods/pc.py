@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pcbench.compress.projected import Projected
-from pcbench.config import SpecError
+from pcbench.spec.config import SpecError
 
 
 def options(spec) -> dict:

@@ -9,8 +9,10 @@
 What it holds, in order, is one list: `contents.PARTS` (each part's tables and REPORT.md text) and
 `contents.FIGURES`. It reads `<results_root>/<grid>/` (through `pcbench.store`) and nothing else (never the grid YAML); the same store gives
 byte-identical tables and REPORT.md. The report is built in a temp dir and installed as a pcbench
-output (`pcbench.outputs`): it replaces its own earlier files (and drops those it no longer makes),
+output (`pcbench.util.outputs`): it replaces its own earlier files (and drops those it no longer makes),
 never anything else in `out_root/<grid>/`, and refuses a non-empty directory that is not a report.
+
+May import: `store`, `spec`, `util` (torch-free). Imported by `run` (numbers' format) and `cli`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from pcbench import outputs
-from pcbench.atomic import write_text
+from pcbench.util import outputs
+from pcbench.util.atomic import write_text
 
 __all__ = ["build_report"]
 

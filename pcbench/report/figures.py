@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
-from pcbench import methods  # noqa: E402
-from pcbench.atomic import write_png  # noqa: E402
+from pcbench.spec import methods  # noqa: E402
+from pcbench.util.atomic import write_png  # noqa: E402
 from pcbench.report import fmt  # noqa: E402
 from pcbench.report.load import Study  # noqa: E402
 from pcbench.report.tables import (aggregate, attach_paper, eval_frame, pair_stages,  # noqa: E402

@@ -7,7 +7,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pcbench import methods
+from pcbench.spec import methods
 
 if TYPE_CHECKING:
     import pandas as pd  # tables come in as DataFrames; this module itself never needs pandas

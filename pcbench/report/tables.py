@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pcbench.methods import COMPARED
+from pcbench.spec.methods import COMPARED
 from pcbench.report import fmt, reference, stats
 from pcbench.report.chance import average_chance, chance
 from pcbench.report.load import Study

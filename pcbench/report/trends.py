@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pcbench import methods
+from pcbench.spec import methods
 from pcbench.report import fmt
 from pcbench.report.load import Study
 from pcbench.report.stats import mean_ci, ols_slope, t975, verdict

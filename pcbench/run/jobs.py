@@ -1,0 +1,188 @@
+"""What a job executes: one run of a grid, read from and recorded into the store.
+
+`RunJob` is a submitit `Checkpointable`: on a SLURM timeout or preemption submitit requeues it and
+the run resumes from its own last checkpoint. It also runs as `python -m pcbench.run.jobs RESULTS WORK
+RUN_ID` (the local executor runs every run this way, in sequence).
+
+Exactly one process trains a run: the job takes the run's lock first (`Store.try_lock`; a dead
+holder's lock is free) and holds it until the run is recorded; a job that finds the lock held, or
+the run already completed once it holds the lock, does nothing. SIGINT/SIGTERM record the run
+`interrupted` (resumable; its checkpoints kept). Exit codes of `python -m pcbench.run.jobs`: `EXIT_*`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import submitit
+
+from pcbench.util import allocator
+
+from pcbench.train import interrupts
+from pcbench.spec.config import RunSpec, SpecError, from_dict
+from pcbench.grid.fieldpath import field_value, with_field
+from pcbench.store import Store
+
+EXIT_OK = 0  # trained (or evaluated) and recorded completed
+EXIT_FAILED = 1
+EXIT_ALREADY = 3  # already completed when this job got the run's lock: nothing done
+EXIT_BUSY = 75  # another live process holds the run's lock (EX_TEMPFAIL)
+
+
+class RunBusy(RuntimeError):
+    """Another live process is training this run."""
+
+    def __init__(self, run_id: str, holder: Optional[dict]):
+        h = holder or {}
+        self.holder = h
+        super().__init__(f"run {run_id} is being run by pid {h.get('pid', '?')} on {h.get('host', '?')}")
+
+log = logging.getLogger(__name__)
+
+
+def tuned_value(run: dict, store: Store) -> tuple[Any, Optional[str]]:
+    """For a run with `tune`, the field's value from the best completed run it depends on."""
+    tune = run.get("tune")
+    if not tune:
+        return None, None
+    best, best_id = None, None
+    for rid in run["deps"]:
+        other = store.run(rid)
+        if other["stage"] != tune["stage"]:
+            continue
+        final = store.final(rid)
+        if final is None:
+            raise SpecError("tune", f"run {rid} of stage {tune['stage']} has not completed")
+        metric = final.get(tune["metric"])
+        if metric is None:
+            raise SpecError("tune.metric", f"run {rid} has no metric {tune['metric']!r}")
+        if metric == metric and (best is None or metric < best[0]):  # skip NaN
+            spec = from_dict(RunSpec, other["spec"], f"run {rid}")
+            best, best_id = (metric, field_value(spec, tune["field"], "tune.field")), rid
+    if best is None:
+        raise SpecError("tune", f"no finite {tune['metric']} among runs of stage {tune['stage']}")
+    return best[1], best_id
+
+
+def resolved_train_spec(run: dict, store: Store) -> tuple[RunSpec, dict]:
+    """The run's typed spec with its `run:<id>` base and its tuned field filled in (each patched on
+    the typed spec, `grid.fieldpath`, then validated), plus what was tuned (the final record's
+    `tuned`: field, value, from_run)."""
+    where = f"run {run['id']}"
+    spec = from_dict(RunSpec, run["spec"], where)
+    if spec.model.path:
+        spec = with_field(spec, "model.path", store.resolve_ref(spec.model.path, "spec.model.path"), where)
+    filled: dict[str, Any] = {}
+    value, src = tuned_value(run, store)
+    if src is not None:
+        field = run["tune"]["field"]
+        spec = with_field(spec, field, value, where)
+        filled = {"field": field, "value": field_value(spec, field), "from_run": src}
+    spec.validate(where)
+    return spec, filled
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """Execute one run of the store; marks it running / completed / failed."""
+
+    def __init__(self, results: str, work: str, run_id: str, progress: Optional[bool] = None):
+        self.results = str(results)
+        self.work = str(work)
+        self.run_id = run_id
+        self.progress = progress
+
+    def __call__(self) -> dict:
+        allocator.tune()
+        with interrupts.graceful():
+            return self._call()
+
+    def _call(self) -> dict:
+        store = Store(self.results, self.work)
+        run = store.run(self.run_id)
+        job_id, executor = None, "local"
+        try:
+            env = submitit.JobEnvironment()
+            job_id = env.job_id
+            executor = "slurm" if "SLURM_JOB_ID" in os.environ else "local"
+            if env.num_tasks > 1:  # one task per GPU: join torch.distributed
+                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        except RuntimeError:
+            pass  # not inside a submitit job
+        main = int(os.environ.get("RANK", "0")) == 0
+        lock = None
+        if main:  # the other ranks of a multi-process job follow rank 0
+            lock = store.try_lock(self.run_id)
+            if lock is None:
+                raise RunBusy(self.run_id, store.lock_holder(self.run_id))
+        try:
+            return self._run_locked(store, run, job_id, executor, main)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run_locked(self, store: Store, run: dict, job_id, executor: str, main: bool) -> dict:
+        if main and store.health(self.run_id, run["kind"])[0] == "completed":
+            return {"run": self.run_id, "already": True}  # another process finished it meanwhile
+        try:
+            if main:
+                store.set_status(self.run_id, "running", job_id=job_id, executor=executor,
+                                 pid=os.getpid(), started=time.time())
+            if run["kind"] == "train":
+                from pcbench.train.loop import train
+
+                spec, tuned = resolved_train_spec(run, store)
+                record = train(spec, store.paths(self.run_id), progress=self.progress, name=self.run_id,
+                               provenance={"tuned": tuned} if tuned else None)
+            elif run["kind"] == "eval":
+                from pcbench.evaluate import run_eval
+
+                record = run_eval(run, store)
+            else:
+                raise SpecError("kind", f"unknown run kind {run['kind']!r}")
+        except interrupts.Interrupted as e:
+            if main:
+                store.set_status(self.run_id, "interrupted", job_id=job_id, error=str(e), step=e.step)
+            raise
+        except BaseException as e:
+            if main:
+                store.fail(self.run_id, e, job_id=job_id, step=getattr(e, "step", None))
+            raise
+        if main:
+            with interrupts.deferred():  # recorded whole; a signal now only sets the exit code
+                store.set_status(self.run_id, "completed", job_id=job_id)
+        return {"run": self.run_id, "train_loss_last100": record.get("train_loss_last100")}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m pcbench.run.jobs RESULTS WORK RUN_ID`: run one run in this process."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 3:
+        print("usage: python -m pcbench.run.jobs RESULTS WORK RUN_ID", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with interrupts.graceful():  # from the start: a signal during start-up is one line too
+        try:
+            progress = {"1": True, "0": False}.get(os.environ.get("PCBENCH_PROGRESS", ""))
+            out = RunJob(*args, progress=progress)()
+        except interrupts.Interrupted as e:
+            if os.environ.get("PCBENCH_LAUNCHER") != "1":
+                print(f"[pcbench] {args[2]}: {e}; its checkpoints are kept, a rerun resumes it", file=sys.stderr)
+            return e.exit_code
+        except RunBusy as e:
+            print(f"[pcbench] {e}: not started here", file=sys.stderr)
+            return EXIT_BUSY
+        except Exception as e:  # noqa: BLE001 - recorded in the store; exit code tells the launcher
+            print(f"run {args[2]} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        signum = interrupts.requested()
+    if signum is not None:  # the run was recorded before the signal could stop it
+        return 128 + signum
+    return EXIT_ALREADY if out.get("already") else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Checks of everything knowable before the first job starts (`pcbench run`, `--dry-run`, `compress`).
+
+Spec validation (`config.py`, `grid.py`) catches malformed fields; these checks need more than
+the spec: lm-eval's task registry (an eval stage's task names), the file system (a `model.path`
+that is a local path), the plan code (whether a compression level can be reached by the base's
+widths: `compress.plan.achievable`) and the scheduler (`sbatch --test-only` of every distinct
+job request, made with the same parameters submitit submits with). Each finds problems as
+`SpecError`s (field path and reason, one line); the caller refuses to start when there are any.
+
+What only a run can find stays at run time: e.g. an lm-eval hub task whose dataset is not
+available offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from pcbench.spec.config import EvalSpec, ModelSpec, RunSpec, SpecError
+from pcbench.store import is_ref, parse_ref
+from pcbench.util.suggest import unknown_tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-eval task names
+
+
+def lm_eval_task_names() -> set[str]:
+    """Names lm-eval registers (tasks, groups, tags), indexed once per lm-eval version and cached
+    (indexing reads ~15k YAMLs; no network)."""
+    import lm_eval
+
+    from pcbench.util.atomic import write_json
+    from pcbench.util.paths import cache_dir
+
+    cache = cache_dir() / f"lm_eval_task_names-{lm_eval.__version__}.json"
+    try:
+        return set(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
+    from lm_eval.tasks import TaskManager
+
+    names = sorted(TaskManager(include_defaults=True).all_tasks)
+    write_json(cache, names)
+    return set(names)
+
+
+def _include_task_names(include: Optional[str]) -> set[str]:
+    if not include:
+        return set()
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager(include_path=include, include_defaults=False).all_tasks)
+
+
+def check_tasks(tasks: list[str], include: Optional[str], field: str) -> None:
+    """Every task is one of the local suite, the spec's include path or lm-eval's registry."""
+    from pcbench.data.tasks import GROUP, TASKS
+
+    known = {*TASKS, GROUP}
+    rest = [t for t in tasks if t not in known]
+    if include and rest:
+        if not Path(include).is_dir():
+            raise SpecError(f"{field[:field.rindex('.')]}.include_path", f"{include} is not a directory")
+        known |= _include_task_names(include)
+        rest = [t for t in rest if t not in known]
+    if not rest:
+        return
+    registry = lm_eval_task_names()
+    unknown = [t for t in rest if t not in registry]
+    if unknown:
+        raise SpecError(field, unknown_tasks(unknown, sorted(known | registry)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model paths
+
+
+def _could_be_hub_id(path: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_dir(path: str, field: str, *, hub_ok: bool = True, tokenizer: bool = False) -> None:
+    """`path` is a HF checkpoint directory (config.json; tokenizer files when `tokenizer`), or, when
+    `hub_ok`, may be a hub id that transformers resolves from its cache at run time."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        if hub_ok and _could_be_hub_id(path):
+            return
+        raise SpecError(field, f"{path} does not exist (a checkpoint directory{' or hub id' if hub_ok else ''})")
+    if not p.is_dir():
+        raise SpecError(field, f"{path} is a file, not a checkpoint directory")
+    if not (p / "config.json").is_file():
+        raise SpecError(field, f"{path} holds no model (no config.json: not a Hugging Face checkpoint directory)")
+    if tokenizer and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise SpecError(field, f"{path} has no tokenizer files (save the tokenizer next to the model)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression levels
+
+
+_META: dict[str, Any] = {}
+_LEVELS: dict[tuple[str, int], list[float]] = {}
+
+
+def _meta_model(config) -> Any:
+    from pcbench import models
+
+    key = config.to_json_string(use_diff=False)
+    if key not in _META:
+        _META[key] = models._meta_model(config)
+    return _META[key]
+
+
+def _levels(config, align: int) -> list[float]:
+    """`plan.achievable` of a model of `config` (once per distinct config and align)."""
+    from pcbench.compress.plan import achievable
+
+    key = (config.to_json_string(use_diff=False), align)
+    if key not in _LEVELS:
+        _LEVELS[key] = achievable(_meta_model(config), align)
+    return _LEVELS[key]
+
+
+def base_config(model: ModelSpec, data_tokenizer: str, seq_len: int, runs: Optional[dict] = None):
+    """The transformers config of the model a spec loads or builds, when knowable before any run
+    (None otherwise: a `run:` of a compressed run, a hub model not in the cache)."""
+    from transformers import AutoConfig
+
+    from pcbench import models
+
+    path = model.path
+    if is_ref(path):
+        parent = (runs or {}).get(parse_ref(path))
+        if parent is None or not isinstance(parent.spec, RunSpec) or parent.spec.compress is not None:
+            return None
+        ps = parent.spec
+        return base_config(ps.model, ps.data.tokenizer, ps.data.seq_len, runs)
+    if path:
+        if (Path(path) / "config.json").is_file():
+            return AutoConfig.from_pretrained(path)
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    preset = models.PRESETS[model.name]
+    if preset.weights == "smollm2-gguf":
+        from pcbench.util.paths import cache_dir
+
+        cached = cache_dir() / "models" / "smollm2-135m"
+        return AutoConfig.from_pretrained(cached) if (cached / "config.json").is_file() else None
+    if preset.weights:
+        try:
+            return AutoConfig.from_pretrained(preset.weights[4:], local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    vocab = models.vocab_size_for(data_tokenizer)
+    return None if vocab is None else models.build_config(model, vocab, seq_len)
+
+
+def check_compression(config, compression: float, align: int, field: str) -> None:
+    """`compression` can be reached by the plan code on a model of `config`, within half a step."""
+    levels = _levels(config, align)
+    desc = f"d_model {config.hidden_size}"
+    if not levels:
+        raise SpecError(field, f"this base ({desc}) cannot be compressed at all")
+    nearest = min([0.0, *levels], key=lambda v: abs(v - compression))
+    if nearest == 0.0:
+        raise SpecError(field, f"{compression:g} is too small to remove anything from this base ({desc}): "
+                        f"the smallest achievable level is {levels[0]:.3f}")
+    top = levels[-1]
+    slack = max(0.01, (top - levels[-2]) / 2 if len(levels) > 1 else 0.0)
+    if compression > top + slack:
+        near = ", ".join(f"{v:.3f}" for v in levels[-3:])
+        raise SpecError(field, f"{compression:g} cannot be reached with this base ({desc}): the most a plan "
+                        f"can remove is {top:.3f} (nearest achievable levels: {near})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid runs
+
+
+def check_run(run, runs: dict) -> None:
+    """Everything about one run that is knowable before it starts."""
+    spec = run.spec
+    where = f"stages.{run.stage}.spec"
+    if isinstance(spec, EvalSpec):
+        if not is_ref(spec.model):
+            check_model_dir(spec.model, f"{where}.model", hub_ok=False, tokenizer=True)
+        check_tasks(list(spec.tasks), spec.include_path, f"{where}.tasks")
+        return
+    path = spec.model.path
+    if path and not is_ref(path):
+        check_model_dir(path, f"{where}.model.path", tokenizer=spec.data.tokenizer == "model")
+    if spec.compress is not None:
+        config = base_config(spec.model, spec.data.tokenizer, spec.data.seq_len, runs)
+        if config is not None:
+            check_compression(config, spec.compress.compression, spec.compress.align,
+                              f"{where}.compress.compression")
+
+
+def check_grid(grid, store, only: Optional[str], override: dict, executor: str) -> list[SpecError]:
+    """Problems of the selected runs that are not completed yet (empty: fine to start)."""
+    runs = grid.by_id()
+    todo = [r for r in grid.select(only) if store.state(r.id) != "completed"]
+    problems: list[SpecError] = []
+    seen: set[str] = set()
+    for run in todo:
+        try:
+            check_run(run, runs)
+        except SpecError as e:
+            if str(e) not in seen:  # one line per distinct problem, not per run
+                seen.add(str(e))
+                problems.append(e)
+    if not problems:  # the executor's own checks (slurm: `sbatch --test-only` of each job request)
+        from pcbench.run.executors import named
+
+        problems += named(executor).preflight(todo, override)
+    return problems
+

@@ -1,0 +1,227 @@
+"""What pcbench owns on disk: every directory it writes as a unit is a *pcbench output* of a kind.
+
+Kinds: `model` (an exported HF checkpoint: `train.export_model`, `pcbench compress --out`,
+`pcbench export`), `report` (`paper_figures/<grid>/`), `results` (`<results>/<grid>/`), `work`
+(`<work>/<grid>/`), `train` (`pcbench train --out`), `compress-work` (the scratch state of
+`pcbench compress`, `<out>.pcbench/`) and `tasks` (the lm-eval suite, `pcbench tasks --out`).
+
+An output carries a marker, `.pcbench.json` = {"kind", "files"} (`files`: the relative paths
+pcbench wrote there, when it replaces them as a set), or is recognisable from what older
+versions wrote (a report's REPORT.md heading, a store's `runs/`, a suite's `suite.json`).
+
+The rule, for every command that writes: a target that does not exist or is an empty directory
+may be written; a pcbench output of the same kind may be written into (its own files replaced,
+anything else in it left alone); anything else is refused with one line (`OutputError`), before
+any work starts. Nothing pcbench did not create is ever removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+from pcbench.util.errors import SpecError
+
+MARKER = ".pcbench.json"
+KINDS = ("model", "report", "results", "work", "train", "compress-work", "tasks")
+_RUN_ID = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*-[0-9a-f]{10}")
+
+
+class OutputError(SpecError):
+    """A target pcbench may not write: a file where a directory is needed, or someone else's data."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_dir_path(path: str | os.PathLike, what: str) -> Path:
+    """`path` is, or can be created as, a directory: no part of it is a file. Returns it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(what, f"{p} is a file, not a directory")
+    for parent in Path(os.path.abspath(p)).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(what, f"{parent} (in {p}) is a file, not a directory")
+            break
+    return p
+
+
+def read_marker(d: str | os.PathLike) -> Optional[dict]:
+    """The marker of output directory `d`, or None (missing or unreadable)."""
+    try:
+        m = json.loads((Path(d) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("kind") in KINDS else None
+
+
+def write_marker(d: str | os.PathLike, kind: str, files: Optional[list[str]] = None, **extra) -> None:
+    """Mark `d` as a pcbench output of `kind` that holds `files` (relative paths)."""
+    from pcbench import __version__
+    from pcbench.util.atomic import write_json
+
+    assert kind in KINDS, kind
+    rec = {"kind": kind, "pcbench": __version__, **extra}
+    if files is not None:
+        rec["files"] = sorted(files)
+    write_json(Path(d) / MARKER, rec)
+
+
+def _report_legacy_files(d: Path) -> Optional[list[str]]:
+    """A report written before markers: REPORT.md with pcbench's heading. Its own files are
+    REPORT.md, the tables and figures it links (and each linked table's CSV twin), runs.csv and
+    paper_reference.csv."""
+    try:
+        text = (d / "REPORT.md").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if not text.startswith("# pcbench report:"):
+        return None
+    own = {"REPORT.md", "tables/runs.csv", "tables/paper_reference.csv"}
+    for link in re.findall(r"\(((?:tables|figures)/[A-Za-z0-9_.-]+\.(?:md|csv|png))\)", text):
+        own.add(link)
+        if link.endswith(".md"):
+            own.add(link[:-3] + ".csv")
+    return sorted(f for f in own if (d / f).is_file())
+
+
+def _legacy_kind(d: Path) -> Optional[str]:
+    """The kind of an unmarked directory written by an older pcbench, or None."""
+    names = {p.name for p in d.iterdir()}
+    if _report_legacy_files(d) is not None:
+        return "report"
+    if (d / "suite.json").is_file():
+        return "tasks"
+    if (d / "runs").is_dir() or "events.jsonl" in names:
+        return "results"
+    visible = {n for n in names if not n.startswith(".")}
+    if visible and visible <= {"record", "work", "model"}:
+        return "train"
+    if visible and visible <= {"record", "ckpt", "plan.json"}:
+        return "compress-work"
+    if visible and all(n == "logs" or (_RUN_ID.fullmatch(n) and (d / n).is_dir()) for n in visible):
+        return "work"
+    return None
+
+
+def _marker_in_flight(name: str) -> bool:
+    """A marker being written atomically (`atomic.temp_file` next to it), not a user's file."""
+    return re.fullmatch(rf"\.{re.escape(MARKER)}\.[0-9a-f]{{12}}\.tmp", name) is not None
+
+
+def kind_of(d: str | os.PathLike) -> Optional[str]:
+    """The kind of pcbench output at `d`, "" for a missing or empty directory, None for anything else."""
+    d = Path(d)
+    if not d.exists():
+        return ""
+    if not d.is_dir():
+        return None
+    if all(_marker_in_flight(e.name) for e in d.iterdir()):  # empty, or another process marking it now
+        return ""
+    m = read_marker(d)
+    return m["kind"] if m else _legacy_kind(d)
+
+
+def own_files(d: str | os.PathLike) -> set[str]:
+    """Relative paths of the files pcbench wrote as the set it replaces in `d`."""
+    d = Path(d)
+    m = read_marker(d)
+    if m is not None:
+        return set(m.get("files") or [])
+    return set(_report_legacy_files(d) or [])
+
+
+_NAMES = {"model": "a pcbench model", "report": "a pcbench report", "results": "a pcbench results store",
+          "work": "a pcbench work directory", "train": "a `pcbench train` output",
+          "compress-work": "`pcbench compress` state", "tasks": "a pcbench task suite"}
+
+
+def claim(path: str | os.PathLike, kind: str, what: str, *, replace: bool = True) -> Path:
+    """Check that a `kind` output may be written at `path` (see the module docstring); creates nothing.
+
+    `replace=False`: an existing output of the same kind is refused too (a `--force` sets it)."""
+    p = check_dir_path(path, what)
+    have = kind_of(p)
+    if have == "":
+        return p
+    if have == kind:
+        if replace:
+            return p
+        raise OutputError(what, f"{p} already holds {_NAMES[kind]}; give --force to replace it "
+                          "(only pcbench's own files there are replaced)")
+    held = f"holds {_NAMES[have]}, not {_NAMES[kind]}" if have else \
+        f"is not empty and is not {_NAMES[kind]} (pcbench never writes into other files)"
+    raise OutputError(what, f"{p} {held}; choose another path")
+
+
+def ensure_dir(path: str | os.PathLike, kind: str, what: str) -> Path:
+    """Claim `path` for `kind`, create it, and mark it when pcbench created it or it was empty."""
+    p = claim(path, kind, what)
+    fresh = kind_of(p) == ""
+    p.mkdir(parents=True, exist_ok=True)
+    if fresh and read_marker(p) is None:
+        write_marker(p, kind)
+    return p
+
+
+@contextlib.contextmanager
+def staging(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temp directory next to `target`, removed on the way out (whatever happens)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def _fix_modes(d: Path) -> None:
+    """Usual modes (umask applied): mkdtemp makes 0700 dirs, some writers 0600 files."""
+    mask = _umask()
+    for p in [d, *d.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def install(staged: Path, target: str | os.PathLike, kind: str, what: str) -> Path:
+    """Put the finished output `staged` (a `staging` dir) at `target`, marked as `kind`.
+
+    A missing or empty target is replaced by one rename. An output of the same kind has its own
+    files replaced, one atomic rename each (the marker last); its other files are left alone and
+    pcbench's files that the new output lacks are removed."""
+    target = Path(target)
+    files = _files(staged)
+    write_marker(staged, kind, files)
+    _fix_modes(staged)
+    have = claim(target, kind, what)  # checked again: the target may have changed meanwhile
+    if kind_of(have) == "":
+        if target.exists():
+            target.rmdir()  # empty
+        os.replace(staged, target)
+        return target
+    old = own_files(target)
+    for rel in files:
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_dir():
+            raise OutputError(what, f"{dest} is a directory where pcbench writes a file")
+        os.replace(staged / rel, dest)
+    for rel in sorted(old - set(files)):
+        with contextlib.suppress(FileNotFoundError):
+            (target / rel).unlink()
+    os.replace(staged / MARKER, target / MARKER)
+    return target
