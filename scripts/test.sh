@@ -6,7 +6,19 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# Verbose, so that the output of pcbench's own build (the build backend's) is in the log; any
+# deprecation warning in it fails the run (a deprecated pyproject setting stops building one day).
+log=$(mktemp "${TMPDIR:-/tmp}/pcbench-install.XXXXXX")
+if ! .venv/bin/python -m pip install -v -e '.[test]' >"$log" 2>&1; then
+  tail -n 60 "$log"
+  echo "scripts/test.sh: pip install -e '.[test]' failed (log above; whole: $log)" >&2
+  exit 1
+fi
+if ! bash scripts/build-warnings.sh "$log"; then
+  echo "scripts/test.sh: pcbench's build printed deprecation warnings (above; whole log: $log)" >&2
+  exit 1
+fi
+rm -f "$log"
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
