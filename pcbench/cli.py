@@ -152,6 +152,9 @@ def cmd_train(args) -> int:
                                         "compress.compression")
     out = outputs.ensure_dir(args.out, "train", "--out")
     rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"))
+    from pcbench.train import distributed
+
+    distributed.teardown()  # gloo/NCCL threads joined before the interpreter exits (every rank passed the last barrier)
     print(json.dumps({k: rec[k] for k in ("train_loss_last100", "heldout_loss", "export_path") if k in rec}))
     return 0
 

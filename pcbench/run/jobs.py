@@ -98,7 +98,12 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         allocator.tune()
         with interrupts.graceful():
-            return self._call()
+            out = self._call()
+        if "torch.distributed" in sys.modules:  # a process group this job joined: its threads joined before exit
+            from pcbench.train import distributed
+
+            distributed.teardown()
+        return out
 
     def _call(self) -> dict:
         store = Store(self.results, self.work)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from pcbench.train import interrupts
+from pcbench.util import allocator
 from pcbench.spec.config import SpecError
 from pcbench.run.executors.base import Executor, Outcome, say
 from pcbench.run.liveness import Liveness, pid_alive
@@ -360,7 +361,8 @@ class _ForkServer:
         rep_r, rep_w = os.pipe()
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "pcbench.run.forkserver", str(cmd_r), str(rep_w)],
-                                         pass_fds=(cmd_r, rep_w), preexec_fn=_ignore_signals)
+                                         pass_fds=(cmd_r, rep_w), preexec_fn=_ignore_signals,
+                                         env={**os.environ, **allocator.env()})  # malloc settings from its exec
         finally:
             os.close(cmd_r)
             os.close(rep_w)
@@ -441,7 +443,7 @@ def _start_job(store: Store, run_id: str, progress: Optional[bool]) -> _Job:
     The job starts with SIGINT/SIGTERM ignored until it installs its own handlers; the launcher
     forwards them."""
     args = [str(store.root), str(store.work), run_id]
-    env = {**os.environ, "PCBENCH_LAUNCHER": "1"}  # the launcher reports an interruption itself
+    env = {**os.environ, **allocator.env(), "PCBENCH_LAUNCHER": "1"}  # the launcher reports an interruption itself
     if progress is not None:
         env["PCBENCH_PROGRESS"] = "1" if progress else "0"
     if local_mode() == "fork":

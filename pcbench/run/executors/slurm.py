@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from pcbench.util import allocator
 from pcbench.spec.config import SpecError
 from pcbench.run.executors.base import Outcome, say
 from pcbench.run.executors.submitit_base import SubmititExecutor
@@ -43,6 +44,8 @@ class SlurmExecutor(SubmititExecutor):
             params["gpus_per_node"] = res.gpus_per_node
         if res.mem_gb:
             params["mem_gb"] = res.mem_gb
+        if allocator.env():  # malloc settings from the job's exec, before any thread (util/allocator.py)
+            params["slurm_setup"] = [f"export {k}={v}" for k, v in allocator.env().items()]
         for key, f in (("slurm_account", "account"), ("slurm_qos", "qos"), ("slurm_constraint", "constraint")):
             if getattr(res, f):
                 params[key] = getattr(res, f)

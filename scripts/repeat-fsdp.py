@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Repeat the 2-process FSDP run of tests/test_fsdp.py (`[pc-lean]` by default) many times and count
+native crashes: the torchrun part only (the base model and the 1-process reference are made once),
+so a repetition takes a fraction of the whole test.
+
+  PYTHONPATH=. python scripts/repeat-fsdp.py --n 50 --out /tmp/fsdp-repeat
+  ... --env MALLOC_CHECK_=3 --env LD_PRELOAD=/lib/x86_64-linux-gnu/libc_malloc_debug.so.0
+  ... --stress 2      # two busy-looping processes beside the ranks (more preemption, other timings)
+  ... --code DIR      # the pcbench to run (its PYTHONPATH), e.g. an older checkout
+
+Each repetition is one of: ok (rc 0 and the losses of the 1-process run to rtol 1e-5, as the
+test asserts), crash (a rank died of a signal or glibc printed a heap error), fail (anything else);
+the logs of every repetition that is not ok are kept. One line per repetition, a summary at the
+end (also as summary.json). Exit 1 when any repetition crashed or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HEAP = re.compile(r"double free|corruption|free\(\): invalid|malloc\(\)|munmap_chunk|malloc_consolidate|"
+                  r"Fatal Python error|Segmentation fault|SIGABRT|SIGSEGV|SIGBUS|Signal 6|Signal 11|"
+                  r"exitcode\s*:\s*-\d+|core dumped|exit status 1[2-9]\d")
+
+
+def spec(base: Path | None, method: str) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_fsdp import spec_dict  # the test's own spec
+
+    if method == "pc-lean":
+        d = spec_dict(base, "pc", optim={"clip": "compressed", "grad_clip": 0.05},
+                      train={"activation_checkpointing": True})
+        d["compress"].update(base_dtype="bfloat16", blockwise_step=True)
+        return d
+    return spec_dict(base, method) if base else spec_dict(train={"steps": 16})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def busy() -> None:  # pragma: no cover - a stress process
+    x = 0
+    while True:
+        x += 1
+
+
+def prepare(out: Path, method: str) -> tuple[Path, list[float]]:
+    """The base (16 steps, as the test's fixture) and the 1-process losses of the run, made once."""
+    import yaml
+
+    from pcbench.spec.config import load_run_spec
+    from pcbench.train.loop import RunPaths, train
+    from pcbench.util.atomic import read_jsonl
+
+    def one(d: dict, where: Path) -> list[float]:
+        if not (where / "record" / "final.json").exists():
+            train(load_run_spec(d), RunPaths(record=where / "record", work=where / "work", export=where / "model"),
+                  progress=False)
+        return [r["loss"] for r in read_jsonl(where / "record" / "metrics.jsonl")]
+
+    one(spec(None, "pretrain"), out / "base")
+    d = spec(out / "base" / "model", method)
+    ref = one(d, out / "one")
+    d["train"]["parallel"] = "fsdp"
+    spec_file = out / "two.yaml"
+    spec_file.write_text(yaml.safe_dump(d))
+    return spec_file, ref
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--method", default="pc-lean")
+    ap.add_argument("--env", action="append", default=[], help="K=V for the torchrun processes")
+    ap.add_argument("--unset", action="append", default=[], help="a variable removed from their environment")
+    ap.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
+                    help="the pcbench checkout the ranks run (PYTHONPATH)")
+    ap.add_argument("--stress", type=int, default=0, help="busy-looping processes beside the ranks")
+    ap.add_argument("--timeout", type=float, default=400, help="seconds before a repetition counts as hung (its ranks' stacks are logged)")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    spec_file, ref = prepare(a.out / "prep", a.method)
+    env = {**os.environ, "PYTHONPATH": str(a.code.resolve()), "OMP_NUM_THREADS": "1"}
+    for k in a.unset:
+        env.pop(k, None)
+    env.update(kv.split("=", 1) for kv in a.env)
+    hogs = [multiprocessing.Process(target=busy, daemon=True) for _ in range(a.stress)]
+    for h in hogs:
+        h.start()
+    counts = {"ok": 0, "crash": 0, "fail": 0}
+    secs = []
+    try:
+        for i in range(a.n):
+            run = a.out / f"run{i:03d}"
+            logs = a.out / f"run{i:03d}.ranks"
+            # Each rank through a shell that logs its exit status (a rank that ends with 0 early
+            # leaves torchrun waiting for the other), its output in files under `logs`.
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), "--log-dir", str(logs), "--redirects", "3",
+                   "--no-python", "bash", "-c",
+                   f'"{sys.executable}" -u -m pcbench.cli "$@"; rc=$?; echo "[rank $RANK] exit status $rc" >&2; exit $rc',
+                   "rank", "train", str(spec_file), "--out", str(run)]
+            t0 = time.time()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            try:
+                out, _ = proc.communicate(timeout=a.timeout)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+                stacks = subprocess.run(f"for p in $(pgrep -f 'pcbench.cli.*{run}'); do echo == $p; "
+                                        f"timeout 120 gdb -p $p -batch -iex 'set auto-load safe-path /' "
+                                        f"-ex 'thread apply all bt 30' -ex 'thread apply all py-bt' 2>&1; done",
+                                        shell=True, capture_output=True, text=True).stdout
+                os.killpg(proc.pid, 9)
+                left = subprocess.run(["pgrep", "-f", f"pcbench.cli.*{run}"], capture_output=True, text=True).stdout
+                for pid in map(int, left.split()):  # the ranks (in sessions of their own)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
+                out = proc.communicate()[0] + "\n== stacks of the ranks left ==\n" + stacks
+            log = out + "".join(f"\n== {f} ==\n" + f.read_text(errors="replace")
+                                for f in sorted(logs.rglob("*.log")) if f.is_file())
+            secs.append(time.time() - t0)
+            got = None
+            metrics = run / "record" / "metrics.jsonl"
+            if metrics.exists():
+                got = [json.loads(ln)["loss"] for ln in metrics.read_text().splitlines() if ln.strip()]
+            same = got is not None and len(got) == len(ref) and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(got, ref))
+            heap = HEAP.search(log)
+            kind = "ok" if rc == 0 and same and not heap else "crash" if heap else "fail"
+            counts[kind] += 1
+            (a.out / f"run{i:03d}.log").write_text(log) if kind != "ok" else None
+            sig = heap.group(0) if heap else ""
+            print(f"{i:3d} {kind:5s} rc={rc} {secs[-1]:.1f}s {sig}", flush=True)
+            subprocess.run(["rm", "-rf", str(run)] + ([str(logs)] if kind == "ok" else []))
+    finally:
+        for h in hogs:
+            h.kill()
+    summary = {**counts, "n": a.n, "env": a.env, "unset": a.unset, "stress": a.stress, "code": str(a.code),
+               "median_s": sorted(secs)[len(secs) // 2] if secs else None}
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary), flush=True)
+    return 0 if counts["ok"] == a.n else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
