@@ -19,6 +19,7 @@ if ! bash scripts/build-warnings.sh "$log"; then
   exit 1
 fi
 rm -f "$log"
+echo "scripts/test.sh: installed; pcbench's build printed no deprecation warning"
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
