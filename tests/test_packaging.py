@@ -70,9 +70,33 @@ Building wheels for collected packages: pcbench, oldpkg
   Building editable for pcbench (pyproject.toml): finished with status 'done'
 """
 
+# pip >= 25 prints the backend's warnings after a step's "finished" line (verbose or not).
+OURS_NEW_PIP = """\
+Obtaining file:///src/pcbench
+  Getting requirements to build editable: started
+  Getting requirements to build editable: finished with status 'done'
+  /x/setuptools/config/_apply_pyprojecttoml.py:82: BuildBackendWarning: `project.license` as a TOML table is deprecated
+  !!
+  Preparing editable metadata (pyproject.toml): started
+  Preparing editable metadata (pyproject.toml): finished with status 'done'
+"""
+OTHERS_NEW_PIP = """\
+Collecting oldpkg
+  Preparing metadata (pyproject.toml): started
+  Preparing metadata (pyproject.toml): finished with status 'done'
+  /x/setuptools/dist.py:1: BuildBackendWarning: something of oldpkg is deprecated
+Building wheels for collected packages: pcbench
+  Building editable for pcbench (pyproject.toml): started
+  Building editable for pcbench (pyproject.toml): finished with status 'done'
+  Created wheel for pcbench: filename=pcbench-0.1.0-0.editable-py3-none-any.whl
+Collecting otherpkg
+  /x/otherpkg/setup.py:1: DeprecationWarning: of otherpkg, oldpkg
+"""
+
 
 @pytest.mark.parametrize("log, found", [(OURS, True), (OTHERS, False), (OTHERS + OURS, True),
-                                        (OTHERS + "DEPRECATION: Building 'pcbench' using the legacy setup.py\n", True)])
+                                        (OTHERS + "DEPRECATION: Building 'pcbench' using the legacy setup.py\n", True),
+                                        (OURS_NEW_PIP, True), (OTHERS_NEW_PIP, False), (OTHERS_NEW_PIP + OURS_NEW_PIP, True)])
 def test_ci_check_finds_the_deprecations_of_our_build_only(tmp_path, log, found):
     f = tmp_path / "pip.log"
     f.write_text(log)
