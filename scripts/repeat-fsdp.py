@@ -3,15 +3,18 @@
 native crashes: the torchrun part only (the base model and the 1-process reference are made once),
 so a repetition takes a fraction of the whole test.
 
-  PYTHONPATH=. python scripts/repeat-fsdp.py --n 50 --out /tmp/fsdp-repeat
-  ... --env MALLOC_CHECK_=3 --env LD_PRELOAD=/lib/x86_64-linux-gnu/libc_malloc_debug.so.0
+  PYTHONPATH=. python scripts/repeat-fsdp.py --n 50 --out /tmp/fsdp-repeat --env PYTHONFAULTHANDLER=1
+  ... --env GLIBC_TUNABLES=glibc.malloc.tcache_count=0   # every small free checked in a fastbin
+                      # (glibc's "double free or corruption (fasttop)"); a malloc setting in the
+                      # environment also means pcbench leaves glibc's parameters alone
   ... --stress 2      # two busy-looping processes beside the ranks (more preemption, other timings)
   ... --code DIR      # the pcbench to run (its PYTHONPATH), e.g. an older checkout
 
 Each repetition is one of: ok (rc 0 and the losses of the 1-process run to rtol 1e-5, as the
-test asserts), crash (a rank died of a signal or glibc printed a heap error), fail (anything else);
-the logs of every repetition that is not ok are kept. One line per repetition, a summary at the
-end (also as summary.json). Exit 1 when any repetition crashed or failed.
+test asserts), crash (a rank died of a signal or glibc printed a heap error), fail (anything else,
+e.g. hung past --timeout: the stacks of the ranks left are logged); the logs of every repetition
+that is not ok are kept (each rank's output, its exit status). One line per repetition, a summary
+at the end (also as summary.json). Exit 1 when any repetition crashed or failed.
 """
 
 from __future__ import annotations
