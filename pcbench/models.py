@@ -112,6 +112,11 @@ def load_pretrained(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     path = pretrained_path(spec)
     if Path(path).exists() and not (Path(path) / "config.json").exists():
         raise SpecError("model.path", f"{path} is not a HF checkpoint directory (no config.json)")
+    from pcbench.util.hfdir import damage
+
+    problem = damage(path)
+    if problem:
+        raise SpecError("model.path", problem)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(path)
     model.config.use_cache = False
