@@ -345,3 +345,32 @@ def test_non_finite_numbers_on_the_command_line_are_refused(tmp_path, base_model
 def test_non_finite_resources_flags_are_refused(tmp_path, flag):
     rc, out, err = cli("run", write_grid(tmp_path), "--dry-run", flag, "inf")
     assert rc == 2 and "Traceback" not in err and flag in err, err
+
+
+DRY_RUN_IMPORTS = """
+import sys
+from pcbench.cli import main
+rc = main(sys.argv[1:])
+print("heavy:", sorted(m for m in ("torch", "transformers") if m in sys.modules))
+sys.exit(rc)
+"""
+
+
+def test_a_dry_run_of_known_shapes_imports_neither_torch_nor_transformers(tmp_path):
+    """The dry run's checks and memory plans come from facts kept on disk (`util.memo`): once a
+    grid's models are known, planning it needs neither torch nor transformers (seconds, not tens)."""
+    def edit(g):
+        g["stages"]["compress"]["axes"]["compression"] = [0.3, 0.5]
+        g["stages"]["compress"]["spec"]["compress"]["compression"] = "${compression}"
+    path = write_grid(tmp_path, edit)
+    env = {"PCBENCH_CACHE": str(tmp_path / "cache")}
+    args = [str(path), "--dry-run", "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w")]
+    first = subprocess.run([sys.executable, "-c", DRY_RUN_IMPORTS, "run", *args], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=600)
+    again = subprocess.run([sys.executable, "-c", DRY_RUN_IMPORTS, "run", *args], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=600)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert "heavy: ['torch', 'transformers']" in first.stdout  # the first one computes them
+    assert "heavy: []" in again.stdout, again.stdout
+    assert first.stdout.replace("heavy: ['torch', 'transformers']", "") == again.stdout.replace("heavy: []", "")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()

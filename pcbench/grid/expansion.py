@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -52,21 +53,31 @@ def identity(obj: Any) -> Any:
     if not dataclasses.is_dataclass(obj):
         return obj
     out = {}
-    for f in dataclasses.fields(obj):
+    for f, default, default_id in _defaults(type(obj)):
         v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            sub = identity(v)
+            if default is dataclasses.MISSING or not dataclasses.is_dataclass(default) or sub != default_id:
+                out[f.name] = sub
+        elif v != default:
+            out[f.name] = v
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(cls: type) -> tuple:
+    """(field, its default or MISSING, `identity` of a dataclass default) of each field of `cls`
+    (computed once per class: a grid hashes thousands of specs)."""
+    out = []
+    for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = dataclasses.MISSING
-        if dataclasses.is_dataclass(v):
-            sub = identity(v)
-            if default is dataclasses.MISSING or not dataclasses.is_dataclass(default) or sub != identity(default):
-                out[f.name] = sub
-        elif v != default:
-            out[f.name] = v
-    return out
+        out.append((f, default, identity(default) if dataclasses.is_dataclass(default) else None))
+    return tuple(out)
 
 
 def run_id(stage: str, kind: str, spec: Any, tune: Optional[dict]) -> str:
@@ -113,6 +124,7 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
 
     runs: list[Run] = []
     by_stage: dict[str, list[Run]] = {}
+    parent_specs: dict[str, dict] = {}
     for name in stage_order(stages):
         st = stages[name]
         path = f"stages.{name}"
@@ -137,8 +149,10 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
                 merged = deep_merge(base, raw)
                 ctx: dict[str, Any] = dict(labels)
                 if parent is not None:
+                    if parent.id not in parent_specs:  # once per parent, not per child
+                        parent_specs[parent.id] = to_dict(parent.spec)
                     ctx["parent"] = SimpleNamespace(id=parent.id, stage=parent.stage, labels=_ns(parent.labels),
-                                                    spec=_ns(to_dict(parent.spec)), **{
+                                                    spec=_ns(parent_specs[parent.id]), **{
                                                         k: v for k, v in parent.labels.items()})
                 # Model and data first, so that `params` can be counted for the rest.
                 first = {k: substitute(merged.get(k, {}), ctx, f"{path}.spec.{k}")

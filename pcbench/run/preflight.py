@@ -226,8 +226,11 @@ def _base_config(model: ModelSpec, data_tokenizer: str, seq_len: int, runs: Opti
 
 def check_compression(config, compression: float, align: int, field: str) -> None:
     """`compression` can be reached by the plan code on a model of `config`, within half a step."""
-    levels = _levels(config, align)
-    desc = f"d_model {config.hidden_size}"
+    _check_levels(_levels(config, align), config.hidden_size, compression, field)
+
+
+def _check_levels(levels: list[float], hidden_size: int, compression: float, field: str) -> None:
+    desc = f"d_model {hidden_size}"
     if not levels:
         raise SpecError(field, f"this base ({desc}) cannot be compressed at all")
     nearest = min([0.0, *levels], key=lambda v: abs(v - compression))
@@ -259,10 +262,47 @@ def check_run(run, runs: dict) -> None:
     if path and not is_ref(path):
         check_model_dir(path, f"{where}.model.path", tokenizer=spec.data.tokenizer == "model")
     if spec.compress is not None:
-        config = base_config(spec.model, spec.data.tokenizer, spec.data.seq_len, runs)
-        if config is not None:
-            check_compression(config, spec.compress.compression, spec.compress.align,
-                              f"{where}.compress.compression")
+        facts = _compression_facts(spec.model, spec.data.tokenizer, spec.data.seq_len, spec.compress.align, runs)
+        if facts is not None:
+            _check_levels(facts["levels"], facts["hidden_size"], spec.compress.compression,
+                          f"{where}.compress.compression")
+
+
+def _compression_facts(model: ModelSpec, data_tokenizer: str, seq_len: int, align: int,
+                       runs: Optional[dict]) -> Optional[dict]:
+    """{hidden_size, levels} of the base a spec compresses (None: unknown before the run). Kept on
+    disk (`util.memo`) for a from-scratch preset or a local checkpoint, by what shapes the model,
+    so a known base is checked without torch or transformers."""
+    import dataclasses
+
+    from pcbench.spec.presets import PRESETS, vocab_size_for
+    from pcbench.util.memo import remember
+
+    m, tok, length = model, data_tokenizer, seq_len
+    while is_ref(m.path):  # a `run:` of a train run: the model that run starts from
+        parent = (runs or {}).get(parse_ref(m.path))
+        if parent is None or not isinstance(parent.spec, RunSpec) or parent.spec.compress is not None:
+            return None
+        m, tok, length = parent.spec.model, parent.spec.data.tokenizer, parent.spec.data.seq_len
+
+    def compute() -> Optional[dict]:
+        config = base_config(model, data_tokenizer, seq_len, runs)
+        if config is None:
+            return None
+        return {"hidden_size": config.hidden_size, "levels": _levels(config, align)}
+
+    if m.path:
+        try:
+            text = (Path(m.path).expanduser() / "config.json").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return compute()
+        key = ["dir", text, align]
+    elif not PRESETS[m.name].weights and vocab_size_for(tok) is not None:
+        key = ["preset", dataclasses.asdict(m), vocab_size_for(tok), length, align]
+    else:
+        return compute()
+    facts = remember("compression-levels", key, compute)
+    return facts
 
 
 def check_grid(grid, store, only: Optional[str], override: dict, executor: str) -> list[SpecError]:
