@@ -80,7 +80,7 @@ build_report(Path(results), "toy", Path(out), progress=say)
 """
 
 
-@pytest.mark.parametrize("how", ["drawing", "installing"])
+@pytest.mark.parametrize("how", ["drawing", pytest.param("installing", marks=pytest.mark.slow)])  # ~50 s each
 def test_report_killed_leaves_the_old_report_whole_and_the_next_one_cleans_up(tmp_path, how):
     results, out_root = tmp_path / "results", tmp_path / "figs"
     make_store(results)
@@ -118,6 +118,7 @@ def test_a_live_writers_temp_dir_is_left_alone(tmp_path):
     assert removed == [dead] and mine.is_dir() and other_host.is_dir()
 
 
+@pytest.mark.slow  # ~30 s on a shared 2-core machine (tokenising, twice)
 def test_token_store_without_meta_is_rebuilt_not_a_blocker(tmp_path, monkeypatch):
     """A store whose meta.json was lost (and a dead writer's temp dir beside it) is replaced by the
     next `prepare_tokens`, with the same tokens a clean build gives."""

@@ -42,7 +42,10 @@ class TokenStore:
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"no token store at {self.path} (meta.json missing)")
-        self.meta: dict = read_json(meta_path)
+        try:
+            self.meta: dict = read_json(meta_path)
+        except ValueError as e:  # not JSON, not UTF-8: name the file
+            raise ValueError(f"{meta_path}: damaged token store metadata ({e})") from None
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: token format {self.meta.get('format')!r}, expected {FORMAT!r}")
         dtype = np.dtype(self.meta["dtype"])
