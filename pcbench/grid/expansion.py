@@ -38,13 +38,27 @@ from pcbench.util.suggest import did_you_mean
 
 def deep_merge(base: dict, over: dict) -> dict:
     """`over` merged into a copy of `base` (mappings recursively, everything else replaced)."""
-    out = copy.deepcopy(base)
+    out = _copy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
-            out[k] = copy.deepcopy(v)
+            out[k] = _copy(v)
     return out
+
+
+_IMMUTABLE = (str, int, float, bool, type(None))
+
+
+def _copy(v: Any) -> Any:
+    """`copy.deepcopy` of parsed YAML, fast on its plain mappings, lists and scalars."""
+    if isinstance(v, _IMMUTABLE):
+        return v
+    if type(v) is dict:
+        return {k: _copy(x) for k, x in v.items()}
+    if type(v) is list:
+        return [_copy(x) for x in v]
+    return copy.deepcopy(v)
 
 
 def identity(obj: Any) -> Any:
@@ -124,7 +138,7 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
 
     runs: list[Run] = []
     by_stage: dict[str, list[Run]] = {}
-    parent_specs: dict[str, dict] = {}
+    parent_specs: dict[str, SimpleNamespace] = {}
     for name in stage_order(stages):
         st = stages[name]
         path = f"stages.{name}"
@@ -149,10 +163,10 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
                 merged = deep_merge(base, raw)
                 ctx: dict[str, Any] = dict(labels)
                 if parent is not None:
-                    if parent.id not in parent_specs:  # once per parent, not per child
-                        parent_specs[parent.id] = to_dict(parent.spec)
+                    if parent.id not in parent_specs:  # once per parent, not per child (only read)
+                        parent_specs[parent.id] = _ns(to_dict(parent.spec))
                     ctx["parent"] = SimpleNamespace(id=parent.id, stage=parent.stage, labels=_ns(parent.labels),
-                                                    spec=_ns(parent_specs[parent.id]), **{
+                                                    spec=parent_specs[parent.id], **{
                                                         k: v for k, v in parent.labels.items()})
                 # Model and data first, so that `params` can be counted for the rest.
                 first = {k: substitute(merged.get(k, {}), ctx, f"{path}.spec.{k}")
