@@ -87,8 +87,11 @@ def cmd_run(args) -> int:
             if args.wait:
                 ex.wait(out, store)
         except interrupts.Interrupted as e:
-            print(f"pcbench: interrupted by {e.name}: {ex.interrupted(e)}; run the same command again to resume",
-                  file=sys.stderr)
+            try:  # after SIGHUP the terminal may be gone
+                print(f"pcbench: interrupted by {e.name}: {ex.interrupted(e)}; run the same command again to resume",
+                      file=sys.stderr, flush=True)
+            except OSError:
+                pass
             return e.exit_code
     print(f"{len(out.submitted)} run(s) {ex.verb}, "
           f"{len(out.skipped)} skipped, {len(out.failed)} failed, {len(out.blocked)} blocked"
@@ -289,7 +292,9 @@ def _number(typ, least, strict: bool = False):
             v = typ(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a{'n integer' if typ is int else ' number'}: {text!r}") from None
-        if v < least or (strict and v == least) or v != v:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if v < least or (strict and v == least):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {least}, got {text}")
         return v
     parse.__name__ = typ.__name__

@@ -156,6 +156,11 @@ def lm_eval_scores(spec: EvalSpec) -> dict:
         raise SpecError("model", f"{spec.model} is not a Hugging Face checkpoint directory (no config.json)")
     if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise SpecError("model", f"{spec.model} has no tokenizer files (save the tokenizer next to the model)")
+    from pcbench.util.hfdir import damage
+
+    problem = damage(model)
+    if problem:
+        raise SpecError("model", problem)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     suite = build_tasks()

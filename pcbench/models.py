@@ -12,6 +12,7 @@ May import: `spec`, `data`, `util`. Imported by `compress`, `train`, `run`, `ben
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -84,10 +85,17 @@ def _smollm2_checkpoint() -> Path:
         config = LlamaConfig.from_dict(cfg)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quant.state_dict())
-        tmp = out.with_name(out.name + ".tmp")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(out)
+        from pcbench.util.atomic import replace_dir, sweep_temps, temp_dir
+
+        sweep_temps(out)  # under the lock: a dead writer's
+        tmp = temp_dir(out)
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            replace_dir(tmp, out)  # an incomplete one there (config.json lost) is replaced
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
@@ -112,6 +120,11 @@ def load_pretrained(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     path = pretrained_path(spec)
     if Path(path).exists() and not (Path(path) / "config.json").exists():
         raise SpecError("model.path", f"{path} is not a HF checkpoint directory (no config.json)")
+    from pcbench.util.hfdir import damage
+
+    problem = damage(path)
+    if problem:
+        raise SpecError("model.path", problem)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(path)
     model.config.use_cache = False

@@ -2,7 +2,7 @@
 
     <results>/<grid>/runs/<run_id>/run.json       what the run is (stage, labels, resolved spec, deps)
                                   status.json    state: pending | submitted | running | completed | failed
-                                                 | interrupted (SIGINT/SIGTERM: resumable) | cancelled (SLURM)
+                                                 | interrupted (SIGINT/SIGTERM/SIGHUP: resumable) | cancelled (SLURM)
                                   .lock          held by the one process that trains the run
                                   metrics.jsonl  training curve
                                   recovery.jsonl PC: projection mass on pruned dimensions

@@ -329,3 +329,102 @@ def test_new_results_dir_never_resumes_another_ones_checkpoints(tmp_path):
     assert fb["resumed_from"] == 0 and [r["step"] for r in b.store.metrics(base)][0] == 5  # from the start
     assert fa["export_path"] != fb["export_path"] and Path(fa["export_path"]).is_dir()  # a's export intact
     assert fa["train_loss_last100"] == fb["train_loss_last100"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher's word (issue 23): its fork server killed mid-grid, and SIGHUP (a closed terminal).
+
+# Loaded by every process (PYTHONPATH): the job of the run named in PCBENCH_TEST_KILL_SERVER
+# ("base", "hpr" or "pc", then ":go-on" or ":die") SIGKILLs its fork server as it starts, then trains
+# on (go-on) or dies without recording the run (die). Only a forked job does it (its parent is the server).
+KILL_SERVER_HOOK = '''
+import os
+if os.environ.get("PCBENCH_TEST_KILL_SERVER"):
+    import pcbench.run.jobs as jobs
+    run_locked = jobs.RunJob._run_locked
+
+    def killing(self, store, run, *args):
+        key, how = os.environ["PCBENCH_TEST_KILL_SERVER"].split(":")
+        try:
+            parent = open(f"/proc/{os.getppid()}/cmdline", "rb").read()
+        except OSError:
+            parent = b""
+        if (run["labels"].get("method") or "base") == key and b"pcbench.run.forkserver" in parent:
+            os.kill(os.getppid(), 9)
+            if how == "die":
+                store.set_status(self.run_id, "running", pid=os.getpid())
+                os._exit(7)
+        return run_locked(self, store, run, *args)
+
+    jobs.RunJob._run_locked = killing
+'''
+
+
+@pytest.mark.parametrize("victim,how", [("base", "go-on"), pytest.param("hpr", "die", marks=pytest.mark.slow)])
+def test_fork_server_killed_mid_grid_the_launcher_goes_by_the_records(reference, tmp_path, victim, how):
+    """The jobs of a dead fork server are judged by what they recorded: one that completes counts as
+    completed (its dependents run, exit 0); one that dies unrecorded is recorded interrupted and a
+    plain rerun finishes the grid with the uninterrupted run's numbers."""
+    g = Grid(tmp_path)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_SERVER_HOOK)
+    env = {**ENV, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "PCBENCH_TEST_KILL_SERVER": f"{victim}:{how}"}
+    env.pop("PCBENCH_LOCAL_MODE", None)
+    p = subprocess.run([sys.executable, "-m", "pcbench.cli", "run", *g.args()], env=env, capture_output=True,
+                       text=True, timeout=600)
+    no_traceback(p.stderr)
+    assert "recorded as failed" not in p.stderr + p.stdout, p.stderr[-3000:]
+    assert "the fork server ended" in p.stderr, p.stderr[-3000:]
+    assert not [r for r in g.ids.values() if g.store.state(r) == "failed"]
+    if how == "go-on":
+        assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+        assert "3 run(s) run, 0 skipped, 0 failed, 0 blocked" in p.stdout, p.stdout
+        assert_matches_reference(g, reference)
+        return
+    assert p.returncode == 1, p.stdout + p.stderr[-3000:]
+    assert "1 interrupted" in p.stdout and g.store.state(g.ids[victim]) == "interrupted", p.stdout
+    assert len([ln for ln in p.stderr.splitlines() if g.ids[victim] in ln and "without recording" in ln]) == 1
+    rc, out, err = finish(g.start())
+    assert rc == 0, err[-3000:]
+    no_traceback(err)
+    assert_matches_reference(g, reference)
+
+
+def test_sighup_stops_at_a_step_boundary_like_sigterm_then_plain_rerun_matches(reference, tmp_path):
+    """A closed terminal (SIGHUP to the foreground group), then SIGHUP to one job alone: each time
+    one line, exit 129, the run recorded `interrupted` with a checkpoint at the step it stopped at;
+    a plain rerun finishes with the uninterrupted run's numbers."""
+    g = Grid(tmp_path)
+    base, hpr = g.ids["base"], g.ids["hpr"]
+
+    # 1. The terminal closes (SIGHUP to the whole group) while the base trains.
+    p = g.start()
+    wait_until(lambda: checkpoint.list_checkpoints(g.store.paths(base).ckpt), "a base checkpoint")
+    os.killpg(p.pid, signal.SIGHUP)
+    rc, out, err = finish(p)
+    assert rc == 129, err[-3000:]
+    no_traceback(err)
+    lines = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert len(lines) == 1 and "SIGHUP" in lines[0] and "run the same command again to resume" in lines[0], err
+    st = g.store.status(base)
+    assert st["state"] == "interrupted" and 0 < st["step"] < 60, st
+    assert int(checkpoint.list_checkpoints(g.store.paths(base).ckpt)[-1].name.split("_")[1]) == st["step"]
+    assert Liveness(g.store).state(base)[0] == "interrupted"
+
+    # 2. SIGHUP to the hpr job alone (e.g. its own terminal): the launcher reports it and stops.
+    p = g.start()
+    wait_until(lambda: g.store.state(hpr) == "running" and g.steps_logged("hpr") >= 5, "hpr training")
+    os.kill(g.job_pid("hpr"), signal.SIGHUP)
+    rc, out, err = finish(p)
+    assert rc == 129, err[-3000:]
+    no_traceback(err)
+    assert len([ln for ln in err.splitlines() if "interrupted" in ln]) == 1, err
+    st = g.store.status(hpr)
+    assert st["state"] == "interrupted" and st["step"] > 0, st
+    assert int(checkpoint.list_checkpoints(g.store.paths(hpr).ckpt)[-1].name.split("_")[1]) == st["step"]
+
+    rc, out, err = finish(g.start())
+    assert rc == 0, err[-3000:]
+    no_traceback(err)
+    assert_matches_reference(g, reference)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the memory plan reads CONFIG_WIDTH and axis_kind without torch
+    from torch import nn
 
 D_MODEL = "d_model"
 

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcbench.util.atomic import file_lock
+from pcbench.util.atomic import file_lock, sweep_temps, temp_dir
 from pcbench.util.paths import cache_dir
 
 
@@ -167,7 +167,8 @@ def _verify(name: str, asset: Asset, archive: Path) -> None:
 
 
 def _extract(asset: Asset, archive: Path, dest: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    sweep_temps(dest)  # under the asset's lock: a dead writer's
+    tmp = temp_dir(dest)
     try:
         if asset.archive_format == "tar":
             with tarfile.open(archive, "r:*") as tf:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from pcbench.data import assets
+from pcbench.util.errors import SpecError
 
 FORMAT = 1  # bump when the document cutting or split rule changes (part of every fingerprint)
 VAL_PER_MILLE = 20  # ~2% of documents go to `val`
@@ -248,9 +249,9 @@ def _override(corpus: str, data_files: DataFiles) -> DataFiles:
     try:
         table = json.loads(env)
     except json.JSONDecodeError as e:
-        raise ValueError(f"$PCBENCH_DATA_FILES is not valid JSON: {e}") from None
+        raise SpecError("PCBENCH_DATA_FILES", f"not valid JSON: {e}") from None
     if not isinstance(table, dict):
-        raise ValueError("$PCBENCH_DATA_FILES must be a JSON object: corpus name -> data_files")
+        raise SpecError("PCBENCH_DATA_FILES", "must be a JSON object: corpus name -> data_files")
     return table.get(corpus)
 
 

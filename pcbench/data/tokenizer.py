@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from pcbench.data import assets, corpora
-from pcbench.util.atomic import file_lock, write_json
+from pcbench.util.atomic import file_lock, replace_dir, sweep_temps, temp_dir, write_json
+from pcbench.util.errors import SpecError
 from pcbench.util.paths import cache_dir
 
 EOT = "<|endoftext|>"
@@ -66,12 +66,13 @@ def _gpt2() -> PreTrainedTokenizerFast:
     if not (out / "merges.txt").exists():
         with file_lock(_root() / f".{out.name}.lock"):
             if not (out / "merges.txt").exists():
-                tmp = Path(tempfile.mkdtemp(dir=_root(), prefix=f".{out.name}.tmp-"))
+                sweep_temps(out)
+                tmp = temp_dir(out)
                 # transformers 5 ignores `vocab_file=`: the files must sit in a directory as these names.
                 shutil.copyfile(src / "encoder.json", tmp / "vocab.json")
                 shutil.copyfile(src / "vocab.bpe", tmp / "merges.txt")
                 tmp.chmod(0o755)
-                tmp.rename(out)
+                replace_dir(tmp, out)
     tok = GPT2TokenizerFast.from_pretrained(str(out))
     ids = tok("Hello world", add_special_tokens=False)["input_ids"]
     if ids != [15496, 995] or len(tok) != 50257 or tok.eos_token != EOT or tok.eos_token_id != 50256:
@@ -108,7 +109,8 @@ def _bpe(vocab_size: int, corpus: str) -> PreTrainedTokenizerFast:
     if not (out / "tokenizer.json").exists():
         with file_lock(_root() / f".{out.name}.lock"):
             if not (out / "tokenizer.json").exists():
-                tmp = Path(tempfile.mkdtemp(dir=_root(), prefix=f".{out.name}.tmp-"))
+                sweep_temps(out)
+                tmp = temp_dir(out)
                 try:
                     packaged = PACKAGED / f"{out.name}.json"
                     if packaged.is_file():  # the same inputs and tokenizers version: what training writes
@@ -120,7 +122,7 @@ def _bpe(vocab_size: int, corpus: str) -> PreTrainedTokenizerFast:
                                                    "max_chars": BPE_MAX_CHARS,
                                                    "tokenizers": tokenizers.__version__})
                     tmp.chmod(0o755)
-                    tmp.rename(out)
+                    replace_dir(tmp, out)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
@@ -152,6 +154,11 @@ def _capped(docs: Iterator[str]) -> Iterator[str]:
 
 
 def _local(path: Path) -> PreTrainedTokenizerFast:
+    from pcbench.util.hfdir import damage
+
+    problem = damage(path)
+    if problem:
+        raise SpecError("data.tokenizer", problem)
     tok = AutoTokenizer.from_pretrained(str(path))
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"tokenizer in {path} is not a fast (tokenizers-backed) tokenizer")

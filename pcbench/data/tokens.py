@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from pcbench import __version__
 
 from pcbench.data import corpora
-from pcbench.util.atomic import file_lock, read_json, write_json
+from pcbench.util.atomic import file_lock, read_json, replace_dir, sweep_temps, temp_dir, write_json
 from pcbench.util.paths import cache_dir
 
 FORMAT = "pcbench-tokens/1"
@@ -43,7 +42,10 @@ class TokenStore:
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"no token store at {self.path} (meta.json missing)")
-        self.meta: dict = read_json(meta_path)
+        try:
+            self.meta: dict = read_json(meta_path)
+        except ValueError as e:  # not JSON, not UTF-8: name the file
+            raise ValueError(f"{meta_path}: damaged token store metadata ({e})") from None
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: token format {self.meta.get('format')!r}, expected {FORMAT!r}")
         dtype = np.dtype(self.meta["dtype"])
@@ -64,14 +66,14 @@ class TokenStore:
         dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        tmp = temp_dir(path)
         try:
             (tmp / "tokens.bin").write_bytes(tokens.astype(dtype).tobytes())
             write_json(tmp / "meta.json", {"format": FORMAT, "corpus": "array", "split": "train",
                                            "tokenizer": "ids", "n_documents": 1, **meta,
                                            "vocab_size": vocab, "dtype": dtype.name, "n_tokens": len(tokens)})
             os.chmod(tmp, 0o755)
-            os.rename(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -139,7 +141,8 @@ def _write_store(out: Path, tok, docs: Iterator[str], max_tokens: Optional[int],
     eos = tok.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {meta['tokenizer']!r} has no eos token")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    sweep_temps(out)  # under the store's lock: a dead writer's
+    tmp = temp_dir(out)
     n_tokens = n_docs = 0
     t0 = time.time()
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"tokenise {meta['corpus']}/{meta['split']}",
@@ -177,7 +180,7 @@ def _write_store(out: Path, tok, docs: Iterator[str], max_tokens: Optional[int],
                     eos_token_id=eos, pcbench_version=__version__, seconds=round(time.time() - t0, 2))
         write_json(tmp / "meta.json", meta)
         os.chmod(tmp, 0o755)
-        os.rename(tmp, out)
+        replace_dir(tmp, out)  # an incomplete store there (its meta.json lost) is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

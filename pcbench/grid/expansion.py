@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -37,13 +38,27 @@ from pcbench.util.suggest import did_you_mean
 
 def deep_merge(base: dict, over: dict) -> dict:
     """`over` merged into a copy of `base` (mappings recursively, everything else replaced)."""
-    out = copy.deepcopy(base)
+    out = _copy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
-            out[k] = copy.deepcopy(v)
+            out[k] = _copy(v)
     return out
+
+
+_IMMUTABLE = (str, int, float, bool, type(None))
+
+
+def _copy(v: Any) -> Any:
+    """`copy.deepcopy` of parsed YAML, fast on its plain mappings, lists and scalars."""
+    if isinstance(v, _IMMUTABLE):
+        return v
+    if type(v) is dict:
+        return {k: _copy(x) for k, x in v.items()}
+    if type(v) is list:
+        return [_copy(x) for x in v]
+    return copy.deepcopy(v)
 
 
 def identity(obj: Any) -> Any:
@@ -52,21 +67,31 @@ def identity(obj: Any) -> Any:
     if not dataclasses.is_dataclass(obj):
         return obj
     out = {}
-    for f in dataclasses.fields(obj):
+    for f, default, default_id in _defaults(type(obj)):
         v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            sub = identity(v)
+            if default is dataclasses.MISSING or not dataclasses.is_dataclass(default) or sub != default_id:
+                out[f.name] = sub
+        elif v != default:
+            out[f.name] = v
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(cls: type) -> tuple:
+    """(field, its default or MISSING, `identity` of a dataclass default) of each field of `cls`
+    (computed once per class: a grid hashes thousands of specs)."""
+    out = []
+    for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = dataclasses.MISSING
-        if dataclasses.is_dataclass(v):
-            sub = identity(v)
-            if default is dataclasses.MISSING or not dataclasses.is_dataclass(default) or sub != identity(default):
-                out[f.name] = sub
-        elif v != default:
-            out[f.name] = v
-    return out
+        out.append((f, default, identity(default) if dataclasses.is_dataclass(default) else None))
+    return tuple(out)
 
 
 def run_id(stage: str, kind: str, spec: Any, tune: Optional[dict]) -> str:
@@ -113,6 +138,7 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
 
     runs: list[Run] = []
     by_stage: dict[str, list[Run]] = {}
+    parent_specs: dict[str, SimpleNamespace] = {}
     for name in stage_order(stages):
         st = stages[name]
         path = f"stages.{name}"
@@ -137,8 +163,10 @@ def expand(gs: GridSpec, source: Optional[Path] = None) -> Grid:
                 merged = deep_merge(base, raw)
                 ctx: dict[str, Any] = dict(labels)
                 if parent is not None:
+                    if parent.id not in parent_specs:  # once per parent, not per child (only read)
+                        parent_specs[parent.id] = _ns(to_dict(parent.spec))
                     ctx["parent"] = SimpleNamespace(id=parent.id, stage=parent.stage, labels=_ns(parent.labels),
-                                                    spec=_ns(to_dict(parent.spec)), **{
+                                                    spec=parent_specs[parent.id], **{
                                                         k: v for k, v in parent.labels.items()})
                 # Model and data first, so that `params` can be counted for the rest.
                 first = {k: substitute(merged.get(k, {}), ctx, f"{path}.spec.{k}")

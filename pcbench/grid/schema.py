@@ -189,8 +189,8 @@ def validate_extend(st, path: str) -> None:
     require(e.axis in st.axes, f"{path}.axis", f"{e.axis!r} is not an axis of this stage; axes: "
             f"{', '.join(st.axes) or '(none)'}")
     vals = st.axes[e.axis]
-    require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in vals),
-            f"{path}.axis", f"axis {e.axis!r} must hold positive numbers to extend on a log grid, got {vals}")
+    require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in vals),
+            f"{path}.axis", f"axis {e.axis!r} must hold finite positive numbers to extend on a log grid, got {vals}")
     require(len(set(vals)) >= 2, f"{path}.axis", f"axis {e.axis!r} needs at least 2 values to bracket a best one")
     require(isinstance(e.max_steps, int) and e.max_steps >= 0, f"{path}.max_steps", "must be an integer >= 0")
     require(e.factor > 1, f"{path}.factor", f"must be > 1 (2 is one log2 step), got {e.factor}")

@@ -11,6 +11,7 @@ otherwise each result is formatted into the string. Errors name the field and th
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 from typing import Any
 
@@ -76,10 +77,17 @@ def _eval(node: ast.AST, ctx: dict) -> Any:
     raise ValueError(f"unsupported expression element {type(node).__name__}")
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse(expr: str) -> ast.Expression:
+    """The parsed expression (once per text: a grid evaluates the same few thousands of times; the
+    tree is only read)."""
+    return ast.parse(expr.strip(), mode="eval")
+
+
 def evaluate(expr: str, ctx: dict, path: str) -> Any:
     """Evaluate one `${...}` expression; errors name the field path and the known names."""
     try:
-        return _eval(ast.parse(expr.strip(), mode="eval"), ctx)
+        return _eval(_parse(expr), ctx)
     except _Unknown as e:
         names = sorted(k for k in ctx if not k.startswith("_"))
         raise SpecError(path, f"unknown name {e.name!r} in ${{{expr}}}{did_you_mean(e.name, names)}; "

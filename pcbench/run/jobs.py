@@ -6,7 +6,7 @@ RUN_ID` (the local executor runs every run this way, in sequence).
 
 Exactly one process trains a run: the job takes the run's lock first (`Store.try_lock`; a dead
 holder's lock is free) and holds it until the run is recorded; a job that finds the lock held, or
-the run already completed once it holds the lock, does nothing. SIGINT/SIGTERM record the run
+the run already completed once it holds the lock, does nothing. SIGINT/SIGTERM/SIGHUP record the run
 `interrupted` (resumable; its checkpoints kept). Exit codes of `python -m pcbench.run.jobs`: `EXIT_*`.
 """
 

@@ -9,7 +9,7 @@ assumed (`pcbench/liveness.py`): a `running` run whose process or job is gone is
 Two launchers of one grid can run at once: each run is trained by the one process holding its lock
 (`pcbench/jobs.py`); a local launcher waits (with a progress line) for a run or a dependency that
 another process is training, and never starts a run before its dependencies are completed.
-SIGINT/SIGTERM stop a local launcher after its job has recorded the run `interrupted` (the signal
+SIGINT/SIGTERM/SIGHUP stop a local launcher after its job has recorded the run `interrupted` (the signal
 is forwarded to it): one line, exit code 130/143, and a plain rerun resumes.
 
 The work directory (checkpoints, exports) of a grid is keyed by its results root,

@@ -14,6 +14,7 @@ available offline.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -103,6 +104,27 @@ def check_model_dir(path: str, field: str, *, hub_ok: bool = True, tokenizer: bo
         raise SpecError(field, f"{path} holds no model (no config.json: not a Hugging Face checkpoint directory)")
     if tokenizer and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise SpecError(field, f"{path} has no tokenizer files (save the tokenizer next to the model)")
+    problem = _damage(str(p.resolve()), tokenizer)
+    if problem:
+        raise SpecError(field, problem)
+
+
+_DAMAGE: dict[tuple, Optional[str]] = {}
+
+
+def _damage(path: str, tokenizer: bool) -> Optional[str]:
+    """`hfdir.damage` of a checkpoint directory, once per directory state (a grid names one base in
+    many runs)."""
+    from pcbench.util import hfdir
+
+    try:
+        state = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)))
+    except OSError:
+        state = None
+    key = (path, tokenizer, state)
+    if key not in _DAMAGE:
+        _DAMAGE[key] = hfdir.damage(path, tokenizer=tokenizer)
+    return _DAMAGE[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +135,21 @@ _META: dict[str, Any] = {}
 _LEVELS: dict[tuple[str, int], list[float]] = {}
 
 
+_CONFIG_KEYS: dict[int, tuple[Any, str]] = {}  # id(config) -> (config, its JSON): configs are shared
+_CONFIGS: dict[tuple, Any] = {}
+
+
+def _config_key(config) -> str:
+    hit = _CONFIG_KEYS.get(id(config))
+    if hit is None or hit[0] is not config:
+        hit = _CONFIG_KEYS[id(config)] = (config, config.to_json_string(use_diff=False))
+    return hit[1]
+
+
 def _meta_model(config) -> Any:
     from pcbench import models
 
-    key = config.to_json_string(use_diff=False)
+    key = _config_key(config)
     if key not in _META:
         _META[key] = models._meta_model(config)
     return _META[key]
@@ -126,7 +159,7 @@ def _levels(config, align: int) -> list[float]:
     """`plan.achievable` of a model of `config` (once per distinct config and align)."""
     from pcbench.compress.plan import achievable
 
-    key = (config.to_json_string(use_diff=False), align)
+    key = (_config_key(config), align)
     if key not in _LEVELS:
         _LEVELS[key] = achievable(_meta_model(config), align)
     return _LEVELS[key]
@@ -134,7 +167,30 @@ def _levels(config, align: int) -> list[float]:
 
 def base_config(model: ModelSpec, data_tokenizer: str, seq_len: int, runs: Optional[dict] = None):
     """The transformers config of the model a spec loads or builds, when knowable before any run
-    (None otherwise: a `run:` of a compressed run, a hub model not in the cache)."""
+    (None otherwise: a `run:` of a compressed run, a hub model not in the cache). Read or built once
+    per distinct model, tokenizer and length (a grid names the same base in many runs)."""
+    import dataclasses
+
+    if is_ref(model.path):
+        parent = (runs or {}).get(parse_ref(model.path))
+        if parent is None or not isinstance(parent.spec, RunSpec) or parent.spec.compress is not None:
+            return None
+        ps = parent.spec
+        return base_config(ps.model, ps.data.tokenizer, ps.data.seq_len, runs)
+    key = (json.dumps(dataclasses.asdict(model), sort_keys=True), data_tokenizer, seq_len, _dir_state(model.path))
+    if key not in _CONFIGS:
+        _CONFIGS[key] = _base_config(model, data_tokenizer, seq_len, runs)
+    return _CONFIGS[key]
+
+
+def _dir_state(path: Optional[str]) -> Any:
+    try:
+        return os.stat(Path(path) / "config.json").st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+def _base_config(model: ModelSpec, data_tokenizer: str, seq_len: int, runs: Optional[dict] = None):
     from transformers import AutoConfig
 
     from pcbench import models
@@ -170,8 +226,11 @@ def base_config(model: ModelSpec, data_tokenizer: str, seq_len: int, runs: Optio
 
 def check_compression(config, compression: float, align: int, field: str) -> None:
     """`compression` can be reached by the plan code on a model of `config`, within half a step."""
-    levels = _levels(config, align)
-    desc = f"d_model {config.hidden_size}"
+    _check_levels(_levels(config, align), config.hidden_size, compression, field)
+
+
+def _check_levels(levels: list[float], hidden_size: int, compression: float, field: str) -> None:
+    desc = f"d_model {hidden_size}"
     if not levels:
         raise SpecError(field, f"this base ({desc}) cannot be compressed at all")
     nearest = min([0.0, *levels], key=lambda v: abs(v - compression))
@@ -203,10 +262,47 @@ def check_run(run, runs: dict) -> None:
     if path and not is_ref(path):
         check_model_dir(path, f"{where}.model.path", tokenizer=spec.data.tokenizer == "model")
     if spec.compress is not None:
-        config = base_config(spec.model, spec.data.tokenizer, spec.data.seq_len, runs)
-        if config is not None:
-            check_compression(config, spec.compress.compression, spec.compress.align,
-                              f"{where}.compress.compression")
+        facts = _compression_facts(spec.model, spec.data.tokenizer, spec.data.seq_len, spec.compress.align, runs)
+        if facts is not None:
+            _check_levels(facts["levels"], facts["hidden_size"], spec.compress.compression,
+                          f"{where}.compress.compression")
+
+
+def _compression_facts(model: ModelSpec, data_tokenizer: str, seq_len: int, align: int,
+                       runs: Optional[dict]) -> Optional[dict]:
+    """{hidden_size, levels} of the base a spec compresses (None: unknown before the run). Kept on
+    disk (`util.memo`) for a from-scratch preset or a local checkpoint, by what shapes the model,
+    so a known base is checked without torch or transformers."""
+    import dataclasses
+
+    from pcbench.spec.presets import PRESETS, vocab_size_for
+    from pcbench.util.memo import remember
+
+    m, tok, length = model, data_tokenizer, seq_len
+    while is_ref(m.path):  # a `run:` of a train run: the model that run starts from
+        parent = (runs or {}).get(parse_ref(m.path))
+        if parent is None or not isinstance(parent.spec, RunSpec) or parent.spec.compress is not None:
+            return None
+        m, tok, length = parent.spec.model, parent.spec.data.tokenizer, parent.spec.data.seq_len
+
+    def compute() -> Optional[dict]:
+        config = base_config(model, data_tokenizer, seq_len, runs)
+        if config is None:
+            return None
+        return {"hidden_size": config.hidden_size, "levels": _levels(config, align)}
+
+    if m.path:
+        try:
+            text = (Path(m.path).expanduser() / "config.json").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return compute()
+        key = ["dir", text, align]
+    elif not PRESETS[m.name].weights and vocab_size_for(tok) is not None:
+        key = ["preset", dataclasses.asdict(m), vocab_size_for(tok), length, align]
+    else:
+        return compute()
+    facts = remember("compression-levels", key, compute)
+    return facts
 
 
 def check_grid(grid, store, only: Optional[str], override: dict, executor: str) -> list[SpecError]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -326,7 +327,17 @@ def load_yaml(path: str | Path) -> Any:
     if not p.exists():
         raise SpecError(str(p), "file not found")
     try:
-        return yaml.load(p.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        data = p.read_bytes()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SpecError(f"{p}:{line}", f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {col} "
+                        "(save the file as UTF-8)") from None
+    except OSError as e:
+        raise SpecError(str(p), f"cannot read: {e.strerror or e}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
@@ -394,6 +405,7 @@ def convert(tp: Any, value: Any, path: str) -> Any:
                 pass
         require(isinstance(value, (int, float)) and not isinstance(value, bool), path,
                 f"must be a number, got {value!r}")
+        require(math.isfinite(value), path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         require(isinstance(value, str), path, f"must be a string, got {value!r}")

@@ -36,28 +36,47 @@ def _sha256(path: Path) -> str:
 
 
 def save(root: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints."""
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints. A write
+    that fails (a full disk) leaves nothing behind; temp dirs of earlier writers (dead: one process
+    trains a run at a time) are removed first."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
+    sweep_partial(root)
     tmp = root / f".step_{step:08d}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    with open(tmp / "state.pt", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    write_json(tmp / "manifest.json", {"step": step, "files": {
-        "state.pt": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}})
-    if final.exists():  # same step written again (e.g. after a resume): replace
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        with open(tmp / "state.pt", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        write_json(tmp / "manifest.json", {"step": step, "files": {
+            "state.pt": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}})
+        if final.exists():  # same step written again (e.g. after a resume): replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:  # a full disk: name the checkpoint
+            raise OSError(e.errno, e.strerror or str(e), str(final)) from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def sweep_partial(root: Path) -> None:
+    """Remove the half-written checkpoints (`.step_*.tmp*`) under `root`: called by the one process
+    that trains the run, so they are a dead writer's (or this process's own failed write)."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".step_") and ".tmp" in p.name:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

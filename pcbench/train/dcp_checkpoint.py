@@ -42,24 +42,28 @@ def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: Dist
     tmp = root / f".step_{step:08d}.tmp"
     if env.main:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        checkpoint.sweep_partial(root)  # a dead writer's, or an earlier failed write's
         tmp.mkdir()
     barrier(env)
-    model_sd, optim_sd = get_state_dict(trainable, opt)
-    dcp.save({"trainable": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-    barrier(env)
-    if env.main:
-        with open(tmp / "extra.pt", "wb") as f:
-            torch.save(extra, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _manifest(tmp, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint.list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        model_sd, optim_sd = get_state_dict(trainable, opt)
+        dcp.save({"trainable": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        barrier(env)
+        if env.main:
+            with open(tmp / "extra.pt", "wb") as f:
+                torch.save(extra, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _manifest(tmp, step)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in checkpoint.list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if env.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier(env)
     return final
 

@@ -1,4 +1,5 @@
-"""Graceful stops: SIGINT (Ctrl-C) and SIGTERM become `Interrupted`, raised where it is safe.
+"""Graceful stops: SIGINT (Ctrl-C), SIGTERM and SIGHUP (a closed terminal) become `Interrupted`,
+raised where it is safe.
 
 Inside `graceful()` (main thread; the old handlers come back on exit) the first signal is recorded.
 Outside a `deferred()` block it also raises `Interrupted` at once (like KeyboardInterrupt, but the
@@ -14,11 +15,12 @@ import signal
 import threading
 from typing import Iterator, Optional
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(BaseException):
-    """Stopped by a signal; `exit_code` is the shell's 128+signum (130 for SIGINT, 143 for SIGTERM)."""
+    """Stopped by a signal; `exit_code` is the shell's 128+signum (130 for SIGINT, 143 for SIGTERM,
+    129 for SIGHUP)."""
 
     def __init__(self, signum: int, step: Optional[int] = None):
         self.signum, self.step = signum, step
@@ -56,7 +58,7 @@ def stop_if_requested(step: Optional[int] = None) -> None:
 
 @contextlib.contextmanager
 def graceful() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into `Interrupted` for the duration (no-op off the main thread)."""
+    """Turn SIGINT/SIGTERM/SIGHUP into `Interrupted` for the duration (no-op off the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

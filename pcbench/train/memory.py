@@ -29,6 +29,7 @@ measured peaks. Sizes are bytes; "GB" in tables and messages means GiB (2^30 byt
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -40,7 +41,7 @@ from typing import Callable, Optional
 from pcbench.spec import methods
 from pcbench.spec.config import RunSpec, SpecError
 from pcbench.grid import merged_resources
-from pcbench.spec.presets import FAMILIES
+from pcbench.spec.presets import FAMILIES, PRESETS, vocab_size_for
 from pcbench.store import is_ref, parse_ref
 
 GiB = 2 ** 30
@@ -79,23 +80,35 @@ def _hub_config(repo: str) -> Optional[dict]:
 
 
 def _preset_config(spec: RunSpec) -> dict:
-    """A from-scratch (or shape-only hub preset) config as a dict."""
-    from pcbench import models
+    """A from-scratch (or shape-only hub preset) config as a dict (built once per model, vocabulary
+    and length: `util.memo`, so a known one needs no transformers)."""
+    from pcbench.util.memo import remember
 
-    preset = models.PRESETS[spec.model.name]
-    vocab = preset.vocab or models.vocab_size_for(spec.data.tokenizer)
+    preset = PRESETS[spec.model.name]
+    vocab = preset.vocab or vocab_size_for(spec.data.tokenizer)
     if vocab is None:
         raise PlanUnavailable(f"vocabulary of tokenizer {spec.data.tokenizer!r} unknown before it is loaded")
-    cfg = models.build_config(spec.model, vocab, spec.data.seq_len).to_dict()
-    cfg["tie_word_embeddings"] = preset.tied
-    return cfg
+
+    def build() -> dict:
+        from pcbench import models
+
+        cfg = models.build_config(spec.model, vocab, spec.data.seq_len).to_dict()
+        cfg["tie_word_embeddings"] = preset.tied
+        return cfg
+
+    fast = (tuple(getattr(spec.model, f.name) for f in dataclasses.fields(spec.model)), vocab, spec.data.seq_len)
+    if fast not in _PRESET_CONFIGS:  # a grid asks for the same few models thousands of times
+        key = [dataclasses.asdict(spec.model), vocab, spec.data.seq_len, preset.tied]
+        _PRESET_CONFIGS[fast] = remember("preset-config", key, build)
+    return dict(_PRESET_CONFIGS[fast])  # callers set top-level widths on their copy; nested values are read only
+
+
+_PRESET_CONFIGS: dict[tuple, dict] = {}
 
 
 def model_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
     """The config (as a dict) of the network a run starts from: the base it compresses, the
     checkpoint it fine-tunes, or the model it pretrains."""
-    from pcbench import models
-
     path = spec.model.path
     if is_ref(path):
         if resolve is None:
@@ -109,11 +122,13 @@ def model_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
         if hit is None:
             raise PlanUnavailable(f"no config.json at {path} (neither a directory nor in the HF cache)")
         return hit
-    preset = models.PRESETS[spec.model.name]
+    preset = PRESETS[spec.model.name]
     if preset.weights and preset.weights.startswith("hub:"):
         return _hub_config(preset.weights[4:]) or _preset_config(spec)
     if preset.weights:  # e.g. the packaged SmolLM2: its checkpoint once dequantised, else the shape
         try:
+            from pcbench import models
+
             return _read_config(Path(models.pretrained_path(spec.model)))
         except Exception:  # noqa: BLE001
             return _preset_config(spec)
@@ -148,19 +163,30 @@ def _meta_model(key: str):
 
 @functools.lru_cache(maxsize=32)
 def _tensors(key: str) -> tuple[tuple[str, tuple[int, ...], tuple], ...]:
-    """(name, shape, axis keys per dim) of every (deduplicated) parameter."""
-    from pcbench.compress.axes import tensor_axes
+    """(name, shape, axis keys per dim) of every (deduplicated) parameter (`util.memo`: a known
+    config needs no torch)."""
+    from pcbench.util.memo import remember
 
-    model = _meta_model(key)
-    axes = tensor_axes(model)
-    return tuple((n, tuple(p.shape), axes[n].dims) for n, p in model.named_parameters())
+    def compute() -> list:
+        from pcbench.compress.axes import tensor_axes
+
+        model = _meta_model(key)
+        axes = tensor_axes(model)
+        return [(n, tuple(p.shape), axes[n].dims) for n, p in model.named_parameters()]
+
+    return tuple((n, tuple(shape), tuple(dims)) for n, shape, dims in remember("tensors", key, compute))
 
 
 @functools.lru_cache(maxsize=64)
 def _widths(key: str, compression: float, align: int) -> tuple[tuple[str, int], ...]:
-    from pcbench.compress.plan import target_widths
+    from pcbench.util.memo import remember
 
-    return tuple(sorted(target_widths(_meta_model(key), compression, align).items()))
+    def compute() -> list:
+        from pcbench.compress.plan import target_widths
+
+        return sorted(target_widths(_meta_model(key), compression, align).items())
+
+    return tuple((k, int(v)) for k, v in remember("widths", [key, compression, align], compute))
 
 
 def widths(cfg: dict, compression: float, align: int = 1) -> dict[str, int]:
@@ -184,6 +210,13 @@ def _sharded(shape: tuple[int, ...], world: int) -> int:
     if world <= 1 or not shape:
         return _numel(shape)
     return -(-shape[0] // world) * _numel(shape[1:])
+
+
+@functools.lru_cache(maxsize=256)
+def _small_shapes(key: str, w: tuple[tuple[str, int], ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape at widths `w`) of every parameter of the config `key`."""
+    wd = dict(w)
+    return tuple((n, _small_shape(s, d, wd)) for n, s, d in _tensors(key))
 
 
 def _small_shape(shape, dims, w: dict[str, int]) -> tuple[int, ...]:
@@ -363,7 +396,7 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     key = _key(cfg)
     tensors = _tensors(key)
     w = widths(cfg, c.compression, c.align) if c is not None else None
-    small = [(n, _small_shape(s, d, w) if w else s) for n, s, d in tensors]
+    small = list(_small_shapes(key, tuple(sorted(w.items()))) if w else [(n, s) for n, s, _ in tensors])
     net_cfg = dict(cfg)
     if w:
         from pcbench.compress.axes import CONFIG_WIDTH

@@ -13,7 +13,9 @@ import fcntl
 import io
 import json
 import os
+import re
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -31,21 +33,39 @@ def temp_file(path: Path) -> tuple[int, str]:
             continue
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError that names no file (a full disk: `os.write` says only "No space left on device")
+    raised inside is raised again naming `path`, the output being written."""
+    try:
+        yield
+    except shutil.Error as e:  # copytree's list of (src, dst, why): the first, as the output's error
+        first = e.args[0][0] if e.args and isinstance(e.args[0], list) and e.args[0] else None
+        why = str(first[2]) if isinstance(first, tuple) and len(first) == 3 else str(e)
+        m = re.match(r"\[Errno (\d+)\] ([^:]*)", why)
+        raise OSError(int(m.group(1)) if m else errno.EIO, m.group(2) if m else why, str(path)) from e
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file in the same directory, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def write_png(path: str | os.PathLike, fig: Any, **savefig: Any) -> Path:
@@ -190,3 +210,112 @@ def lock_holder(path: str | os.PathLike) -> Optional[dict]:
         return None
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole directories: built in a temp dir beside the target (named by the writer's host and pid, so
+# a later writer can tell a dead writer's leftovers from a live one's), then put in place by rename.
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_dir(target: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A new directory beside `target`, `.<name>.<host>.<pid>.<hex>.<tag>`, mode 0755 & ~umask."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = target.parent / f".{target.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.{tag}"
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _leftover(name: str, target_name: str) -> Optional[tuple[str, int]]:
+    """(host, pid) of a `temp_dir` of `target_name` called `name`, None for any other name."""
+    m = re.fullmatch(rf"\.{re.escape(target_name)}\.([A-Za-z0-9-]+)\.(\d+)\.[0-9a-f]{{12}}\.(?:tmp|old)", name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def sweep_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove the temp dirs of `target` (see `temp_dir`) left by dead writers on this host (a
+    writer on another host, or one alive here, is left alone); returns those removed."""
+    target = Path(target)
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        who = _leftover(e.name, target.name)
+        if who is None or who[0] != _HOST or who[1] == os.getpid() or _pid_alive(who[1]):
+            continue
+        p = Path(e.path)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            _renameat2 = libc.renameat2
+            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    import ctypes
+
+    at_fdcwd, exchange = -100, 2
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+_renameat2: Any = None
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished directory `tmp` (a `temp_dir` of `target`) at `target`: one rename when
+    `target` is missing, else one exchange (readers see the old directory or the new one, never a
+    mix), after which the old one is removed. Only for directories that pcbench owns whole."""
+    tmp, target = Path(tmp), Path(target)
+    try:
+        os.rename(tmp, target)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not target.is_dir():
+            raise
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        return
+    old = temp_dir(target, "old")
+    old.rmdir()
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -176,12 +175,18 @@ def ensure_dir(path: str | os.PathLike, kind: str, what: str) -> Path:
 
 @contextlib.contextmanager
 def staging(target: str | os.PathLike) -> Iterator[Path]:
-    """A fresh temp directory next to `target`, removed on the way out (whatever happens)."""
+    """A fresh temp directory next to `target` (named by this process's host and pid), removed on the
+    way out (whatever happens). The temp dirs of `target` that dead writers left are removed first;
+    an OSError inside that names no file (a full disk) is raised again naming `target`."""
+    from pcbench.util.atomic import naming, sweep_temps, temp_dir
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    sweep_temps(target)
+    tmp = temp_dir(target)
     try:
-        yield tmp
+        with naming(target):  # a full disk while writing names the output
+            yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -198,11 +203,15 @@ def _fix_modes(d: Path) -> None:
 
 
 def install(staged: Path, target: str | os.PathLike, kind: str, what: str) -> Path:
-    """Put the finished output `staged` (a `staging` dir) at `target`, marked as `kind`.
+    """Put the finished output `staged` (a `staging` dir) at `target`, marked as `kind`, whole or
+    not at all: a reader (or a process killed meanwhile) sees the old output or the new one.
 
-    A missing or empty target is replaced by one rename. An output of the same kind has its own
-    files replaced, one atomic rename each (the marker last); its other files are left alone and
-    pcbench's files that the new output lacks are removed."""
+    A missing or empty target is replaced by one rename. An output of the same kind is swapped
+    with `staged` in one step (`atomic.replace_dir`), after the files in it that are not pcbench's
+    own were carried over into `staged` as hard links (so they are never moved, and a writer killed
+    before the swap leaves them where they were); pcbench's files that the new output lacks are
+    gone with the old directory. (A target that is a symbolic link has its files replaced one
+    rename each, the marker last.)"""
     target = Path(target)
     files = _files(staged)
     write_marker(staged, kind, files)
@@ -213,6 +222,53 @@ def install(staged: Path, target: str | os.PathLike, kind: str, what: str) -> Pa
             target.rmdir()  # empty
         os.replace(staged, target)
         return target
+    if target.is_symlink():
+        return _install_files(staged, target, files, what)
+    from pcbench.util.atomic import replace_dir
+
+    _carry_over(target, staged, own_files(target) | set(files) | {MARKER}, what)
+    shutil.copymode(target, staged)
+    replace_dir(staged, target)
+    return target
+
+
+def _carry_over(target: Path, staged: Path, skip: set[str], what: str) -> None:
+    """Link every file and directory of `target` whose relative path is not in `skip` into `staged`
+    (a hard link; a copy where the file system refuses links; a symbolic link as itself)."""
+    for dirpath, dirnames, filenames in os.walk(target):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(target)
+        for name in sorted(dirnames):
+            src, rel = here / name, rel_dir / name
+            dest = staged / rel
+            if str(rel) in skip:
+                raise OutputError(what, f"{target / rel} is a directory where pcbench writes a file")
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dest)
+                dirnames.remove(name)
+                continue
+            if dest.exists() and not dest.is_dir():
+                raise OutputError(what, f"{src} is a directory where pcbench writes a file")
+            dest.mkdir(exist_ok=True)
+            shutil.copystat(src, dest)
+        for name in filenames:
+            rel = str(rel_dir / name) if str(rel_dir) != "." else name
+            if rel in skip:
+                continue
+            src, dest = here / name, staged / rel
+            if dest.is_dir():
+                raise OutputError(what, f"{src} is a file where pcbench writes a directory")
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dest)
+                continue
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copy2(src, dest)
+
+
+def _install_files(staged: Path, target: Path, files: list[str], what: str) -> Path:
+    """Replace pcbench's own files in `target` one rename each (the marker last)."""
     old = own_files(target)
     for rel in files:
         dest = target / rel

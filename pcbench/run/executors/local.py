@@ -74,7 +74,7 @@ def _prefetching(todo: list[Run]):
         if items:
             proc = subprocess.Popen([sys.executable, "-m", "pcbench.run.prefetch", json.dumps(items)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    preexec_fn=functools.partial(_ignore_signals, signal.SIGINT))
+                                    preexec_fn=functools.partial(_ignore_signals, signal.SIGINT, signal.SIGHUP))
     try:
         yield
     finally:
@@ -204,10 +204,16 @@ def _local_one(run: Run, where: str, store: Store, progress: Optional[bool], bad
         return result
 
 
+LOST = -1000  # `_Job.poll`: the job ended, but its exit status was lost (its fork server died)
+
+
 def _result_of(run: Run, rc: int, store: Store) -> Optional[tuple[str, int]]:
-    """What a job's exit code `rc` means for `run` (None: another process held its lock)."""
+    """What a job's exit code `rc` means for `run` (None: another process held its lock). Without
+    an exit code (`LOST`) the run's records say what became of it."""
     from pcbench.run.jobs import EXIT_ALREADY, EXIT_BUSY, EXIT_OK  # lazily: submitit, once a run starts
 
+    if rc == LOST:
+        return _result_from_records(run, store)
     if rc == EXIT_OK:
         return "submitted", rc
     if rc == EXIT_ALREADY:
@@ -216,7 +222,7 @@ def _result_of(run: Run, rc: int, store: Store) -> Optional[tuple[str, int]]:
         return None
     if rc > 128 and store.state(run.id) == "completed":  # recorded before the signal could stop it
         return "submitted", rc
-    if interrupts.requested() or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    if interrupts.requested() or rc in [128 + s for s in interrupts.SIGNALS]:
         return "interrupted", rc if rc > 128 else 128 + (interrupts.requested() or signal.SIGTERM)
     if rc < 0:  # the job was killed (SIGKILL, OOM killer, a segfault): nothing recorded it
         _record_unrecorded(run.id, store, "interrupted", f"killed by {signal.Signals(-rc).name}")
@@ -224,6 +230,23 @@ def _result_of(run: Run, rc: int, store: Store) -> Optional[tuple[str, int]]:
         return "interrupted", rc
     _record_unrecorded(run.id, store, "failed", f"its job exited with code {rc} without recording the run")
     return "failed", rc
+
+
+def _result_from_records(run: Run, store: Store) -> tuple[str, int]:
+    """The result of a job whose exit status is lost, from what it recorded: completed, failed or
+    interrupted as recorded; a run left `running` by a job that is gone is recorded interrupted
+    (a rerun resumes it)."""
+    state = store.state(run.id)
+    if state == "completed":
+        say(f"{run.id}: completed (its fork server ended before it; judged by its records)")
+        return "submitted", 0
+    if state == "failed":
+        return "failed", 1
+    if state != "interrupted":
+        _record_unrecorded(run.id, store, "interrupted", "its job ended while its fork server was gone, "
+                           "without recording the run")
+        say(f"{run.id}: its job ended without recording the run (its fork server was gone); a rerun resumes it")
+    return "interrupted", 1
 
 
 def _record_unrecorded(run_id: str, store: Store, state: str, error: str) -> None:
@@ -352,8 +375,7 @@ class _ForkServer:
         if pid in self.exits:
             return self.exits.pop(pid)
         if self.broken and not pid_alive(pid):  # the server died: the child's status is lost with it
-            say(f"job process {pid} ended while its fork server was gone; recorded as failed")
-            return 1
+            return LOST
         return None
 
     def _launch(self) -> None:

@@ -1,0 +1,64 @@
+"""Facts about model shapes kept on disk, so that planning a grid (`run --dry-run`, the checks before
+a run) needs neither torch nor transformers once they are known.
+
+`remember(kind, key, compute)` returns `compute()`'s JSON value, kept under
+`<cache>/facts/<kind>-<sha256>.json`. The key holds the versions of pcbench, torch and transformers
+(read from the installed metadata, without importing them): another version computes afresh. An
+unreadable entry is computed again and rewritten; a cache that cannot be written is only skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any, Callable
+
+_MEMORY: dict[str, Any] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict:
+    from importlib import metadata
+
+    from pcbench import __version__
+
+    out = {"pcbench": __version__}
+    for dist in ("torch", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def remember(kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """`compute()` once per `key` (JSON-able) and installed versions, kept on disk (JSON values)."""
+    from pcbench.util.atomic import write_json
+    from pcbench.util.paths import cache_dir
+
+    blob = json.dumps({"kind": kind, "key": key, "versions": _versions()}, sort_keys=True, default=str)
+    name = f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
+    if name in _MEMORY:
+        return _MEMORY[name]
+    try:
+        path = cache_dir() / "facts" / f"{name}.json"
+    except Exception:  # noqa: BLE001 - an unusable cache: compute without keeping
+        path = None
+    if path is not None:
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(rec, dict) and rec.get("key") == blob:
+                _MEMORY[name] = rec["value"]
+                return rec["value"]
+        except (OSError, ValueError, KeyError):
+            pass
+    value = compute()
+    value = json.loads(json.dumps(value, default=str))  # as it reads back: lists, not tuples
+    if path is not None:
+        try:
+            write_json(path, {"key": blob, "value": value})
+        except OSError:
+            pass
+    _MEMORY[name] = value
+    return value
