@@ -120,8 +120,43 @@ def cmd_status(args) -> int:
     from pcbench.run.views import status_table
 
     grid, store = _grid_and_store(args)
-    print(status_table(grid, store, args.only))
-    return 0
+    if not args.watch:
+        print(status_table(grid, store, args.only))
+        return 0
+    return _watch(grid, store, args.only, args.interval)
+
+
+SETTLED = ("completed", "failed")  # states a run keeps without another `pcbench run`
+IDLE_REFRESHES = 3  # `status --watch`: refreshes in a row with no run in flight before it stops
+
+
+def _watch(grid, store, only: Optional[str], interval: float) -> int:
+    """`pcbench status --watch`: the table again every `interval` s (the screen cleared on a terminal)
+    until every run is completed or failed, or no run has been in flight for `IDLE_REFRESHES`
+    refreshes (pending runs that nothing launches); Ctrl-C stops it (exit 0)."""
+    import time
+
+    from pcbench.run.views import status_view
+
+    tty, idle = sys.stdout.isatty(), 0
+    try:
+        while True:
+            text, counts = status_view(grid, store, only)
+            if tty:
+                print("\033[H\033[2J", end="")
+            print(f"{grid.name}, {time.strftime('%H:%M:%S')} (every {interval:g} s; Ctrl-C stops)\n{text}", flush=True)
+            idle = 0 if counts.get("running") or counts.get("submitted") else idle + 1
+            if all(s in SETTLED for s in counts):
+                print(f"grid {grid.name} done", flush=True)
+                return 0
+            if idle >= IDLE_REFRESHES:
+                print(f"no run of grid {grid.name} in flight: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))} "
+                      "(pcbench run GRID starts or resumes the rest)", flush=True)
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        print(flush=True)
+        return 0
 
 
 def cmd_report(args) -> int:
@@ -407,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("status", help="table of a grid's runs and their states")
     grid_args(sp)
+    sp.add_argument("--watch", action="store_true",
+                    help="refresh the table until the grid is done (every run completed or failed, or none in flight)")
+    sp.add_argument("--interval", type=_number(float, 0, strict=True), default=10.0,
+                    help="seconds between refreshes with --watch (default: 10)")
     sp.set_defaults(fn=cmd_status)
 
     sp = sub.add_parser("report", help="tables, figures and REPORT.md from a grid's records")
