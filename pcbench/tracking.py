@@ -80,8 +80,8 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def scalars(rec: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of a record (bools and everything else left out), keys prefixed."""
-    return {f"{prefix}{k}": float(v) for k, v in rec.items()
+    """The numbers of a record (bools and everything else left out), keys prefixed (once)."""
+    return {k if k.startswith(prefix) else f"{prefix}{k}": float(v) for k, v in rec.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
