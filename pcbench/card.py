@@ -152,8 +152,7 @@ def add_scores(model_dir: str | Path, scores: dict) -> Optional[Path]:
             continue
         mine[task] = {"metric": p, "value": metrics[p], "stderr": metrics.get(f"{p}_stderr")}
         results.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
-                                  metric_type=p, metric_value=metrics[p], task_name=task,
-                                  source_name="pcbench eval"))
+                                  metric_type=p, metric_value=metrics[p], task_name=task))
         rows.append(f"| {task} | {p} | {metrics[p]:.4f} |")
     card.data.model_name = name
     card.data.eval_results = results or None

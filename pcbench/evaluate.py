@@ -161,7 +161,7 @@ def lm_eval_scores(spec: EvalSpec) -> dict:
         torch.set_num_threads(spec.threads)
     suite = build_tasks()
     include = [str(suite)] + ([spec.include_path] if spec.include_path else [])
-    with _quiet_lm_eval(), _lean_lm_eval(), quiet.lm_eval_bars_off():
+    with _quiet_lm_eval(), _lean_lm_eval(), quiet.lm_eval_quiet():
         tm, hub = _task_manager(list(spec.tasks), include)
         why = hub_unavailable() if hub else None
         offline = not hub or why is not None

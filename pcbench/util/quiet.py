@@ -6,7 +6,7 @@ the local or SLURM executor): it sets the libraries' own switches in the environ
 processes it starts inherit them, and tells the libraries already imported. transformers
 (`Loading weights`, `Writing model shards`), huggingface_hub (downloads) and datasets (`Map`) are
 off everywhere; off a terminal tqdm's default is off too (`TQDM_DISABLE`: lm-eval's and any other
-library's bars) and `lm_eval_bars_off()` silences the bars lm-eval asks for explicitly. A variable
+library's bars) and `lm_eval_quiet()` silences the bars lm-eval asks for explicitly. A variable
 the user set is kept as it is. pcbench's own bar passes `disable=` itself and is unaffected.
 """
 
@@ -43,26 +43,23 @@ def third_party_bars(tty: Optional[bool] = None) -> None:
 
 
 @contextlib.contextmanager
-def lm_eval_bars_off() -> Iterator[None]:
-    """Off a terminal (or with TQDM_DISABLE set): lm-eval's model bars, which pass `disable=`
-    themselves, are off while scoring."""
-    if os.environ.get("TQDM_DISABLE", "") in ("", "0") and on_terminal():
-        yield
-        return
-    from unittest import mock
-
-    import tqdm
-
-    def quiet(*args, **kwargs):
-        return tqdm.tqdm(*args, **{**kwargs, "disable": True})
-
-    patches = []
-    for name in ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.metrics", "lm_eval.api.task",
-                 "lm_eval.evaluator"):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "tqdm", None) is tqdm.tqdm:
-            patches.append(mock.patch.object(module, "tqdm", quiet))
+def lm_eval_quiet() -> Iterator[None]:
+    """While lm-eval scores: what it prints goes to stderr (`bootstrapping for stddev: ...`), so that
+    stdout holds pcbench's own output (`pcbench eval`: one JSON document); off a terminal (or with
+    TQDM_DISABLE set) its model bars, which pass `disable=` themselves, are off too."""
     with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
+        stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        if os.environ.get("TQDM_DISABLE", "") not in ("", "0") or not on_terminal():
+            from unittest import mock
+
+            import tqdm
+
+            def quiet(*args, **kwargs):
+                return tqdm.tqdm(*args, **{**kwargs, "disable": True})
+
+            for name in ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.metrics",
+                         "lm_eval.api.task", "lm_eval.evaluator"):
+                module = sys.modules.get(name)
+                if module is not None and getattr(module, "tqdm", None) is tqdm.tqdm:
+                    stack.enter_context(mock.patch.object(module, "tqdm", quiet))
         yield
