@@ -131,6 +131,16 @@ def write(directory: Path, spec: dict, record: dict, name: Optional[str] = None)
     return path
 
 
+def keep_users_card(staged: Path, target: Path) -> None:
+    """A README.md the user put into an earlier pcbench model at `target` (not one of pcbench's own
+    files there) is theirs: drop pcbench's card from the `staged` output instead of replacing it."""
+    from pcbench.util import outputs
+
+    target = Path(target)
+    if (target / NAME).exists() and outputs.kind_of(target) == "model" and NAME not in outputs.own_files(target):
+        (Path(staged) / NAME).unlink(missing_ok=True)
+
+
 def add_scores(model_dir: str | Path, scores: dict) -> Optional[Path]:
     """Add the downstream `scores` (`evaluate.lm_eval_scores`) to the card of the pcbench model at
     `model_dir`: HF's `eval_results` (model-index), `pcbench.scores` and a table replacing any

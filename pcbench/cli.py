@@ -322,6 +322,9 @@ def cmd_export(args) -> int:
         raise SpecError("run", f"the export of {args.run} is gone from {src} (run the grid again to rebuild it)")
     with outputs.staging(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(outputs.MARKER))
+        from pcbench import card
+
+        card.keep_users_card(tmp, out)
         outputs.install(tmp, out, "model", "OUT")
     print(args.out)
     return 0

@@ -106,6 +106,23 @@ def test_scores_are_added_to_a_pcbench_models_card(tmp_path):
     assert card.add_scores(other, scores) is None and (other / card.NAME).read_text() == "# mine\n"
 
 
+def test_a_users_readme_in_a_pcbench_model_is_kept(tmp_path):
+    """A README.md the user wrote into a pcbench model is theirs: a new export keeps it (no card)."""
+    staged, target = tmp_path / "staged", tmp_path / "model"
+    for d in (staged, target):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    outputs.write_marker(target, "model", ["config.json"])
+    (staged / card.NAME).write_text("card")
+    (target / card.NAME).write_text("my notes")
+    card.keep_users_card(staged, target)
+    assert not (staged / card.NAME).exists()
+    outputs.write_marker(target, "model", ["config.json", card.NAME])  # pcbench's own card: replaced
+    (staged / card.NAME).write_text("card")
+    card.keep_users_card(staged, target)
+    assert (staged / card.NAME).read_text() == "card"
+
+
 def test_base_model_is_named_where_it_is_a_hub_id(tmp_path):
     assert card.base_model({"model": {"name": "smollm2-135m"}}) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.base_model({"model": {"name": "llama3.2-1b"}}) == "meta-llama/Llama-3.2-1B"

@@ -83,6 +83,7 @@ def tensorboard_scalars(d: Path) -> dict[str, list]:
 def test_tensorboard_resumed_run_sends_each_step_once(tmp_path):
     """Interrupted at step 10, its last checkpoint lost (resumes from 8 and recomputes 10): the event
     files hold every logged step once, the spec as config and the final record as summary."""
+    pytest.importorskip("tensorboard")
     spec = tiny_spec(track=["tensorboard"])
     paths = RunPaths(tmp_path / "record", tmp_path / "work")
     final = interrupted_then_resumed(paths, spec, stop=10)
@@ -216,6 +217,8 @@ def test_every_tracker_on_a_grid_with_a_resumed_run(tmp_path, monkeypatch):
     """A tiny grid (base -> hpr, pc) streaming to all three trackers from its defaults, its base
     interrupted at step 10 and resumed from step 8: each tracker, read with its own client, holds
     every logged step of every run once, the run's resolved spec as config and its final record."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from pcbench.grid import load_grid

@@ -493,5 +493,6 @@ def export_model(model, tokenizer, out: Path, what: str = "export", card: Option
             from pcbench import card as model_card
 
             model_card.write(tmp, *card)
+            model_card.keep_users_card(tmp, out)
         outputs.install(tmp, out, "model", what)
 
