@@ -17,10 +17,11 @@ A resumed run continues the same tracker run: `<run work dir>/tracking.json` hol
 run id and the last step it was sent per stream, and a step at or below it is never sent again
 (the loop resumes bit-exactly, so a step recomputed after a crash has the values already sent).
 
-A tracker never fails or slows a run: every call into a tracker library runs on one background
-thread (`Session`); a tracker that fails to start or to send prints one warning line and is
-dropped for the rest of the run; at the end the loop waits at most $PCBENCH_TRACK_TIMEOUT seconds
-(default 120) for what is queued.
+A tracker never fails or slows a run: every call into a tracker library runs in the trackers' own
+process (`Session`: `python -m pcbench.tracking`, fed JSON lines by a thread of the training
+process, so the loop only appends to a queue); a tracker that fails to start or to send prints one
+warning line and is dropped for the rest of the run; at the end the loop waits at most
+$PCBENCH_TRACK_TIMEOUT seconds (default 120) for the trackers to finish.
 
 May import: `util` (no torch; the tracker libraries are imported on the background thread only).
 Imported by `spec` (the names), `train` (the loop), `run` (jobs), `cli`.
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -249,49 +251,67 @@ _open: "weakref.WeakSet[Session]" = weakref.WeakSet()
 
 
 class Session:
-    """The trackers of one run, fed by the loop (`log`, `finish`) and served by one background thread.
+    """The trackers of one run, fed by the loop (`log`, `finish`) and served by their own process
+    (`python -m pcbench.tracking`, so that neither their imports nor their sends take the training
+    process's interpreter lock), which reads one JSON message a line from its stdin; a thread of
+    this process writes them, so the loop only ever appends to a queue.
 
     Used as a context around the loop: leaving it by an exception closes the trackers (status
     `interrupted` for an `Interrupted`, else `failed`); `finish(record)` sends the summary and closes."""
 
     def __init__(self, names: list[str], info: Optional[RunInfo] = None, config: Optional[dict] = None):
         self.names = list(names)
-        self.info, self.config = info, config or {}
-        self.done = False
-        self.thread: Optional[threading.Thread] = None
+        self.done = True
         if not self.names:
             return
         for other in list(_open):  # a session an earlier run in this process left open
             other.close("failed")
+        root = str(Path(__file__).resolve().parents[1])  # this pcbench, whatever the child's sys.path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pcbench.tracking"], stdin=subprocess.PIPE,
+                                         stdout=2, env=env)  # its prints go to stderr: stdout stays ours
+        except OSError as e:
+            warn(", ".join(self.names), "could not start", e)
+            return
+        self.done = False
         self.queue: "queue.Queue" = queue.Queue()
-        self.thread = threading.Thread(target=self._serve, name="pcbench-trackers", daemon=True)
-        self.thread.start()
+        self.queue.put({"op": "start", "names": self.names, "config": config or {},
+                        "info": {"name": info.name, "stage": info.stage, "work": str(info.work),
+                                 "group": info.group, "store": str(info.store) if info.store else None}})
+        self.writer = threading.Thread(target=self._write, name="pcbench-trackers", daemon=True)
+        self.writer.start()
         _open.add(self)
 
     # the loop's side: never blocks, never raises
 
     def log(self, stream: str, rec: dict) -> None:
         """A metric line of `stream` (`metrics`, `recovery`) as the loop writes it (with `step`)."""
-        if self.thread is not None and not self.done:
-            self.queue.put(("log", stream, dict(rec)))
+        if not self.done:
+            self.queue.put({"op": "log", "stream": stream, "rec": rec})
 
     def finish(self, record: dict) -> None:
-        """Send the final record and close (waits for the queue, at most $PCBENCH_TRACK_TIMEOUT s)."""
-        if self.thread is not None and not self.done:
-            self.queue.put(("summary", dict(record)))
+        """Send the final record and close (waits for the trackers, at most $PCBENCH_TRACK_TIMEOUT s)."""
+        if not self.done:
+            self.queue.put({"op": "summary", "record": record})
         self.close("finished")
 
     def close(self, status: str = "finished") -> None:
-        if self.thread is None or self.done:
+        if self.done:
             return
         self.done = True
-        self.queue.put(("close", status))
-        timeout = float(os.environ.get("PCBENCH_TRACK_TIMEOUT", "120"))
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            print(f"[pcbench] warning: trackers {', '.join(self.names)} still busy after {timeout:.0f} s; "
-                  "the run goes on without them", file=sys.stderr, flush=True)
         _open.discard(self)
+        self.queue.put({"op": "close", "status": status})
+        self.queue.put(None)
+        timeout = float(os.environ.get("PCBENCH_TRACK_TIMEOUT", "120"))
+        deadline = time.monotonic() + timeout
+        self.writer.join(timeout)
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            print(f"[pcbench] warning: trackers {', '.join(self.names)} still busy after {timeout:.0f} s "
+                  "($PCBENCH_TRACK_TIMEOUT); stopped, the run goes on without them", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "Session":
         return self
@@ -300,61 +320,99 @@ class Session:
         if exc is not None:
             self.close("interrupted" if type(exc).__name__ == "Interrupted" else "failed")
 
-    # the background thread
-
-    def _serve(self) -> None:
-        state_path = self.info.work / STATE
+    def _write(self) -> None:
+        pipe = self.proc.stdin
         try:
-            state = json.loads(state_path.read_text())
+            while True:
+                msg = self.queue.get()
+                if msg is None:
+                    break
+                pipe.write((json.dumps(msg, default=str) + "\n").encode())
+                pipe.flush()
         except (OSError, ValueError):
-            state = {}
-        live: dict[str, Tracker] = {}
-        for name in self.names:
-            tracker, mine = TRACKERS[name](), state.setdefault(name, {})
+            pass  # the trackers' process is gone: it said why on stderr
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                pipe.close()
+
+
+def serve(lines) -> None:
+    """The trackers' process: the `start` message, then `log` / `summary` / `close` messages; end of
+    input without `close` (the training process died) closes them as `failed`."""
+    it = iter(lines)
+    first = json.loads(next(it, "null") or "null")
+    if not first or first.get("op") != "start":
+        return
+    i = first["info"]
+    info = RunInfo(i["name"], i["stage"], Path(i["work"]), group=i.get("group"),
+                   store=Path(i["store"]) if i.get("store") else None)
+    state_path = info.work / STATE
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        state = {}
+    live: dict[str, Tracker] = {}
+    for name in first["names"]:
+        tracker, mine = TRACKERS[name](), state.setdefault(name, {})
+        try:
+            tracker.start(info, first["config"], mine)
+            live[name] = tracker
+        except Exception as e:  # noqa: BLE001 - one line, and the run goes on
+            warn(name, "could not start", e)
+    _save(state_path, state)
+    closed = False
+    for line in it:
+        msg = json.loads(line)
+        op = msg["op"]
+        for name, tracker in list(live.items()):
+            mine = state[name]
             try:
-                tracker.start(self.info, self.config, mine)
-                live[name] = tracker
-            except Exception as e:  # noqa: BLE001 - one line, and the run goes on
-                warn(name, "could not start", e)
-        self._save(state_path, state)
-        while True:
-            msg = self.queue.get()
-            for name, tracker in list(live.items()):
-                mine = state[name]
-                try:
-                    if msg[0] == "log":
-                        _, stream, rec = msg
-                        sent = mine.setdefault("steps", {})
-                        step = int(rec.get("step", 0))
-                        if step <= sent.get(stream, -1):
-                            continue  # sent before this run was resumed
-                        tracker.log(step, scalars(rec, "" if stream == "metrics" else f"{stream}/"))
-                        sent[stream] = step
-                    elif msg[0] == "summary":
-                        tracker.summary(msg[1])
-                    else:
-                        tracker.close(msg[1])
-                except Exception as e:  # noqa: BLE001
-                    warn(name, "could not send" if msg[0] != "close" else "could not close", e)
-                    del live[name]
+                if op == "log":
+                    sent = mine.setdefault("steps", {})
+                    step, stream = int(msg["rec"].get("step", 0)), msg["stream"]
+                    if step <= sent.get(stream, -1):
+                        continue  # sent before this run was resumed
+                    tracker.log(step, scalars(msg["rec"], "" if stream == "metrics" else f"{stream}/"))
+                    sent[stream] = step
+                elif op == "summary":
+                    tracker.summary(msg["record"])
+                elif op == "close":
+                    tracker.close(msg["status"])
+            except Exception as e:  # noqa: BLE001
+                warn(name, "could not close" if op == "close" else "could not send", e)
+                del live[name]
+                if op != "close":
                     with contextlib.suppress(Exception):
                         tracker.close("failed")
-            if msg[0] == "log":
-                self._save(state_path, state)
-            if msg[0] == "close":
-                self._save(state_path, state)
-                return
+        _save(state_path, state)
+        if op == "close":
+            closed = True
+            break
+    if not closed:
+        for tracker in live.values():
+            with contextlib.suppress(Exception):
+                tracker.close("failed")
+        _save(state_path, state)
 
-    @staticmethod
-    def _save(path: Path, state: dict) -> None:
-        from pcbench.util.atomic import write_json
 
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, state)
+def _save(path: Path, state: dict) -> None:
+    """The tracking state, replaced whole (a rename; no fsync: it is rewritten after every message)."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, path)
 
 
 @atexit.register
 def _close_all() -> None:
     for s in list(_open):
         s.close("failed")
+
+
+if __name__ == "__main__":
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the training process decides; it closes our input
+        signal.signal(sig, signal.SIG_IGN)
+    serve(sys.stdin)

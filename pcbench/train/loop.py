@@ -274,6 +274,11 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         paths.record.mkdir(parents=True, exist_ok=True)
         paths.work.mkdir(parents=True, exist_ok=True)
     distributed.barrier(env)
+    # trackers (pcbench.tracking, their own process: started now, they load while the model is built),
+    # fed every metric line written below; they never fail or slow the run
+    tracker = tracking.Session(tc.track if env.main else [], tracked or tracking.RunInfo(
+        name or spec.kind, spec.kind, paths.work), to_dict(spec))
+    card_name = name or (tracked.name if tracked else None)
 
     stores = dc.token_stores(data_tokenizer_name(spec))
     train_store = prepare_tokens(**stores["train"])
@@ -325,11 +330,6 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
             if kept or p.exists():
                 write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
             last_logged[p] = kept[-1].get("step", 0) if kept else -1
-
-    # trackers (pcbench.tracking): fed every line written below, never failing or slowing the run
-    tracker = tracking.Session(tc.track if env.main else [], tracked or tracking.RunInfo(
-        name or spec.kind, spec.kind, paths.work), to_dict(spec))
-    card_name = name or (tracked.name if tracked else None)
 
     def append_once(path: Path, rec: dict) -> None:
         if rec["step"] > last_logged.get(path, -1):
