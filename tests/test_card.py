@@ -175,3 +175,36 @@ def test_grid_export_card_and_eval_scores(tmp_path):
     # the base's export (pretraining) has a card too
     base = store.final(next(r.id for r in grid.runs if r.stage == "base"))
     assert ModelCard.load(Path(base["export_path"]) / card.NAME).data.tags == ["pcbench", "pretrain"]
+
+
+@pytest.mark.slow
+def test_on_a_terminal_compress_shows_one_pcbench_bar(base_model, tmp_path):  # noqa: F811
+    """Under a pseudo-terminal: pcbench's own bar, none of transformers' (loading, writing shards)."""
+    import pty
+    import re
+
+    import fcntl
+    import struct
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    env = {k: v for k, v in os.environ.items() if k not in {**quiet.EVERYWHERE, **quiet.OFF_TERMINAL}}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", COLUMNS="120")
+    args = compress_args(base_model, tmp_path / "m", "0.5", "--steps", "3", "--batch-size", "4")
+    p = subprocess.Popen([sys.executable, "-m", "pcbench.cli", *args], env=env, stdin=child, stdout=child,
+                         stderr=child)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert p.wait(timeout=600) == 0
+    log = b"".join(chunks).decode(errors="replace")
+    bars = set(re.findall(r"([A-Za-z][\w .-]*?):\s+\d+%\|", log))
+    assert bars == {"hpr"}, log[-3000:]  # the run's own bar, labelled with its kind
