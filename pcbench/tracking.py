@@ -23,7 +23,7 @@ process, so the loop only appends to a queue); a tracker that fails to start or 
 warning line and is dropped for the rest of the run; at the end the loop waits at most
 $PCBENCH_TRACK_TIMEOUT seconds (default 120) for the trackers to finish.
 
-May import: `util` (no torch; the tracker libraries are imported on the background thread only).
+May import: `util` (no torch; the tracker libraries are imported in the trackers' process only).
 Imported by `spec` (the names), `train` (the loop), `run` (jobs), `cli`.
 """
 
