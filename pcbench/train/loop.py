@@ -9,7 +9,8 @@ cross-entropy averaged over the last 100 steps) and the held-out loss.
 SIGINT/SIGTERM (inside `interrupts.graceful()`, as jobs run) stop the loop after the current step:
 it saves a checkpoint there (when checkpoints are on) and raises `Interrupted`; a rerun resumes
 bit-exactly, and metric lines are never written twice for a step. Off a TTY, progress is a log line
-every 10% of the steps (a tqdm bar on a TTY).
+every 10% of the steps (a tqdm bar on a TTY). Every metric line also goes to the run's trackers
+(`train.track`, `pcbench.tracking`), and the export carries a model card (`pcbench.card`).
 """
 
 from __future__ import annotations
