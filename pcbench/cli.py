@@ -66,6 +66,8 @@ def cmd_run(args) -> int:
     from pcbench.run.views import dry_run_table, status_table
 
     grid, store = _grid_and_store(args)
+    if args.track is not None:
+        _track_grid(grid, args.track)
     problems = preflight.check_grid(grid, store, args.only, _resources(args), args.executor)
     if args.dry_run:
         print(dry_run_table(grid, store, args.only, args.retry_failed, _resources(args), args.executor))
@@ -103,12 +105,61 @@ def cmd_run(args) -> int:
     return 1 if out.failed or out.blocked or out.interrupted else 0
 
 
+def _track_grid(grid, track: list[str]) -> None:
+    """`--track`: every train run of the grid (and every run a sweep adds) streams to `track`
+    instead of its spec's `train.track`; run ids do not change (tracking is not part of them)."""
+    import dataclasses
+
+    from pcbench.grid.expansion import deep_merge
+
+    defaults = deep_merge(grid.spec.defaults, {"train": {"track": list(track)}})
+    grid.spec = dataclasses.replace(grid.spec, defaults=defaults)
+    for run in grid.runs:
+        if run.kind == "train":
+            run.spec = dataclasses.replace(run.spec, train=dataclasses.replace(run.spec.train, track=list(track)))
+
+
 def cmd_status(args) -> int:
     from pcbench.run.views import status_table
 
     grid, store = _grid_and_store(args)
-    print(status_table(grid, store, args.only))
-    return 0
+    if not args.watch:
+        print(status_table(grid, store, args.only))
+        return 0
+    return _watch(grid, store, args.only, args.interval)
+
+
+SETTLED = ("completed", "failed")  # states a run keeps without another `pcbench run`
+IDLE_REFRESHES = 3  # `status --watch`: refreshes in a row with no run in flight before it stops
+
+
+def _watch(grid, store, only: Optional[str], interval: float) -> int:
+    """`pcbench status --watch`: the table again every `interval` s (the screen cleared on a terminal)
+    until every run is completed or failed, or no run has been in flight for `IDLE_REFRESHES`
+    refreshes (pending runs that nothing launches); Ctrl-C stops it (exit 0)."""
+    import time
+
+    from pcbench.run.views import status_view
+
+    tty, idle = sys.stdout.isatty(), 0
+    try:
+        while True:
+            text, counts = status_view(grid, store, only)
+            if tty:
+                print("\033[H\033[2J", end="")
+            print(f"{grid.name}, {time.strftime('%H:%M:%S')} (every {interval:g} s; Ctrl-C stops)\n{text}", flush=True)
+            idle = 0 if counts.get("running") or counts.get("submitted") else idle + 1
+            if all(s in SETTLED for s in counts):
+                print(f"grid {grid.name} done", flush=True)
+                return 0
+            if idle >= IDLE_REFRESHES:
+                print(f"no run of grid {grid.name} in flight: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))} "
+                      "(pcbench run GRID starts or resumes the rest)", flush=True)
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        print(flush=True)
+        return 0
 
 
 def cmd_report(args) -> int:
@@ -146,6 +197,10 @@ def cmd_train(args) -> int:
     from pcbench.run import preflight
 
     spec = load_run_spec(args.spec)
+    if args.track is not None:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, track=args.track))
     if spec.model.path:
         preflight.check_model_dir(spec.model.path, "model.path", tokenizer=spec.data.tokenizer == "model")
     if spec.compress is not None:
@@ -154,7 +209,12 @@ def cmd_train(args) -> int:
             preflight.check_compression(config, spec.compress.compression, spec.compress.align,
                                         "compress.compression")
     out = outputs.ensure_dir(args.out, "train", "--out")
-    rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"))
+    from pcbench import tracking
+    from pcbench.grid.expansion import run_id
+
+    rid = run_id("train", "train", spec, None)  # as a grid's stage `train` would name it
+    rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"),
+                tracked=tracking.RunInfo(rid, "train", out / "work"))
     from pcbench.train import distributed
 
     distributed.teardown()  # gloo/NCCL threads joined before the interpreter exits (every rank passed the last barrier)
@@ -201,7 +261,12 @@ def cmd_compress(args) -> int:
     if config is not None:
         preflight.check_compression(config, spec.compress.compression, spec.compress.align, "--compression")
     _fresh_compress_state(work, spec)
-    rec = train(spec, RunPaths(record=work / "record", work=work, export=out))
+    from pcbench import tracking
+    from pcbench.grid.expansion import run_id
+
+    rid = run_id("compress", "train", spec, None)  # as a grid's stage `compress` would name it
+    rec = train(spec, RunPaths(record=work / "record", work=work, export=out),
+                tracked=tracking.RunInfo(rid, "compress", work))
     plan = rec.get("plan", {})
     print(json.dumps({"export": str(out), "method": args.method, "requested": args.compression,
                       "achieved": plan.get("achieved"), "params_before": plan.get("params_before"),
@@ -217,9 +282,11 @@ def _fresh_compress_state(work: Path, spec) -> None:
     from pcbench.util import outputs
     from pcbench.spec.config import to_dict
 
-    key = hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    what = to_dict(spec)
+    what["train"].pop("track", None)  # where it reports is not what it computes (keys as before)
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if outputs.kind_of(work) == "compress-work" and (outputs.read_marker(work) or {}).get("spec") != key:
-        for name in ("record", "ckpt", "plan.json"):  # pcbench's own files only
+        for name in ("record", "ckpt", "plan.json", "tracking.json"):  # pcbench's own files only
             p = work / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -239,6 +306,9 @@ def cmd_eval(args) -> int:
     except RuntimeError as e:  # e.g. a hub task whose dataset cannot be fetched offline
         print(f"pcbench: error: {e}", file=sys.stderr)
         return 1
+    from pcbench import card
+
+    card.add_scores(args.model, scores)  # a pcbench model's card gains its scores
     print(json.dumps(scores, indent=2, sort_keys=True))
     return 0
 
@@ -258,6 +328,9 @@ def cmd_export(args) -> int:
         raise SpecError("run", f"the export of {args.run} is gone from {src} (run the grid again to rebuild it)")
     with outputs.staging(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(outputs.MARKER))
+        from pcbench import card
+
+        card.keep_users_card(tmp, out)
         outputs.install(tmp, out, "model", "OUT")
     print(args.out)
     return 0
@@ -326,6 +399,23 @@ def _spec_flag(sp: argparse.ArgumentParser, cls: type):
     return flag
 
 
+def _track_flag(sp: argparse.ArgumentParser, flag=None) -> None:
+    """`--track a,b`: the trackers (`pcbench.tracking.TRACKERS`) the runs stream to; `none`: none."""
+    from pcbench import tracking
+
+    def parse(text: str) -> list[str]:
+        try:
+            return tracking.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    help = f"trackers to stream to, comma-separated: {', '.join(tracking.TRACKERS)} or none (default: the spec's)"
+    if flag is not None:  # a spec flag (`compress`): sets train.track
+        flag("--track", "train.track", help.replace("the spec's", "none"), type=parse)
+    else:
+        sp.add_argument("--track", type=parse, default=None, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pcbench.spec.config import EvalSpec, RunSpec
 
@@ -349,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--parallel", type=lambda v: v if v == "auto" else _number(int, 1)(v),
                     help="local: runs at once (default auto: as many as fit the cores at the CPU runs' threads; 1: one at a time)")
     sp.add_argument("--wait", action="store_true", help="slurm: wait for the submitted jobs")
+    _track_flag(sp)
     for flag, typ, h in (("--partition", str, "SLURM partition"), ("--account", str, "SLURM account"),
                          ("--qos", str, "SLURM QOS"), ("--gpus", _number(int, 0), "GPUs per node"),
                          ("--cpus", _number(int, 1), "CPUs per task"),
@@ -362,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("status", help="table of a grid's runs and their states")
     grid_args(sp)
+    sp.add_argument("--watch", action="store_true",
+                    help="refresh the table until the grid is done (every run completed or failed, or none in flight)")
+    sp.add_argument("--interval", type=_number(float, 0, strict=True), default=10.0,
+                    help="seconds between refreshes with --watch (default: 10)")
     sp.set_defaults(fn=cmd_status)
 
     sp = sub.add_parser("report", help="tables, figures and REPORT.md from a grid's records")
@@ -374,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train one run spec (YAML)")
     sp.add_argument("spec")
     sp.add_argument("--out", required=True)
+    _track_flag(sp)
     sp.set_defaults(fn=cmd_train)
 
     sp = sub.add_parser("compress", help="compress a base model with PC or HPR (or pc-naive) and export it")
@@ -400,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--eval-batches", "data.eval_batches", "held-out batches for the loss", type=int)
     flag("--ckpt-every", "train.ckpt_every", "checkpoint every N steps (0: never)", type=int)
     flag("--threads", "train.threads", "torch CPU threads (default: torch's)", type=int)
+    _track_flag(sp, flag)
     sp.set_defaults(fn=cmd_compress)
 
     sp = sub.add_parser("eval", help="score a checkpoint with lm-eval (local task suite by default)")
@@ -457,6 +554,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run). Anything else is a bug: one line too, and its traceback when PCBENCH_DEBUG=1."""
     import os
 
+    from pcbench.util import quiet
+
+    quiet.third_party_bars()  # before any library is imported: the processes it starts inherit it
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from pcbench.util import allocator

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcbench.spec.config import EvalSpec, SpecError
+from pcbench.util import quiet
 from pcbench.util.devices import resolve_device
 from pcbench.util.suggest import unknown_tasks
 
@@ -165,7 +166,7 @@ def lm_eval_scores(spec: EvalSpec) -> dict:
         torch.set_num_threads(spec.threads)
     suite = build_tasks()
     include = [str(suite)] + ([spec.include_path] if spec.include_path else [])
-    with _quiet_lm_eval(), _lean_lm_eval():
+    with _quiet_lm_eval(), _lean_lm_eval(), quiet.lm_eval_quiet():
         tm, hub = _task_manager(list(spec.tasks), include)
         why = hub_unavailable() if hub else None
         offline = not hub or why is not None

@@ -9,9 +9,9 @@ PY=${PYTHON:-python3}
 # Verbose, so that the output of pcbench's own build (the build backend's) is in the log; any
 # deprecation warning in it fails the run (a deprecated pyproject setting stops building one day).
 log=$(mktemp "${TMPDIR:-/tmp}/pcbench-install.XXXXXX")
-if ! .venv/bin/python -m pip install -v -e '.[test]' >"$log" 2>&1; then
+if ! .venv/bin/python -m pip install -v -e '.[test,tracking]' >"$log" 2>&1; then
   tail -n 60 "$log"
-  echo "scripts/test.sh: pip install -e '.[test]' failed (log above; whole: $log)" >&2
+  echo "scripts/test.sh: pip install -e '.[test,tracking]' failed (log above; whole: $log)" >&2
   exit 1
 fi
 if ! bash scripts/build-warnings.sh "$log"; then

@@ -63,11 +63,14 @@ def _copy(v: Any) -> Any:
 
 def identity(obj: Any) -> Any:
     """The parts of a spec that differ from their defaults (nested). Hashing this instead of the
-    whole spec keeps run ids stable when a new field with a neutral default is added."""
+    whole spec keeps run ids stable when a new field with a neutral default is added. A field marked
+    `metadata={"identity": False}` (where a run reports, e.g. `train.track`) is never part of it."""
     if not dataclasses.is_dataclass(obj):
         return obj
     out = {}
     for f, default, default_id in _defaults(type(obj)):
+        if f.metadata.get("identity") is False:
+            continue
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
             sub = identity(v)

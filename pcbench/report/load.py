@@ -201,3 +201,22 @@ def _events(store: Store) -> pd.DataFrame:
     if ev.empty:
         return pd.DataFrame(columns=["run", "state", "time"])
     return ev.sort_values(["time", "run", "state"], kind="stable").reset_index(drop=True)
+
+
+def open_study(grid: str | Path, results: Optional[str | Path] = None) -> Study:
+    """The study of `grid` (a grid YAML, of which only `name` and `results_dir` are read, or a grid
+    name) in the results root `results` (default: the grid's `results_dir`, else `results`), as
+    `pcbench report` reads it. No torch; a missing store is one `SpecError` line."""
+    from pcbench.spec.config import SpecError, load_yaml
+
+    name, root = str(grid), results
+    path = Path(grid)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        data = load_yaml(path) or {}
+        name = (data.get("name") if isinstance(data, dict) else None) or path.stem
+        if root is None and isinstance(data, dict):
+            root = data.get("results_dir")
+    root = Path(root or "results")
+    if not (root / name / "runs").is_dir():
+        raise SpecError("load_study", f"no results for grid {name!r} under {root}/ (run it first: pcbench run GRID)")
+    return load_study(root, name)

@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 import submitit
 
-from pcbench.util import allocator
+from pcbench import tracking
+from pcbench.util import allocator, quiet
 
 from pcbench.train import interrupts
 from pcbench.spec.config import RunSpec, SpecError, from_dict
@@ -97,6 +98,7 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         allocator.tune()
+        quiet.third_party_bars()
         with interrupts.graceful():
             out = self._call()
         if "torch.distributed" in sys.modules:  # a process group this job joined: its threads joined before exit
@@ -140,8 +142,11 @@ class RunJob(submitit.helpers.Checkpointable):
                 from pcbench.train.loop import train
 
                 spec, tuned = resolved_train_spec(run, store)
-                record = train(spec, store.paths(self.run_id), progress=self.progress, name=self.run_id,
-                               provenance={"tuned": tuned} if tuned else None)
+                paths = store.paths(self.run_id)
+                tracked = tracking.RunInfo(self.run_id, run["stage"], paths.work, group=store.root.name,
+                                           store=store.work)  # the grid's trackers (spec train.track)
+                record = train(spec, paths, progress=self.progress, name=self.run_id,
+                               provenance={"tuned": tuned} if tuned else None, tracked=tracked)
             elif run["kind"] == "eval":
                 from pcbench.evaluate import run_eval
 

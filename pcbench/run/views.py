@@ -13,6 +13,11 @@ from pcbench.report import fmt
 
 def status_table(grid, store, only: Optional[str] = None) -> str:
     """One row per selected run (state after a liveness check), then the count of each state."""
+    return status_view(grid, store, only)[0]
+
+
+def status_view(grid, store, only: Optional[str] = None) -> tuple[str, Counter]:
+    """`status_table`'s text and the count of each state (`pcbench status --watch` stops on them)."""
     from pcbench.run.liveness import Liveness
     from pcbench.store import brief
     from pcbench.run.sweep import extend_grid
@@ -43,7 +48,7 @@ def status_table(grid, store, only: Optional[str] = None) -> str:
             row["error"] = brief(detail)[:80]
         rows.append(row)
     counts = Counter(r["state"] for r in rows)
-    return fmt.text_table(rows) + "\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    return fmt.text_table(rows) + "\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), counts
 
 
 def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:

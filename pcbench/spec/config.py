@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from pcbench import tracking
 from pcbench.spec import methods, presets
 from pcbench.util.errors import SpecError
 from pcbench.util.suggest import did_you_mean
@@ -165,6 +166,9 @@ class TrainSpec:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicate; fsdp: FSDP2 (fully_shard) per decoder layer
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
     last_k: int = 100  # the paper's metric: mean training loss over the last k steps
+    # trackers the run streams to (`pcbench.tracking.TRACKERS`); where a run reports, not what it
+    # computes: left out of its id (`identity: False`), so tracking never renames a run
+    track: list[str] = field(default_factory=list, metadata={"identity": False})
 
     def validate(self, path: str) -> None:
         require((self.tokens is None) != (self.steps is None), path,
@@ -181,6 +185,10 @@ class TrainSpec:
         require(self.device in ("auto", "cpu", "cuda"), f"{path}.device", "auto, cpu or cuda")
         require(self.threads is None or self.threads > 0, f"{path}.threads", "must be positive")
         require(self.last_k > 0, f"{path}.last_k", "must be positive")
+        for i, name in enumerate(self.track):
+            require(name in tracking.TRACKERS, f"{path}.track[{i}]",
+                    f"unknown tracker {name!r}; choose from {', '.join(tracking.TRACKERS)}")
+        require(len(set(self.track)) == len(self.track), f"{path}.track", "a tracker is named twice")
 
 
 @dataclass

@@ -9,7 +9,8 @@ cross-entropy averaged over the last 100 steps) and the held-out loss.
 SIGINT/SIGTERM/SIGHUP (inside `interrupts.graceful()`, as jobs run) stop the loop after the current step:
 it saves a checkpoint there (when checkpoints are on) and raises `Interrupted`; a rerun resumes
 bit-exactly, and metric lines are never written twice for a step. Off a TTY, progress is a log line
-every 10% of the steps (a tqdm bar on a TTY).
+every 10% of the steps (a tqdm bar on a TTY). Every metric line also goes to the run's trackers
+(`train.track`, `pcbench.tracking`), and the export carries a model card (`pcbench.card`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from pcbench.train import checkpoint, dcp_checkpoint, distributed, interrupts, p
 
 from pcbench.spec import methods
 
-from pcbench import models
+from pcbench import models, tracking
 from pcbench.train import memory as memory_plan
 from pcbench.util.atomic import append_jsonl, read_jsonl, write_json, write_text
-from pcbench.spec.config import RunSpec, SpecError
+from pcbench.spec.config import RunSpec, SpecError, to_dict
 from pcbench.evaluate import autocast_for, heldout_loss
 from pcbench.store import RunPaths  # the store owns the record layout (re-exported here)
 from pcbench.compress.trainable import Direct
@@ -245,13 +246,14 @@ class Stepper:
 
 
 def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name: Optional[str] = None,
-          provenance: Optional[dict] = None) -> dict:
+          provenance: Optional[dict] = None, tracked: Optional[tracking.RunInfo] = None) -> dict:
     """Train `spec` to completion, resuming from `paths.ckpt` if a checkpoint exists.
 
     Returns the final record (written once, to `paths.final`, with the caller's `provenance` keys
     added, e.g. `tuned`: where a tuned value came from); raises `NonFiniteLoss` on NaN/inf and
     `interrupts.Interrupted` on a signal. `progress`: True a bar, False nothing, None a bar on a
-    TTY and log lines (named `name`) elsewhere.
+    TTY and log lines (named `name`) elsewhere. `tracked`: who the run is to the trackers of
+    `train.track` (`pcbench.tracking`; default: `name` in stage `spec.kind`, state in `paths.work`).
     """
     from pcbench.data.tokens import Batches, eval_batches, prepare_tokens
 
@@ -273,6 +275,11 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         paths.record.mkdir(parents=True, exist_ok=True)
         paths.work.mkdir(parents=True, exist_ok=True)
     distributed.barrier(env)
+    # trackers (pcbench.tracking, their own process: started now, they load while the model is built),
+    # fed every metric line written below; they never fail or slow the run
+    tracker = tracking.Session(tc.track if env.main else [], tracked or tracking.RunInfo(
+        name or spec.kind, spec.kind, paths.work), to_dict(spec))
+    card_name = name or (tracked.name if tracked else None)
 
     stores = dc.token_stores(data_tokenizer_name(spec))
     train_store = prepare_tokens(**stores["train"])
@@ -329,6 +336,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         if rec["step"] > last_logged.get(path, -1):
             append_jsonl(path, rec)
             last_logged[path] = rec["step"]
+            tracker.log(path.stem, rec)
 
     stepper = Stepper(trainable, net, opt, sched, micro=micro, amp=amp_ctx(env.device, tc.precision),
                       teacher=teacher, alpha=spec.compress.distill if spec.compress else 0.0,
@@ -371,7 +379,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     bar = tqdm(total=steps, initial=start, disable=not show, desc=label, unit="step", dynamic_ncols=True)
     interval_t, run_t = time.time(), time.time()
     net.train()
-    with interrupts.deferred():  # a signal stops the loop at the next step boundary
+    with interrupts.deferred(), tracker:  # a signal stops the loop at the next step boundary
         for step in range(start, steps):
             step_t = time.time()
             batch = batches.get(step, tc.batch_size, rank=env.rank, world=env.world).to(env.device)
@@ -442,10 +450,11 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     }
     if env.main:
         with interrupts.deferred():  # a signal now is acted on once the run is recorded
-            export_model(export, tokenizer, paths.model)
+            export_model(export, tokenizer, paths.model, card=(to_dict(spec), record, card_name))
             record["export_path"] = str(paths.model)
             record["wall_seconds"] = round(time.time() - t0, 3)
             write_json(paths.final, record)
+    tracker.finish(record)
     distributed.barrier(env)
     return record
 
@@ -463,8 +472,9 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def export_model(model, tokenizer, out: Path, what: str = "export") -> None:
-    """Save a stock HF checkpoint (config + safetensors + tokenizer), marked as a pcbench `model`.
+def export_model(model, tokenizer, out: Path, what: str = "export", card: Optional[tuple] = None) -> None:
+    """Save a stock HF checkpoint (config + safetensors + tokenizer), marked as a pcbench `model`;
+    with `card` = (spec dict, final record, run name), its model card (`pcbench.card`) as README.md.
 
     Written into a temp dir next to `out` (removed whatever happens), then installed: `out` may be
     missing, empty or an earlier pcbench model (its own files are replaced, others kept); anything
@@ -480,5 +490,10 @@ def export_model(model, tokenizer, out: Path, what: str = "export") -> None:
         finally:
             model.config.use_cache = False
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            from pcbench import card as model_card
+
+            model_card.write(tmp, *card)
+            model_card.keep_users_card(tmp, out)
         outputs.install(tmp, out, "model", what)
 
