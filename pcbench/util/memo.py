@@ -3,7 +3,8 @@ a run) needs neither torch nor transformers once they are known.
 
 `remember(kind, key, compute)` returns `compute()`'s JSON value, kept under
 `<cache>/facts/<kind>-<sha256>.json`. The key holds the versions of pcbench, torch and transformers
-(read from the installed metadata, without importing them): another version computes afresh. An
+(read from the installed metadata, without importing them) and a hash of the pcbench code that
+computes the facts (`CODE`): another version, or an edit of that code, computes afresh. An
 unreadable entry is computed again and rewritten; a cache that cannot be written is only skipped.
 """
 
@@ -15,6 +16,8 @@ import json
 from typing import Any, Callable
 
 _MEMORY: dict[str, Any] = {}
+CODE = ("models.py", "spec/presets.py", "compress/axes.py", "compress/plan.py", "train/memory.py",
+        "run/preflight.py", "util/memo.py")  # what computes the facts (relative to the package)
 
 
 @functools.lru_cache(maxsize=1)
@@ -23,7 +26,18 @@ def _versions() -> dict:
 
     from pcbench import __version__
 
-    out = {"pcbench": __version__}
+    from pathlib import Path
+
+    import pcbench
+
+    root = Path(pcbench.__file__).parent
+    code = hashlib.sha256()
+    for rel in CODE:
+        try:
+            code.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+        except OSError:
+            code.update(rel.encode() + b"\0missing")
+    out = {"pcbench": __version__, "code": code.hexdigest()[:16]}
     for dist in ("torch", "transformers"):
         try:
             out[dist] = metadata.version(dist)
