@@ -301,6 +301,10 @@ def cmd_eval(args) -> int:
     from pcbench.evaluate import lm_eval_scores
 
     spec = _spec_from_flags(EvalSpec, args, "eval", {"model": args.model})
+    if Path(args.model).is_dir():  # a pcbench model: its files as recorded, by sha256
+        from pcbench.util.outputs import verify_output
+
+        verify_output(args.model, "model")
     try:
         scores = lm_eval_scores(spec)
     except RuntimeError as e:  # e.g. a hub task whose dataset cannot be fetched offline
@@ -326,6 +330,14 @@ def cmd_export(args) -> int:
     src = Path(final["export_path"])
     if not (src / "config.json").is_file():
         raise SpecError("run", f"the export of {args.run} is gone from {src} (run the grid again to rebuild it)")
+    problem = store.export_check(args.run, final)  # the files its record names, by sha256
+    if problem is not None:
+        from pcbench.util.verify import Damaged
+
+        if isinstance(problem, Damaged):
+            problem.args = (f"{problem}; nothing copied (a run of the grid that needs it trains it again)",)
+            raise problem
+        raise SpecError("run", f"the export of {args.run} at {src}: {problem} (run the grid again to rebuild it)")
     with outputs.staging(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(outputs.MARKER))
         from pcbench import card
@@ -531,7 +543,9 @@ def _one_line(e: BaseException) -> Optional[str]:
     import subprocess
 
     # Training's own errors, looked up only where training ran (importing them costs torch).
-    expected = [SpecError] + [getattr(sys.modules[m], n) for m, n in
+    from pcbench.util.verify import Damaged
+
+    expected = [SpecError, Damaged] + [getattr(sys.modules[m], n) for m, n in
                               (("pcbench.train.loop", "NonFiniteLoss"), ("pcbench.train.checkpoint", "CorruptCheckpoint"))
                               if m in sys.modules]
     if isinstance(e, tuple(expected)):

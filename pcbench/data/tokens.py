@@ -1,7 +1,9 @@
 """Token shards and deterministic, resumable training batches.
 
 `prepare_tokens` tokenises a corpus split once into a flat token array (eos after every document),
-cached under `cache_dir()/tokens/<key>/` as `tokens.bin` (raw uint16/uint32) + `meta.json`.
+cached under `cache_dir()/tokens/<key>/` as `tokens.bin` (raw uint16/uint32) + `meta.json`, which
+records the sha256 of `tokens.bin` (`tokens_sha256`); every open checks it (`pcbench.util.verify`:
+hashed once per version of the file), and a damaged store is named in one warning line and rebuilt.
 `Batches` cuts the array into non-overlapping windows of `seq_len + 1` tokens and serves global
 batch `step` as a pure function of (seed, step, rows, rank, world): resuming, or splitting a batch
 over processes, gives bit-identical rows. The training loop uses `inputs = batch[:, :-1]` and
@@ -29,6 +31,7 @@ from pcbench import __version__
 from pcbench.data import corpora
 from pcbench.util.atomic import file_lock, read_json, replace_dir, sweep_temps, temp_dir, write_json
 from pcbench.util.paths import cache_dir
+from pcbench.util.verify import Damaged, sha256_bytes, sha256_file, verify_file, warn
 
 FORMAT = "pcbench-tokens/1"
 DOCS_PER_CALL = 1000
@@ -37,22 +40,24 @@ DOCS_PER_CALL = 1000
 class TokenStore:
     """A tokenised corpus split: `.tokens` (read-only 1-D np.memmap), `.meta` (dict), `len()`."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"no token store at {self.path} (meta.json missing)")
         try:
             self.meta: dict = read_json(meta_path)
-        except ValueError as e:  # not JSON, not UTF-8: name the file
-            raise ValueError(f"{meta_path}: damaged token store metadata ({e})") from None
+        except (OSError, ValueError) as e:
+            raise Damaged(meta_path, f"unreadable: {getattr(e, 'msg', None) or e}", "token store") from None
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: token format {self.meta.get('format')!r}, expected {FORMAT!r}")
         dtype = np.dtype(self.meta["dtype"])
         size = (self.path / "tokens.bin").stat().st_size
         if size != self.meta["n_tokens"] * dtype.itemsize:
-            raise ValueError(f"{self.path}/tokens.bin has {size} bytes, meta says "
-                             f"{self.meta['n_tokens']} x {dtype.itemsize}")
+            raise Damaged(self.path / "tokens.bin", f"{size} bytes, meta.json says {self.meta['n_tokens']} x "
+                          f"{dtype.itemsize}: truncated or extended", "token store")
+        if verify and self.meta.get("tokens_sha256"):  # checked against what was recorded when written
+            verify_file(self.path / "tokens.bin", self.meta["tokens_sha256"], what="token store")
         self.tokens = np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r",
                                 shape=(self.meta["n_tokens"],))
 
@@ -68,10 +73,12 @@ class TokenStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(path)
         try:
-            (tmp / "tokens.bin").write_bytes(tokens.astype(dtype).tobytes())
+            data = tokens.astype(dtype).tobytes()
+            (tmp / "tokens.bin").write_bytes(data)
             write_json(tmp / "meta.json", {"format": FORMAT, "corpus": "array", "split": "train",
                                            "tokenizer": "ids", "n_documents": 1, **meta,
-                                           "vocab_size": vocab, "dtype": dtype.name, "n_tokens": len(tokens)})
+                                           "vocab_size": vocab, "dtype": dtype.name, "n_tokens": len(tokens),
+                                           "tokens_sha256": sha256_bytes(data)})
             os.chmod(tmp, 0o755)
             replace_dir(tmp, path)
         except BaseException:
@@ -123,12 +130,36 @@ def prepare_tokens(corpus: str, tokenizer: str, split: str, *, max_tokens: int |
     root = cache_dir() / "tokens"
     out = root / name
     if (out / "meta.json").exists():
-        return TokenStore(out)
+        try:
+            return _open(out)
+        except Damaged as e:  # a cache entry: rebuilt (below, under the lock)
+            warn(f"{e}; rebuilding it")
     with file_lock(root / f".{name}.lock"):
-        if not (out / "meta.json").exists():
-            _write_store(out, tok, corpora.iter_documents(corpus, split),
-                         max_tokens, {**ident, "tokenizer": tokenizer, "tokenizer_corpus": tokenizer_corpus})
+        if (out / "meta.json").exists():
+            try:
+                return _open(out)  # intact, or rebuilt by another process meanwhile
+            except Damaged:
+                _remove_damaged(out)
+        _write_store(out, tok, corpora.iter_documents(corpus, split),
+                     max_tokens, {**ident, "tokenizer": tokenizer, "tokenizer_corpus": tokenizer_corpus})
     return TokenStore(out)
+
+
+def _open(path: Path) -> TokenStore:
+    """The store at `path`, verified; one written before pcbench recorded a store's sha256 has it
+    recorded now (from its size-checked bytes), so every later read is checked."""
+    store = TokenStore(path)
+    if not store.meta.get("tokens_sha256"):
+        store.meta["tokens_sha256"] = sha256_file(path / "tokens.bin")
+        write_json(path / "meta.json", store.meta)
+    return store
+
+
+def _remove_damaged(path: Path) -> None:
+    """Take a damaged cache entry out of the way (renamed first: a reader never sees it half gone)."""
+    aside = path.with_name(f".{path.name}.damaged-{os.getpid()}-{time.time_ns()}")
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_store(out: Path, tok, docs: Iterator[str], max_tokens: Optional[int], meta: dict) -> None:
@@ -144,6 +175,7 @@ def _write_store(out: Path, tok, docs: Iterator[str], max_tokens: Optional[int],
     sweep_temps(out)  # under the store's lock: a dead writer's
     tmp = temp_dir(out)
     n_tokens = n_docs = 0
+    digest = hashlib.sha256()
     t0 = time.time()
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"tokenise {meta['corpus']}/{meta['split']}",
                disable=not sys.stderr.isatty(), leave=False)
@@ -167,7 +199,9 @@ def _write_store(out: Path, tok, docs: Iterator[str], max_tokens: Optional[int],
                     n_docs += len(chunk)
                 if len(arr) and int(arr.max()) >= vocab:
                     raise ValueError(f"token id {int(arr.max())} >= vocabulary {vocab}")
-                f.write(arr.astype(dtype).tobytes())
+                data = arr.astype(dtype).tobytes()
+                f.write(data)
+                digest.update(data)
                 n_tokens += len(arr)
                 bar.update(len(arr))
                 if max_tokens is not None and n_tokens >= max_tokens:
@@ -177,6 +211,7 @@ def _write_store(out: Path, tok, docs: Iterator[str], max_tokens: Optional[int],
         if n_tokens == 0:
             raise ValueError(f"corpus {meta['corpus']!r} split {meta['split']!r} has no documents")
         meta.update(vocab_size=vocab, dtype=dtype.name, n_tokens=n_tokens, n_documents=n_docs,
+                    tokens_sha256=digest.hexdigest(),
                     eos_token_id=eos, pcbench_version=__version__, seconds=round(time.time() - t0, 2))
         write_json(tmp / "meta.json", meta)
         os.chmod(tmp, 0o755)

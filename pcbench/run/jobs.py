@@ -26,7 +26,7 @@ from pcbench.util import allocator, quiet
 from pcbench.train import interrupts
 from pcbench.spec.config import RunSpec, SpecError, from_dict
 from pcbench.grid.fieldpath import field_value, with_field
-from pcbench.store import Store
+from pcbench.store import Store, new_lineage
 
 EXIT_OK = 0  # trained (or evaluated) and recorded completed
 EXIT_FAILED = 1
@@ -87,6 +87,17 @@ def resolved_train_spec(run: dict, store: Store) -> tuple[RunSpec, dict]:
     return spec, filled
 
 
+def done(store: Store, run_id: str, kind: Optional[str] = None) -> bool:
+    """Is the run completed, with its exported model intact (a train run)? A completed train run
+    whose export is gone or damaged is not done: the launcher submits it again only when a run to
+    be submitted loads that export (`launch._rerun_lost_exports`), and then it is trained again."""
+    if store.health(run_id, kind)[0] != "completed":
+        return False
+    if kind is None:
+        kind = store.run(run_id).get("kind")
+    return kind != "train" or store.export_problem(run_id) is None
+
+
 class RunJob(submitit.helpers.Checkpointable):
     """Execute one run of the store; marks it running / completed / failed."""
 
@@ -132,12 +143,21 @@ class RunJob(submitit.helpers.Checkpointable):
                 lock.release()
 
     def _run_locked(self, store: Store, run: dict, job_id, executor: str, main: bool) -> dict:
-        if main and store.health(self.run_id, run["kind"])[0] == "completed":
+        if main and done(store, self.run_id, run["kind"]):
             return {"run": self.run_id, "already": True}  # another process finished it meanwhile
+        # The lineage ties the run's work state to these records (`store.claim_work`): kept while
+        # the records last, drawn anew when they are new (or were deleted, or are unreadable).
+        status = store.status(self.run_id) if main else {}
+        lineage = status.get("lineage")
+        adopt = False
+        if lineage is None and main:  # (the other ranks write no state of their own)
+            lineage = new_lineage()
+            # records of an older pcbench that started the run, before lineages: its state is theirs
+            adopt = status.get("state") not in ("pending", "damaged") and status.get("attempts", 0) >= 1
         try:
             if main:
                 store.set_status(self.run_id, "running", job_id=job_id, executor=executor,
-                                 pid=os.getpid(), started=time.time())
+                                 pid=os.getpid(), started=time.time(), lineage=lineage)
             if run["kind"] == "train":
                 from pcbench.train.loop import train
 
@@ -146,7 +166,8 @@ class RunJob(submitit.helpers.Checkpointable):
                 tracked = tracking.RunInfo(self.run_id, run["stage"], paths.work, group=store.root.name,
                                            store=store.work)  # the grid's trackers (spec train.track)
                 record = train(spec, paths, progress=self.progress, name=self.run_id,
-                               provenance={"tuned": tuned} if tuned else None, tracked=tracked)
+                               provenance={"tuned": tuned} if tuned else None, tracked=tracked,
+                               lineage=lineage, adopt=adopt)
             elif run["kind"] == "eval":
                 from pcbench.evaluate import run_eval
 

@@ -77,7 +77,7 @@ def plan_submission(grid: Grid, store: Store, only: Optional[str] = None,
             reason = {"pending": "new", "failed": "retry", "interrupted": "interrupted: resume",
                       "cancelled": f"cancelled ({detail or 'SLURM'}): resume",
                       "lost": f"lost ({detail}): resume",
-                      "damaged": f"damaged {brief(detail)}: rerun (resumes from its checkpoint)",
+                      "damaged": f"damaged {brief(detail)}: rerun (resumes from its checkpoint if its records own it)",
                       }.get(state, f"{state}: resume")
             out.append(Decision(run, "submit", reason))
     _rerun_lost_exports(out, store)
@@ -85,9 +85,10 @@ def plan_submission(grid: Grid, store: Store, only: Optional[str] = None,
     return out
 
 
-def _export_missing(store: Store, run_id: str) -> bool:
-    path = (store.final(run_id) or {}).get("export_path")
-    return not path or not (Path(path) / "config.json").is_file()
+def _export_missing(store: Store, run_id: str) -> Optional[str]:
+    """What is wrong with a completed run's exported model (gone, damaged, another lineage's), or
+    None when it is intact (`Store.export_problem`): a damaged export counts as missing."""
+    return store.export_problem(run_id)
 
 
 def _rerun_lost_exports(decisions: list[Decision], store: Store) -> None:
@@ -100,9 +101,11 @@ def _rerun_lost_exports(decisions: list[Decision], store: Store) -> None:
         loads = {rid for _, rid in references(d.run)}
         for dep in d.run.deps:
             up = by_id.get(dep)
-            if (up is not None and up.action == "skip" and up.reason == "completed"
-                    and dep in loads and _export_missing(store, dep)):
-                up.action, up.reason = "submit", "completed, but its exported model is gone: rerun"
+            if up is not None and up.action == "skip" and up.reason == "completed" and dep in loads:
+                problem = _export_missing(store, dep)
+                if problem is not None:
+                    what = "damaged" if "damaged" in problem else "gone"
+                    up.action, up.reason = "submit", f"completed, but its exported model is {what}: rerun"
 
 
 def _prepare(store: Store, grid: Grid) -> None:

@@ -2,13 +2,15 @@
 
 Layout: `<ckpt_root>/step_00000100/{state.pt, manifest.json}`. A checkpoint directory only
 appears (by rename) once both files are complete, so a crash mid-write leaves no half checkpoint.
-On resume the newest checkpoint is verified (size + sha256); a corrupt one is reported, renamed
-aside (never deleted) and the next older valid one is used.
+On resume the newest checkpoint is verified (size + sha256, `pcbench.util.verify`); a damaged one
+is named in one warning line, renamed aside (`<name>.corrupt`, never deleted) and the next older
+valid one is used, or, when none is left, training starts from step 0. A checkpoint records the
+`owner` (the lineage of the records that started the run, `store.claim_work`) in its manifest; one
+of another owner is renamed aside (`<name>.stale`) and never resumed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -18,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from pcbench.util import verify as verify_
 from pcbench.util.atomic import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -27,18 +30,11 @@ class CorruptCheckpoint(RuntimeError):
     """A checkpoint failed verification (truncated, altered or unreadable)."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save(root: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+def save(root: Path, step: int, state: dict[str, Any], keep: int = 2, owner: Optional[str] = None) -> Path:
     """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints. A write
     that fails (a full disk) leaves nothing behind; temp dirs of earlier writers (dead: one process
-    trains a run at a time) are removed first."""
+    trains a run at a time) are removed first. `owner`: the lineage the checkpoint belongs to
+    (recorded in its manifest)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     sweep_partial(root)
@@ -52,8 +48,10 @@ def save(root: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        write_json(tmp / "manifest.json", {"step": step, "files": {
-            "state.pt": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}})
+        manifest = {"step": step, "files": {"state.pt": {"bytes": len(data), "sha256": verify_.sha256_bytes(data)}}}
+        if owner is not None:
+            manifest["owner"] = owner
+        write_json(tmp / "manifest.json", manifest)
         if final.exists():  # same step written again (e.g. after a resume): replace
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -94,14 +92,10 @@ def verify(path: Path) -> None:
     except Exception as e:  # noqa: BLE001 - any unreadable manifest is corruption
         raise CorruptCheckpoint(f"{manifest}: unreadable manifest ({e})") from None
     for name, meta in files.items():
-        f = path / name
-        if not f.exists():
-            raise CorruptCheckpoint(f"{f}: missing")
-        size = f.stat().st_size
-        if size != meta["bytes"]:
-            raise CorruptCheckpoint(f"{f}: {size} bytes, expected {meta['bytes']} (truncated?)")
-        if _sha256(f) != meta["sha256"]:
-            raise CorruptCheckpoint(f"{f}: sha256 mismatch (corrupted)")
+        try:
+            verify_.verify_file(path / name, meta["sha256"], size=meta["bytes"], what="checkpoint", cache=False)
+        except verify_.Damaged as e:
+            raise CorruptCheckpoint(str(e)) from None
 
 
 def load(path: Path, map_location="cpu") -> dict[str, Any]:
@@ -110,34 +104,61 @@ def load(path: Path, map_location="cpu") -> dict[str, Any]:
     return torch.load(path / "state.pt", map_location=map_location, weights_only=False)
 
 
-def load_latest(root: Path, map_location="cpu") -> tuple[Optional[dict[str, Any]], list[str]]:
+def load_latest(root: Path, map_location="cpu", owner: Optional[str] = None) -> tuple[Optional[dict[str, Any]], list[str]]:
     """The newest valid checkpoint's state (None if there is none) and a list of problems found
     (see `newest_valid`)."""
-    path, problems = newest_valid(root)
+    path, problems = newest_valid(root, owner)
     if path is None:
         return None, problems
     return torch.load(path / "state.pt", map_location=map_location, weights_only=False), problems
 
 
-def newest_valid(root: Path) -> tuple[Optional[Path], list[str]]:
-    """The newest checkpoint that passes `verify` (None if there is none) and the problems found.
+def owner_of(path: Path) -> Optional[str]:
+    """The owner recorded in checkpoint `path`'s manifest (None: none recorded, or unreadable)."""
+    try:
+        return read_json(path / "manifest.json").get("owner")
+    except Exception:  # noqa: BLE001 - verify() names an unreadable manifest
+        return None
 
-    Corrupt checkpoints are renamed to `<name>.corrupt` (kept for inspection). If checkpoints
-    exist but none is valid, raise CorruptCheckpoint: silently restarting from scratch would
-    discard work.
+
+def newest_valid(root: Path, owner: Optional[str] = None) -> tuple[Optional[Path], list[str]]:
+    """The newest checkpoint that passes `verify` and belongs to `owner` (None if there is none)
+    and the problems found.
+
+    A damaged checkpoint is named in one warning line and renamed to `<name>.corrupt` (kept for
+    inspection); one recorded for another owner is renamed to `<name>.stale`. When none is left the
+    run starts from step 0, with a warning line (the damaged files are kept aside).
     """
     problems: list[str] = []
     found = list_checkpoints(root)
     for path in reversed(found):
         try:
             verify(path)
+            mine = owner_of(path)
+            if owner is not None and mine is not None and mine != owner:
+                problems.append(f"{path}: belongs to other records (owner {mine})")
+                _aside(path, ".stale")
+                continue
+            if problems:
+                verify_.warn(f"{'; '.join(problems)}: resuming from the checkpoint of step {_step(path)} instead")
             return path, problems
         except CorruptCheckpoint as e:
             problems.append(str(e))
-            log.warning("corrupt checkpoint skipped: %s", e)
-            aside = path.with_name(path.name + ".corrupt")
-            if not aside.exists():
-                path.rename(aside)
-    if found:
-        raise CorruptCheckpoint("no valid checkpoint left: " + "; ".join(problems))
+            _aside(path, ".corrupt")
+    if problems:
+        verify_.warn(f"{'; '.join(problems)}: no good checkpoint left, training from step 0 "
+                     "(the damaged ones are kept beside, renamed)")
     return None, problems
+
+
+def _step(path: Path) -> int:
+    return int(path.name.split("_")[-1])
+
+
+def _aside(path: Path, suffix: str) -> None:
+    aside = path.with_name(path.name + suffix)
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}{suffix}{n}")
+    path.rename(aside)

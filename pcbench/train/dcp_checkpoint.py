@@ -11,7 +11,6 @@ rank loads its shards (DCP reshards when the world size changed).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -22,17 +21,20 @@ import torch.distributed as dist
 
 from pcbench.train import checkpoint
 from pcbench.util.atomic import write_json
+from pcbench.util.verify import sha256_bytes
 from pcbench.train.distributed import DistEnv, barrier
 
-def _manifest(path: Path, step: int) -> None:
+def _manifest(path: Path, step: int, owner: Optional[str] = None) -> None:
     files = {}
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         data = f.read_bytes()
-        files[str(f.relative_to(path))] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    write_json(path / "manifest.json", {"step": step, "format": "dcp", "files": files})
+        files[str(f.relative_to(path))] = {"bytes": len(data), "sha256": sha256_bytes(data)}
+    write_json(path / "manifest.json", {"step": step, "format": "dcp", "files": files,
+                                        **({"owner": owner} if owner is not None else {})})
 
 
-def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: DistEnv, keep: int = 2) -> Path:
+def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: DistEnv, keep: int = 2,
+         owner: Optional[str] = None) -> Path:
     """Every rank writes its shards of checkpoint `step`; the main process adds `extra`, the
     manifest, renames it into place and keeps the newest `keep`."""
     import torch.distributed.checkpoint as dcp
@@ -54,7 +56,7 @@ def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: Dist
                 torch.save(extra, f)
                 f.flush()
                 os.fsync(f.fileno())
-            _manifest(tmp, step)
+            _manifest(tmp, step, owner)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -68,7 +70,8 @@ def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: Dist
     return final
 
 
-def load_latest(root: Path, trainable, opt, env: DistEnv) -> tuple[Optional[dict[str, Any]], list[str]]:
+def load_latest(root: Path, trainable, opt, env: DistEnv,
+                owner: Optional[str] = None) -> tuple[Optional[dict[str, Any]], list[str]]:
     """Load the newest valid checkpoint's shards into `trainable` and `opt` on every rank; returns
     its `extra` (None when there is none) and the problems found. Raises CorruptCheckpoint when
     checkpoints exist but none is valid."""
@@ -78,7 +81,7 @@ def load_latest(root: Path, trainable, opt, env: DistEnv) -> tuple[Optional[dict
     choice: list = [None, [], None]  # path, problems, error: the main process decides for all
     if env.main:
         try:
-            path, problems = checkpoint.newest_valid(root)
+            path, problems = checkpoint.newest_valid(root, owner)
             choice = [None if path is None else str(path), problems, None]
         except checkpoint.CorruptCheckpoint as e:
             choice = [None, [], str(e)]

@@ -245,9 +245,28 @@ class Stepper:
         return step_loss, grad_norm
 
 
+def work_identity(spec: RunSpec, train_store, lineage: Optional[str]) -> dict:
+    """What a run's work state (checkpoints, plan, export) is made for: the records' `lineage`, the
+    resolved spec, the token store it trains on (its key names the corpus inputs and tokenizer) and,
+    for a pcbench base model, that model's recorded files (`store.claim_work`)."""
+    from pcbench.spec.config import to_dict
+    from pcbench.util import outputs
+    from pcbench.util.verify import sha256_json
+
+    ident = {"lineage": lineage, "spec": sha256_json(to_dict(spec)), "data": train_store.path.name,
+             "data_sha256": train_store.meta.get("tokens_sha256")}
+    if spec.model.path and Path(spec.model.path).is_dir():
+        ident["base"] = outputs.output_digest(outputs.read_marker(spec.model.path))
+    return ident
+
+
 def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name: Optional[str] = None,
-          provenance: Optional[dict] = None, tracked: Optional[tracking.RunInfo] = None) -> dict:
-    """Train `spec` to completion, resuming from `paths.ckpt` if a checkpoint exists.
+          provenance: Optional[dict] = None, tracked: Optional[tracking.RunInfo] = None,
+          lineage: Optional[str] = None, adopt: bool = False) -> dict:
+    """Train `spec` to completion, resuming from `paths.ckpt` if a checkpoint exists there that
+    belongs to this run: `lineage` (the records' identity, `store.new_lineage`), spec and data
+    (`work_identity`); state left by anything else is moved aside (`store.claim_work`; `adopt`, or
+    no `lineage`: state from before owners were recorded is kept).
 
     Returns the final record (written once, to `paths.final`, with the caller's `provenance` keys
     added, e.g. `tuned`: where a tuned value came from); raises `NonFiniteLoss` on NaN/inf and
@@ -290,6 +309,14 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         cal = Batches(train_store, dc.seq_len, seed=spec.compress.importance_seed + 7919)
         return [cal.get(i, micro)[:, :-1] for i in range(spec.compress.calibration_batches)]
 
+    from pcbench.store import claim_work
+    from pcbench.util.verify import sha256_json, warn
+
+    ident = work_identity(spec, train_store, lineage)
+    owner = sha256_json(ident)[:16]
+    if env.main:
+        claim_work(paths, ident, adopt=adopt or lineage is None, say=warn)
+    distributed.barrier(env)
     trainable, tokenizer, teacher, info = build_trainable(spec, paths, env.device, calibration)
     vocab = trainable.model.config.vocab_size
     if len(tokenizer) > vocab:
@@ -308,9 +335,9 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     # Resume.
     start, losses, elapsed, interval_losses = 0, [], 0.0, []
     if par.sharded:  # every rank loads its shards; `state` holds the rest
-        state, problems = dcp_checkpoint.load_latest(paths.ckpt, trainable, opt, env)
+        state, problems = dcp_checkpoint.load_latest(paths.ckpt, trainable, opt, env, owner=owner)
     else:
-        state, problems = checkpoint.load_latest(paths.ckpt, map_location=env.device)
+        state, problems = checkpoint.load_latest(paths.ckpt, map_location=env.device, owner=owner)
     if state is not None:
         if not par.sharded:
             trainable.load_state_dict(state["trainable"])
@@ -353,13 +380,14 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
                  "losses": losses[-tc.last_k:], "elapsed": elapsed, "interval_losses": list(interval_losses)}
         if par.sharded:  # every rank writes its shards
             with interrupts.deferred():
-                dcp_checkpoint.save(paths.ckpt, step, trainable, opt, extra, env, keep=tc.keep_checkpoints)
+                dcp_checkpoint.save(paths.ckpt, step, trainable, opt, extra, env, keep=tc.keep_checkpoints,
+                                    owner=owner)
             return
         if env.main:
             with interrupts.deferred():
                 checkpoint.save(paths.ckpt, step, {
                     "trainable": trainable.state_dict(), "optimizer": opt.state_dict(), **extra},
-                    keep=tc.keep_checkpoints)
+                    keep=tc.keep_checkpoints, owner=owner)
         distributed.barrier(env)
 
     def log_recovery(step: int) -> None:
@@ -450,8 +478,14 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     }
     if env.main:
         with interrupts.deferred():  # a signal now is acted on once the run is recorded
-            export_model(export, tokenizer, paths.model, card=(to_dict(spec), record, card_name))
+            export_model(export, tokenizer, paths.model, card=(to_dict(spec), record, card_name),
+                         lineage=lineage)
             record["export_path"] = str(paths.model)
+            from pcbench.util import outputs
+
+            record["export_sha256"] = outputs.output_digest(outputs.read_marker(paths.model))
+            if lineage is not None:
+                record["lineage"] = lineage
             record["wall_seconds"] = round(time.time() - t0, 3)
             write_json(paths.final, record)
     tracker.finish(record)
@@ -472,7 +506,8 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def export_model(model, tokenizer, out: Path, what: str = "export", card: Optional[tuple] = None) -> None:
+def export_model(model, tokenizer, out: Path, what: str = "export", card: Optional[tuple] = None,
+                 lineage: Optional[str] = None) -> None:
     """Save a stock HF checkpoint (config + safetensors + tokenizer), marked as a pcbench `model`;
     with `card` = (spec dict, final record, run name), its model card (`pcbench.card`) as README.md.
 
@@ -495,5 +530,5 @@ def export_model(model, tokenizer, out: Path, what: str = "export", card: Option
 
             model_card.write(tmp, *card)
             model_card.keep_users_card(tmp, out)
-        outputs.install(tmp, out, "model", what)
+        outputs.install(tmp, out, "model", what, **({"lineage": lineage} if lineage else {}))
 

@@ -29,6 +29,7 @@ from pcbench.util.errors import SpecError
 
 MARKER = ".pcbench.json"
 KINDS = ("model", "report", "results", "work", "train", "compress-work", "tasks")
+HASHED = ("model",)  # kinds whose marker records the sha256 of every file (`verify_output`)
 _RUN_ID = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*-[0-9a-f]{10}")
 
 
@@ -202,9 +203,11 @@ def _fix_modes(d: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def install(staged: Path, target: str | os.PathLike, kind: str, what: str) -> Path:
-    """Put the finished output `staged` (a `staging` dir) at `target`, marked as `kind`, whole or
-    not at all: a reader (or a process killed meanwhile) sees the old output or the new one.
+def install(staged: Path, target: str | os.PathLike, kind: str, what: str, **extra) -> Path:
+    """Put the finished output `staged` (a `staging` dir) at `target`, marked as `kind` (with
+    `extra` fields in its marker), whole or not at all: a reader (or a process killed meanwhile)
+    sees the old output or the new one. A `model` marker records the sha256 of every file
+    (`sha256`), which `verify_output` checks whenever the model is read back.
 
     A missing or empty target is replaced by one rename. An output of the same kind is swapped
     with `staged` in one step (`atomic.replace_dir`), after the files in it that are not pcbench's
@@ -214,7 +217,11 @@ def install(staged: Path, target: str | os.PathLike, kind: str, what: str) -> Pa
     rename each, the marker last.)"""
     target = Path(target)
     files = _files(staged)
-    write_marker(staged, kind, files)
+    if kind in HASHED:
+        from pcbench.util.verify import digest_files
+
+        extra["sha256"] = digest_files(staged, files, cache=False)
+    write_marker(staged, kind, files, **extra)
     _fix_modes(staged)
     have = claim(target, kind, what)  # checked again: the target may have changed meanwhile
     if kind_of(have) == "":
@@ -281,3 +288,23 @@ def _install_files(staged: Path, target: Path, files: list[str], what: str) -> P
             (target / rel).unlink()
     os.replace(staged / MARKER, target / MARKER)
     return target
+
+
+def verify_output(d: str | os.PathLike, what: str = "") -> Optional[dict]:
+    """Check a pcbench output read back: every file its marker lists with a sha256 is intact
+    (`verify.Damaged` names the first that is not). Returns the marker (None: no marker, nothing
+    recorded to check against, e.g. a checkpoint pcbench did not write)."""
+    from pcbench.util.verify import verify_files
+
+    m = read_marker(d)
+    if m is not None and isinstance(m.get("sha256"), dict):
+        verify_files(d, m["sha256"], what=what)
+    return m
+
+
+def output_digest(marker: Optional[dict]) -> Optional[str]:
+    """One digest for an output's recorded file table (what a record keeps to name its output)."""
+    from pcbench.util.verify import sha256_json
+
+    table = (marker or {}).get("sha256")
+    return sha256_json(table) if isinstance(table, dict) else None

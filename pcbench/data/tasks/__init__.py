@@ -53,6 +53,7 @@ from typing import Iterator, Optional
 from pcbench.data import corpora
 from pcbench.util.atomic import file_lock, write_bytes, write_json
 from pcbench.util.paths import cache_dir
+from pcbench.util.verify import Damaged, verify_files, warn
 
 FORMAT = 1  # the tasks' lm-eval metadata version; bump when examples change meaning
 TASKS = ("pcb_cloze", "pcb_continuation")
@@ -288,13 +289,22 @@ def suite_key() -> str:
     return _sha(json.dumps(desc, sort_keys=True).encode("utf-8"))[:16]
 
 
-def _complete(out: Path, key: str) -> bool:
+def _complete(out: Path, key: str, say: bool = False) -> bool:
+    """Is `out` a complete suite of `key`, every file with the sha256 `suite.json` recorded
+    (`pcbench.util.verify`: hashed once per version of a file)? `say`: name a damaged file in one
+    warning line (the suite is then rebuilt)."""
     manifest = out / "suite.json"
     try:
         info = json.loads(manifest.read_text(encoding="utf-8"))
-        return info.get("key") == key and all(
-            _sha((out / f).read_bytes()) == h for f, h in info["files"].items())
-    except (OSError, ValueError, KeyError, AttributeError):
+        if info.get("key") != key:
+            return False
+        verify_files(out, info["files"], what="task suite")
+        return True
+    except Damaged as e:
+        if say:
+            warn(f"{e}; rebuilding it")
+        return False
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return False
 
 
@@ -314,7 +324,7 @@ def build_tasks(out: Optional[Path] = None) -> Path:
     """Build the local suite (or reuse a complete one); returns the directory for `include_path`."""
     key = suite_key()
     out = Path(out if out is not None else cache_dir() / "lm_eval_tasks" / key).resolve()
-    if _complete(out, key):
+    if _complete(out, key, say=True):
         return out
     with file_lock(out / ".lock"):
         if _complete(out, key):

@@ -168,8 +168,9 @@ def _check(run: Run, store: Store, bad: set[str], waited_self: bool):
         return "blocked", 0
     if waiting is None:
         state, detail = live.state(run.id, run.kind)
-        if state == "completed":
-            say(f"{run.id}: completed by another process: skipped")
+        lost = state == "completed" and run.kind == "train" and store.export_problem(run.id)
+        if state == "completed" and not lost:  # (the launcher submits a completed run only when a
+            say(f"{run.id}: completed by another process: skipped")  # run it feeds needs its lost export)
             return "skipped", 0
         if state == "failed" and waited_self:
             say(f"{run.id}: failed under another process: {store.status(run.id).get('error', '')}")

@@ -1,0 +1,147 @@
+"""The sha256 of what pcbench wrote, checked when it is read back: the one hashing helper.
+
+Everything pcbench reads back that it wrote (token stores, the tokenizers it trains, exported
+models, checkpoints, the task suite) carries the sha256 recorded when it was written; a reader
+calls `verify_file` (or `verify_files` for a directory's table) before trusting the bytes, and a
+mismatch raises `Damaged`, shown as one line: `... damaged: PATH (sha256 mismatch)`.
+
+Cheap on the hot path: a file's digest is computed once per version of the file, where a version
+is (device, inode, size, mtime_ns, ctime_ns): any write to the file (or `touch`, a rename, a
+restored mtime) changes its ctime, so a cached digest never outlives the bytes it describes. The
+digest is kept for this process (a dict) and for the next ones in a small verified-cache under
+`cache_dir()/verified/` (one JSON file per path, written atomically; an unreadable entry is
+ignored). A multi-GB token store is hashed once, not once per run.
+
+May import: nothing of pcbench but `util` (a leaf room).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+CHUNK = 1 << 20
+_memo: dict[tuple, str] = {}
+_said: set[str] = set()
+
+
+class Damaged(RuntimeError):
+    """A file pcbench wrote is not what it recorded: `WHAT damaged: PATH (WHY)`."""
+
+    def __init__(self, path: str | os.PathLike, why: str = "sha256 mismatch", what: str = ""):
+        self.path, self.why, self.what = Path(path), why, what
+        super().__init__(f"{what + ' ' if what else ''}damaged: {path} ({why})")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj) -> str:
+    """The digest of a JSON-able value in canonical form (sorted keys, no spaces)."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+
+def _version(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _entry(path: Path) -> Optional[Path]:
+    """The verified-cache file of `path` (None when no cache dir can be had)."""
+    try:
+        from pcbench.util.paths import cache_dir
+
+        root = cache_dir() / "verified"
+    except OSError:
+        return None
+    return root / (sha256_bytes(str(path).encode("utf-8", "surrogateescape"))[:32] + ".json")
+
+
+def _cached(path: Path, version: tuple) -> Optional[str]:
+    key = (str(path), *version)
+    if key in _memo:
+        return _memo[key]
+    entry = _entry(path)
+    if entry is None:
+        return None
+    try:
+        rec = json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(rec, dict) and rec.get("path") == str(path) and rec.get("version") == list(version) \
+            and isinstance(rec.get("sha256"), str):
+        _memo[key] = rec["sha256"]
+        return rec["sha256"]
+    return None
+
+
+def _remember(path: Path, version: tuple, digest: str) -> None:
+    _memo[(str(path), *version)] = digest
+    entry = _entry(path)
+    if entry is None:
+        return
+    try:
+        from pcbench.util.atomic import write_text
+
+        write_text(entry, json.dumps({"path": str(path), "version": list(version), "sha256": digest}))
+    except OSError:
+        pass  # a read-only cache: this process still remembers
+
+
+def sha256_file(path: str | os.PathLike, *, cache: bool = True) -> str:
+    """The sha256 of the file at `path` (hashed once per version of the file, see the module)."""
+    path = Path(os.path.abspath(path))
+    st = path.stat()
+    version = _version(st)
+    if cache:
+        hit = _cached(path, version)
+        if hit is not None:
+            return hit
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if cache and _version(path.stat()) == version:  # unchanged while we read it
+        _remember(path, version, digest)
+    return digest
+
+
+def verify_file(path: str | os.PathLike, sha256: str, *, size: Optional[int] = None, what: str = "",
+                cache: bool = True) -> None:
+    """Raise `Damaged` unless the file at `path` has the recorded `sha256` (and `size`, if given)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise Damaged(p, "missing", what) from None
+    if not p.is_file():
+        raise Damaged(p, "not a file", what)
+    if size is not None and st.st_size != size:
+        raise Damaged(p, f"{st.st_size} bytes, recorded {size}: truncated or extended", what)
+    if sha256_file(p, cache=cache) != sha256:
+        raise Damaged(p, "sha256 mismatch", what)
+
+
+def digest_files(root: str | os.PathLike, rels: Iterable[str], *, cache: bool = True) -> dict[str, str]:
+    """{relative path: sha256} of files under `root` (`cache=False`: files about to move)."""
+    root = Path(root)
+    return {rel: sha256_file(root / rel, cache=cache) for rel in sorted(rels)}
+
+
+def verify_files(root: str | os.PathLike, table: Mapping[str, str], *, what: str = "") -> None:
+    """Every file of `table` ({relative path: sha256}) under `root` is intact, else `Damaged`."""
+    root = Path(root)
+    for rel, digest in sorted(table.items()):
+        verify_file(root / rel, digest, what=what)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (`pcbench: warning: ...`), once per message in this process."""
+    if message not in _said:
+        _said.add(message)
+        print(f"pcbench: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
