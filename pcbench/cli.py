@@ -303,8 +303,12 @@ def cmd_eval(args) -> int:
     spec = _spec_from_flags(EvalSpec, args, "eval", {"model": args.model})
     if Path(args.model).is_dir():  # a pcbench model: its files as recorded, by sha256
         from pcbench.util.outputs import verify_output
+        from pcbench.util.verify import Damaged
 
-        verify_output(args.model, "model")
+        try:
+            verify_output(args.model, "model")
+        except Damaged as e:  # the model named on the command line: bad input (rc 2)
+            raise SpecError("eval", str(e)) from None
     try:
         scores = lm_eval_scores(spec)
     except RuntimeError as e:  # e.g. a hub task whose dataset cannot be fetched offline

@@ -252,7 +252,8 @@ def test_damaged_cache_entry_is_named_and_rebuilt(clean, tmp_path, case):
 
 @pytest.mark.slow
 def test_damaged_export_is_refused_then_trained_again(clean, tmp_path):
-    """A truncated exported model: `export` and `eval` refuse it in one line (rc 1) and copy or score
+    """A truncated exported model: `export` (rc 1: the store's file) and `eval` (rc 2: the model it is
+    given) refuse it in one line and copy or score
     nothing; a run that loads it has it trained again first (the README's promise)."""
     g = copy_of(clean, tmp_path)
     base = g.ids["base"]
@@ -266,7 +267,7 @@ def test_damaged_export_is_refused_then_trained_again(clean, tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("pcbench: error: ")
     assert f"damaged: {weights} (" in r.stderr and not out.exists()
     r = cli(g, "eval", str(model), "--limit", "2", grid_args=False)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # the model named: bad input
     assert f"damaged: {weights} (sha256 mismatch)" in r.stderr
     assert finals(g) == before  # nothing recorded
     shutil.rmtree(g.store.run_dir(g.ids["pc"]))  # pc must run: it loads the damaged export
