@@ -67,6 +67,11 @@ def cmd_run(args) -> int:
 
     grid, store = _grid_and_store(args)
     problems = preflight.check_grid(grid, store, args.only, _resources(args), args.executor)
+    if args.no_prepare:  # the stores must be there already: say which are not, before any job
+        from pcbench.run.prepare import missing_stores
+
+        todo = [r for r in grid.select(args.only) if store.state(r.id) != "completed"]
+        problems += [SpecError("data", m.split(": ", 1)[1]) for m in missing_stores(grid, todo)]
     if args.dry_run:
         print(dry_run_table(grid, store, args.only, args.retry_failed, _resources(args), args.executor))
         if problems:
@@ -83,7 +88,8 @@ def cmd_run(args) -> int:
     with interrupts.graceful():
         try:
             out = launch.submit(grid, store, args.executor, only=args.only, retry_failed=args.retry_failed,
-                                resources=_resources(args), progress=None, parallel=args.parallel)
+                                resources=_resources(args), progress=None, parallel=args.parallel,
+                                prepare=not args.no_prepare, workers=args.workers)
             if args.wait:
                 ex.wait(out, store)
         except interrupts.Interrupted as e:
@@ -98,6 +104,21 @@ def cmd_run(args) -> int:
               "(to run the grid yourself, give another store: --results DIR)")
     print(status_table(grid, store, args.only))
     return 1 if out.failed or out.blocked or out.interrupted else 0
+
+
+def cmd_prepare(args) -> int:
+    """`pcbench prepare GRID`: build every token store the selected runs read, with N workers."""
+    from pcbench.run.prepare import prepare_grid
+
+    grid, store = _grid_and_store(args)
+    todo = grid.select(args.only)
+    done = prepare_grid(grid, todo, workers=args.workers)
+    for p in done:
+        print(f"{p.ref.label()}: {p.manifest['n_tokens']:,} tokens, {len(p.manifest['shards'])} shards "
+              f"({len(p.built)} built, {len(p.redone)} redone, {len(p.kept)} kept) at {p.path}")
+    if not done:
+        print("no token stores to prepare")
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -151,6 +172,9 @@ def cmd_train(args) -> int:
             preflight.check_compression(config, spec.compress.compression, spec.compress.align,
                                         "compress.compression")
     out = outputs.ensure_dir(args.out, "train", "--out")
+    from pcbench.run.prepare import prepare_spec
+
+    prepare_spec(spec)  # the prepare stage of this one run: training only reads
     rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"))
     print(json.dumps({k: rec[k] for k in ("train_loss_last100", "heldout_loss", "export_path") if k in rec}))
     return 0
@@ -195,6 +219,9 @@ def cmd_compress(args) -> int:
     if config is not None:
         preflight.check_compression(config, spec.compress.compression, spec.compress.align, "--compression")
     _fresh_compress_state(work, spec)
+    from pcbench.run.prepare import prepare_spec
+
+    prepare_spec(spec)  # the prepare stage of this one run: training only reads
     rec = train(spec, RunPaths(record=work / "record", work=work, export=out))
     plan = rec.get("plan", {})
     print(json.dumps({"export": str(out), "method": args.method, "requested": args.compression,
@@ -331,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         if only:
             sp.add_argument("--only", help="filter: a stage name or key=value[,key=value] on run labels")
 
+    sp = sub.add_parser("prepare", help="build the token stores a grid's runs read (before any training job)")
+    grid_args(sp)
+    sp.add_argument("--workers", type=_number(int, 1), help="worker processes (default: the CPUs this process may use)")
+    sp.set_defaults(fn=cmd_prepare)
+
     sp = sub.add_parser("run", help="run or submit a grid")
     grid_args(sp)
     from pcbench.run.executors import EXECUTORS  # the registry
@@ -341,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--parallel", type=lambda v: v if v == "auto" else _number(int, 1)(v),
                     help="local: runs at once (default auto: as many as fit the cores at the CPU runs' threads; 1: one at a time)")
     sp.add_argument("--wait", action="store_true", help="slurm: wait for the submitted jobs")
+    sp.add_argument("--no-prepare", action="store_true",
+                    help="do not build the token stores first (refused when one is missing)")
+    sp.add_argument("--workers", type=_number(int, 1), help="prepare: worker processes (default: the CPUs usable)")
     for flag, typ, h in (("--partition", str, "SLURM partition"), ("--account", str, "SLURM account"),
                          ("--qos", str, "SLURM QOS"), ("--gpus", _number(int, 0), "GPUs per node"),
                          ("--cpus", _number(int, 1), "CPUs per task"),

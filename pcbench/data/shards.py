@@ -70,15 +70,31 @@ class StoreRef:
     split: str
     tokenizer_corpus: str = "books"
 
+    def tok_label(self) -> str:
+        """The tokenizer's name, or `model` for a checkpoint's own (a directory or a hub id: the
+        store is named by its fingerprint, so the same tokenizer by path or by id is one store)."""
+        t = self.tokenizer
+        return t if t in ("gpt2", "llama3") or re.fullmatch(r"bpe-\d+", t) else "model"
+
     def label(self) -> str:
-        tok = self.tokenizer if not Path(self.tokenizer).is_dir() else Path(self.tokenizer).name
-        return f"{self.corpus}/{self.split}/{tok}"
+        return f"{self.corpus}/{self.split}/{self.tok_label()}"
 
 
-def load_tok(ref: StoreRef):
+def load_tok(ref: StoreRef, offline: bool = True):
+    """The store's tokenizer; a hub id is read from the HF cache only, unless `offline` is False
+    (the prepare stage, which fetches it there)."""
     from pcbench.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(ref.tokenizer, corpus=ref.tokenizer_corpus)
+    t = ref.tokenizer
+    if ref.tok_label() == "model" and not Path(t).is_dir() and re.fullmatch(r"[\w.-]+/[\w.-]+", t):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(t, local_files_only=offline)
+        except OSError as e:
+            raise SpecError("data.tokenizer", f"the tokenizer of {t} is not in the HF cache"
+                            + (": run `pcbench prepare GRID` (it fetches it)" if offline else f": {e}")) from None
+    return load_tokenizer(t, corpus=ref.tokenizer_corpus)
 
 
 def identity(ref: StoreRef, tok=None) -> tuple[str, dict]:
@@ -90,8 +106,7 @@ def identity(ref: StoreRef, tok=None) -> tuple[str, dict]:
              "inputs_sha256": corpora.fingerprint(ref.corpus, ref.split),
              "tokenizer_sha256": fingerprint(tok), "files_per_group": _files_per_group(ref.corpus)}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    label = ref.tokenizer if not Path(ref.tokenizer).is_dir() else Path(ref.tokenizer).name
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{ref.corpus}-{ref.split}-{label}")[:80]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{ref.corpus}-{ref.split}-{ref.tok_label()}")[:80]
     return f"{name}-{digest}", ident
 
 
@@ -353,7 +368,7 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
     corpora.check_split(ref.corpus, ref.split)
     if need is None and corpora.is_streaming(ref.corpus):
         raise SpecError("data", f"corpus {ref.corpus!r} is streamed: say how many tokens its store needs")
-    tok = load_tok(ref)  # in this process first: a bpe-<N> is trained (or copied) once, here
+    tok = load_tok(ref, offline=False)  # here first: a bpe-<N> is trained (or copied) once, a hub one fetched
     name, ident = identity(ref, tok)
     root = stores_root() / name
     root.mkdir(parents=True, exist_ok=True)

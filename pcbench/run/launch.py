@@ -120,7 +120,8 @@ def _prepare(store: Store, grid: Grid) -> None:
 
 def submit(grid: Grid, store: Store, executor: str = "local", *, only: Optional[str] = None,
            retry_failed: bool = False, resources: Optional[dict] = None, progress: Optional[bool] = None,
-           log_dir: Optional[Path] = None, parallel: Optional[int] = None) -> Outcome:
+           log_dir: Optional[Path] = None, parallel: Optional[int] = None, prepare: bool = True,
+           workers: Optional[int] = None) -> Outcome:
     """Run or submit what `plan_submission` says; returns what happened. Locally, rounds repeat while
     runs wait for a sweep that the last round's runs may have extended or bracketed. `parallel`:
     local runs at once (default: `local_parallel`)."""
@@ -128,7 +129,7 @@ def submit(grid: Grid, store: Store, executor: str = "local", *, only: Optional[
     total = Outcome()
     while True:  # retry failed runs in the first round only
         out = _submit_round(grid, store, ex, only, retry_failed and not total.submitted, resources,
-                            progress, log_dir, parallel)
+                            progress, log_dir, parallel, prepare, workers)
         for f in ("submitted", "failed", "blocked", "interrupted"):
             getattr(total, f).extend(getattr(out, f))
         total.jobs.update(out.jobs)
@@ -143,7 +144,8 @@ def submit(grid: Grid, store: Store, executor: str = "local", *, only: Optional[
 
 def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], retry_failed: bool,
                   resources: Optional[dict], progress: Optional[bool], log_dir: Optional[Path],
-                  parallel: Optional[int] = None) -> Outcome:
+                  parallel: Optional[int] = None, prepare: bool = True,
+                  workers: Optional[int] = None) -> Outcome:
     override = resources or {}
     decisions = plan_submission(grid, store, only, retry_failed)
     ex.check(decisions, override)  # e.g. SLURM resources every job needs
@@ -154,6 +156,10 @@ def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], r
     todo = [d.run for d in decisions if d.action == "submit"]
     if not todo:
         return outcome
+    if prepare:  # the prepare stage: every store the jobs read, before the first job
+        from pcbench.run.prepare import prepare_grid
+
+        prepare_grid(grid, todo, workers=workers)
     log_dir = Path(log_dir or store.work / "logs")
     ex.run(todo, store, outcome, override=override, log_dir=log_dir, progress=progress, parallel=parallel)
     return outcome

@@ -112,6 +112,16 @@ def _check_data_tokenizer(spec: RunSpec, tok, load_tokenizer) -> None:
                             f"checkpoint {models.pretrained_path(spec.model)}; use `model` or the same one")
 
 
+def open_run_stores(spec: RunSpec, tokenizer: str) -> dict:
+    """The run's prepared token stores, opened read-only (`data.shards.open_store`): no tokenising,
+    no lock, no connection; an unprepared store is one line naming `pcbench prepare`."""
+    from pcbench.data.shards import open_store
+    from pcbench.spec.stores import run_stores
+
+    return {role: open_store(s.ref, n_tokens=s.n_tokens, need=s.need)
+            for role, s in run_stores(spec, tokenizer).items()}
+
+
 def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibration=None):
     """(trainable, tokenizer, teacher, info) for the spec's kind: pretrain, finetune, or a registered
     compression method (`pcbench.spec.methods.METHODS`), built by its builder module."""
@@ -253,7 +263,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     `interrupts.Interrupted` on a signal. `progress`: True a bar, False nothing, None a bar on a
     TTY and log lines (named `name`) elsewhere.
     """
-    from pcbench.data.tokens import Batches, eval_batches, prepare_tokens
+    from pcbench.data.tokens import Batches, eval_batches
 
     spec.validate()
     t0 = time.time()
@@ -274,8 +284,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         paths.work.mkdir(parents=True, exist_ok=True)
     distributed.barrier(env)
 
-    stores = dc.token_stores(data_tokenizer_name(spec))
-    train_store = prepare_tokens(**stores["train"])
+    stores = open_run_stores(spec, data_tokenizer_name(spec))  # prepared before: only read here
+    train_store = stores["train"]
     data_seed = tc.seed if tc.data_seed is None else tc.data_seed
     batches = Batches(train_store, dc.seq_len, seed=data_seed)
 
@@ -287,7 +297,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     vocab = trainable.model.config.vocab_size
     if len(tokenizer) > vocab:
         raise SpecError("data.tokenizer", f"tokenizer has {len(tokenizer)} tokens, model vocab is {vocab}")
-    eval_store = prepare_tokens(**stores["eval"]) if "eval" in stores else None
+    eval_store = stores.get("eval")
 
     par = parallel.wrap(trainable, env, spec)  # ddp (one process or DDP) or fsdp (FSDP2)
     net = par.net

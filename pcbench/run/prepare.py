@@ -1,0 +1,163 @@
+"""The prepare stage of a grid: every token store its runs read, built before any training job.
+
+`grid_stores(grid, runs)` lists the stores the runs read (`spec.stores.run_stores`), merged: a
+store must hold the largest prefix any of its runs reads (None: a packaged corpus's whole split).
+`prepare_grid` builds them with `data.shards.prepare_store` (a local pool of worker processes);
+`pcbench prepare GRID` and `pcbench run` (first, before any job) call it. Training jobs then only
+open the stores' manifests. `store_rows` is what the dry run shows of each store.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pcbench.data import corpora
+from pcbench.data.shards import StoreRef
+from pcbench.spec.stores import run_stores
+from pcbench.store import parse_ref
+
+# Tokens per second per core of one worker (one thread), measured with the one-process path on the
+# 2-core AMD VM (../shared/CLUSTER.md, 2026-12-07: 588k tokens/s GPT-2, 633k Llama-3 on 2 cores);
+# `pcbench bench data` measures them again.
+TOKENS_PER_CORE_S = {"gpt2": 294_000, "llama3": 316_000}
+DEFAULT_RATE = 294_000
+
+
+@dataclass
+class StoreNeed:
+    ref: StoreRef
+    need: Optional[int]  # tokens the store must hold; None: the whole split
+    runs: list = field(default_factory=list)
+
+
+def resolve_tokenizer(run, by_id: dict) -> Optional[str]:
+    """The tokenizer a run's data is tokenised with: `model` is its base checkpoint's, followed
+    through `run:<id>` references to the run that made it; None: not knowable before training."""
+    from pcbench.models import pretrained_path
+
+    seen = set()
+    while True:
+        spec = run.spec
+        if spec.data.tokenizer != "model":
+            return spec.data.tokenizer
+        path = spec.model.path
+        rid = parse_ref(path) if path else None
+        if rid is None:
+            try:
+                return pretrained_path(spec.model)
+            except Exception:  # noqa: BLE001 - the preflight names a missing checkpoint
+                return None
+        if rid in seen or rid not in by_id or by_id[rid].kind != "train":
+            return None
+        seen.add(rid)
+        run = by_id[rid]
+
+
+def grid_stores(grid, runs) -> list[StoreNeed]:
+    """The stores the training runs among `runs` read, in first-use order, with what each must hold."""
+    by_id = grid.by_id()
+    out: dict[StoreRef, StoreNeed] = {}
+    for run in runs:
+        if run.kind != "train":
+            continue
+        tok = resolve_tokenizer(run, by_id)
+        if tok is None:
+            continue
+        for s in run_stores(run.spec, tok).values():
+            n = out.get(s.ref)
+            if n is None:
+                out[s.ref] = StoreNeed(s.ref, s.need, [run.id])
+                continue
+            n.runs.append(run.id)
+            n.need = None if n.need is None or s.need is None else max(n.need, s.need)
+    return list(out.values())
+
+
+def describe_sources(ref: StoreRef) -> str:
+    """The source files, without the network: counted locally, named for a hub corpus."""
+    try:
+        src = corpora.source(ref.corpus, ref.split) if corpora.is_streaming(ref.corpus) else None
+        if src is not None and src["data_files"] is None:
+            return f"hub {src['path']}{':' + src['name'] if src['name'] else ''} ({src['split']})"
+        return f"{len(corpora.source_files(ref.corpus, ref.split))} files"
+    except Exception as e:  # noqa: BLE001 - shown, and the preflight names it
+        return f"? ({' '.join(str(e).split())[:60]})"
+
+
+def core_hours(ref: StoreRef, tokens: Optional[int]) -> Optional[float]:
+    if tokens is None:
+        return None
+    return tokens / TOKENS_PER_CORE_S.get(ref.tokenizer, DEFAULT_RATE) / 3600
+
+
+def prepared(n: StoreNeed) -> Optional[bool]:
+    from pcbench.data import shards
+
+    try:
+        return shards.is_prepared(n.ref, n.need)
+    except Exception:  # noqa: BLE001 - a tokenizer not available yet (e.g. a hub one): unknown
+        return None
+
+
+def store_rows(grid, runs) -> list[dict]:
+    """One row per store for the dry run: corpus, tokenizer, tokens needed, files, core-hours, prepared."""
+    rows = []
+    for n in grid_stores(grid, runs):
+        p = prepared(n)
+        ch = core_hours(n.ref, n.need)
+        rows.append({"store": n.ref.label(), "runs": len(n.runs),
+                     "tokens_needed": "whole split" if n.need is None else _human(n.need),
+                     "sources": describe_sources(n.ref),
+                     "core_h": "<0.1" if ch is None or ch < 0.1 else f"{ch:.1f}",
+                     "prepared": {True: "yes", False: "no", None: "?"}[p]})
+    return rows
+
+
+def _human(n: int) -> str:
+    for unit, k in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= k:
+            return f"{n / k:.1f}{unit}"
+    return str(n)
+
+
+def missing_stores(grid, runs) -> list[str]:
+    """One line per store the runs read that is not prepared (for the preflight of `--no-prepare`)."""
+    return [f"data: the token store {n.ref.label()} is not prepared ({'the whole split' if n.need is None else f'{n.need:,} tokens'}"
+            f" for {len(n.runs)} run(s)): run `pcbench prepare GRID` first"
+            for n in grid_stores(grid, runs) if prepared(n) is False]
+
+
+def prepare_grid(grid, runs, workers: Optional[int] = None, log=None) -> list:
+    """Build every store the training runs among `runs` read (what is there already is checked
+    and kept). Returns the `shards.Prepared` of each."""
+    from pcbench.data import shards
+
+    log = log or (lambda m: print(f"[pcbench] {m}", file=sys.stderr, flush=True))
+    needs = grid_stores(grid, runs)
+    out = []
+    for k, n in enumerate(needs, 1):
+        what = "the whole split" if n.need is None else f"{n.need:,} tokens"
+        log(f"prepare {k}/{len(needs)}: {n.ref.label()} ({what}, {len(n.runs)} run(s))")
+        p = shards.prepare_store(n.ref, need=n.need, workers=workers, log=log)
+        log(f"prepare {k}/{len(needs)}: {n.ref.label()} ready: {p.manifest['n_tokens']:,} tokens in "
+            f"{len(p.manifest['shards'])} shards ({len(p.built)} built, {len(p.redone)} redone, "
+            f"{len(p.kept)} kept, {p.seconds:.1f} s)")
+        out.append(p)
+    return out
+
+
+def prepare_spec(spec, workers: Optional[int] = None, log=None) -> list:
+    """`pcbench train` / `compress`: the stores of one training spec, built here before it trains."""
+    from pcbench.data import shards
+    from pcbench.train.loop import data_tokenizer_name
+
+    return [shards.prepare_store(s.ref, need=s.need, workers=workers, log=log)
+            for s in run_stores(spec, data_tokenizer_name(spec)).values()]
+
+
+def estimate(needs: list[StoreNeed]) -> float:
+    """Core-hours to prepare `needs` from nothing at the measured rate (whole splits: not counted)."""
+    return math.fsum(core_hours(n.ref, n.need) or 0.0 for n in needs)
