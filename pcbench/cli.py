@@ -299,6 +299,8 @@ def cmd_bench(args) -> int:
         from pcbench.bench.throughput import main as bench_main
     elif args.which == "gpu-check":
         from pcbench.bench.gpu_check import main as bench_main
+    elif args.which == "data":
+        from pcbench.bench.data import main as bench_main
     elif args.which == "memory":
         from pcbench.bench.memory import main as bench_main
     else:
@@ -450,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_tasks)
 
     sp = sub.add_parser("bench", help="benchmarks (write JSON under results/bench/)")
-    sp.add_argument("which", choices=["throughput", "step-cost", "memory", "gpu-check"])
+    sp.add_argument("which", choices=["throughput", "step-cost", "memory", "gpu-check", "data"])
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_bench)
     return p

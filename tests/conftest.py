@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 # (`pcbench prepare`), so the default spec's stores are prepared once per session, in the
 # ambient cache (kept when already there: each shard's sha256 is checked).
 TRAINS_DIRECTLY = {"test_train", "test_memory", "test_methods", "test_export", "test_fsdp", "test_data",
-                   "test_tuned", "test_compress", "test_eval", "test_faults", "test_cuda"}
+                   "test_tuned", "test_compress", "test_eval", "test_faults", "test_cuda", "test_prefetch",
+                   "test_prepare"}
 
 
 @pytest.fixture(scope="session")

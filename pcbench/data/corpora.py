@@ -380,7 +380,8 @@ def source_files(corpus: str, split: str, *, data_files: DataFiles = None) -> li
     from datasets.data_files import DataFilesDict
 
     if src["data_files"] is not None:
-        files = DataFilesDict.from_patterns(src["data_files"])[src["split"]]
+        pats = {k: v if isinstance(v, list) else [v] for k, v in src["data_files"].items()}
+        files = DataFilesDict.from_patterns(pats)[src["split"]]
     else:  # the hub's own file list (network): what load_dataset(path, name) would read
         import datasets
 

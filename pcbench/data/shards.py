@@ -318,7 +318,21 @@ def _worker_init() -> None:
 _WORKER_TOK: dict = {}
 
 
-def _task(ref: StoreRef, root: str, i: int, files: list, verify: bool) -> tuple[int, dict, str]:
+class _BareTok:
+    """What `build_shard` uses of a tokenizer, from its backend's JSON: workers import `tokenizers`
+    only (not transformers), so a worker starts in about a second."""
+
+    def __init__(self, backend_json: str, eos: int, vocab: int):
+        from tokenizers import Tokenizer
+
+        self.backend_tokenizer = Tokenizer.from_str(backend_json)
+        self.eos_token_id, self._vocab = eos, vocab
+
+    def __len__(self) -> int:
+        return self._vocab
+
+
+def _task(ref: StoreRef, root: str, i: int, files: list, verify: bool, tok_state: tuple) -> tuple[int, dict, str]:
     """Pool task: (i, record, what happened: kept | built | redone (why))."""
     root_p = Path(root)
     why = "missing"
@@ -328,7 +342,7 @@ def _task(ref: StoreRef, root: str, i: int, files: list, verify: bool) -> tuple[
             return i, rec, "kept"
     if ref not in _WORKER_TOK:
         _WORKER_TOK.clear()
-        _WORKER_TOK[ref] = load_tok(ref)
+        _WORKER_TOK[ref] = _BareTok(*tok_state)
     hook = None
     kill = os.environ.get("PCBENCH_TEST_KILL_SHARD")  # tests: SIGKILL this worker inside shard N
     if kill is not None and int(kill) == i:
@@ -374,6 +388,9 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
     root.mkdir(parents=True, exist_ok=True)
     plan = groups(ref)
     workers = max(1, workers or default_workers())
+    tok_state = (tok.backend_tokenizer.to_str(), tok.eos_token_id, len(tok))
+    if tok_state[1] is None:
+        raise SpecError("data.tokenizer", f"tokenizer {ref.tokenizer!r} has no eos token")
     records: dict[int, dict] = {}
     built, redone, kept = [], [], []
 
@@ -395,7 +412,7 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
             pending, nxt = set(), 0
             while True:
                 while nxt < len(plan) and len(pending) < workers and not covered():
-                    pending.add(pool.submit(_task, ref, str(root), nxt, plan[nxt], True))
+                    pending.add(pool.submit(_task, ref, str(root), nxt, plan[nxt], True, tok_state))
                     nxt += 1
                 if not pending:
                     break
@@ -437,9 +454,48 @@ class ShardedTokens:
     def __init__(self, paths: list[Path], counts: list[int], dtype: np.dtype, n: int):
         self.dtype = np.dtype(dtype)
         self.n = int(n)
+        self.paths, self.counts = list(paths), list(counts)
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.maps = [np.memmap(p, dtype=self.dtype, mode="r", shape=(c,)) if c else np.empty(0, self.dtype)
-                     for p, c in zip(paths, counts)]
+        self._maps: Optional[list] = None
+        self._fds: dict[int, int] = {}
+
+    @property
+    def maps(self) -> list:
+        if self._maps is None:
+            self._maps = [np.memmap(p, dtype=self.dtype, mode="r", shape=(c,)) if c else np.empty(0, self.dtype)
+                          for p, c in zip(self.paths, self.counts)]
+        return self._maps
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def rows(self, starts: np.ndarray, width: int) -> np.ndarray:
+        """`[len(starts), width]` tokens, row r = tokens[starts[r]: starts[r] + width], read with
+        pread (no mapping: memory stays flat, and a page of a large file costs one read)."""
+        out = np.empty((len(starts), width), dtype=self.dtype)
+        size = self.dtype.itemsize
+        for r, a in enumerate(np.asarray(starts, dtype=np.int64)):
+            a = int(a)
+            if a < 0 or a + width > self.n:
+                raise IndexError(f"tokens [{a}, {a + width}) out of range [0, {self.n})")
+            got = 0
+            while got < width:  # a row may cross a shard boundary
+                pos = a + got
+                s = int(np.searchsorted(self.starts, pos, side="right")) - 1
+                take = min(width - got, int(self.starts[s + 1]) - pos)
+                fd = self._fds.get(s)
+                if fd is None:
+                    fd = self._fds[s] = os.open(self.paths[s], os.O_RDONLY)
+                buf = os.pread(fd, take * size, (pos - int(self.starts[s])) * size)
+                if len(buf) != take * size:
+                    raise OSError(f"{self.paths[s]}: short read ({len(buf)} of {take * size} bytes)")
+                out[r, got: got + take] = np.frombuffer(buf, dtype=self.dtype)
+                got += take
+        return out
 
     def __len__(self) -> int:
         return self.n
@@ -454,6 +510,9 @@ class ShardedTokens:
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"token index out of range [0, {self.n})")
+        if idx.ndim == 2 and idx.shape[1] > 1 and np.array_equal(
+                idx - idx[:, :1], np.broadcast_to(np.arange(idx.shape[1]), idx.shape)):
+            return self.rows(idx[:, 0], idx.shape[1])  # windows: the trainer's batches
         if len(self.maps) == 1:
             return self.maps[0][idx]
         flat = idx.ravel()

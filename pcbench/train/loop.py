@@ -263,6 +263,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     `interrupts.Interrupted` on a signal. `progress`: True a bar, False nothing, None a bar on a
     TTY and log lines (named `name`) elsewhere.
     """
+    from pcbench.data.loader import Prefetcher
     from pcbench.data.tokens import Batches, eval_batches
 
     spec.validate()
@@ -382,9 +383,11 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     interval_t, run_t = time.time(), time.time()
     net.train()
     with interrupts.deferred():  # a signal stops the loop at the next step boundary
+        feed = Prefetcher(lambda i: batches.get(i, tc.batch_size, rank=env.rank, world=env.world),
+                          env.device, steps)  # the next batch is cut while this step runs
         for step in range(start, steps):
             step_t = time.time()
-            batch = batches.get(step, tc.batch_size, rank=env.rank, world=env.world).to(env.device)
+            batch = feed.get(step)
             lr = opt.param_groups[0]["lr"]
             try:
                 step_loss, grad_norm = stepper(batch, step)
@@ -428,6 +431,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
                     save_ckpt(done)
                 raise interrupts.Interrupted(interrupts.requested() or signal.SIGTERM, step=done)
     bar.close()
+    feed.close()
 
     # Final record, export.
     memory = distributed.all_gather_object(parallel.memory(trainable, opt), env)
