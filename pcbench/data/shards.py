@@ -200,6 +200,7 @@ def build_shard(ref: StoreRef, root: Path, i: int, files: list[corpora.SourceFil
     bin_, idx, rec_path = _shard(root, i)
     bin_.parent.mkdir(parents=True, exist_ok=True)
     rec_path.unlink(missing_ok=True)  # a redone shard does not exist until its record is back
+    _sweep_leftovers(bin_, idx)
     local = _fetch_remote(files)
     t0 = time.time()
     tmp_bin = bin_.with_name(f".{bin_.name}.tmp-{os.getpid()}")
@@ -244,6 +245,22 @@ def build_shard(ref: StoreRef, root: Path, i: int, files: list[corpora.SourceFil
            "idx_sha256": h_idx.hexdigest(), "seconds": round(time.time() - t0, 3)}
     write_json(rec_path, rec)
     return rec
+
+
+def _sweep_leftovers(*paths: Path) -> None:
+    """Remove the temporary files of these shard files that a killed task left (its pid is gone)."""
+    for p in paths:
+        for tmp in p.parent.glob(f".{p.name}.tmp-*"):
+            pid = tmp.name.rpartition("-")[2]
+            try:
+                if pid.isdigit() and int(pid) != os.getpid():
+                    os.kill(int(pid), 0)
+                    continue  # alive: another prepare is writing it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            tmp.unlink(missing_ok=True)
 
 
 def _stamp(f: corpora.SourceFile) -> dict:
