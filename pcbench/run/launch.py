@@ -156,10 +156,14 @@ def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], r
     todo = [d.run for d in decisions if d.action == "submit"]
     if not todo:
         return outcome
-    if prepare:  # the prepare stage: every store the jobs read, before the first job
+    log_dir = Path(log_dir or store.work / "logs")
+    if prepare and ex.name == "slurm":  # the prepare stage as SLURM jobs; training waits (afterok)
+        from pcbench.run.prepare import submit_slurm
+
+        ex.after = submit_slurm(grid, todo, log_dir, override)
+    elif prepare:  # the prepare stage here: every store the jobs read, before the first job
         from pcbench.run.prepare import prepare_grid
 
         prepare_grid(grid, todo, workers=workers)
-    log_dir = Path(log_dir or store.work / "logs")
     ex.run(todo, store, outcome, override=override, log_dir=log_dir, progress=progress, parallel=parallel)
     return outcome

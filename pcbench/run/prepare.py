@@ -10,6 +10,7 @@ open the stores' manifests. `store_rows` is what the dry run shows of each store
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -161,3 +162,133 @@ def prepare_spec(spec, workers: Optional[int] = None, log=None) -> list:
 def estimate(needs: list[StoreNeed]) -> float:
     """Core-hours to prepare `needs` from nothing at the measured rate (whole splits: not counted)."""
     return math.fsum(core_hours(n.ref, n.need) or 0.0 for n in needs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepare stage on SLURM: a CPU job array (one task per missing shard), then a finalising job
+
+
+# Tokens per source file of the hub corpora, to size a capped store's array before any file is read
+# (a short estimate is safe: the finalising job builds what the array left and says so).
+HUB_TOKENS_PER_FILE = {"c4": 150_000_000, "fineweb-edu": 700_000_000}
+LOCAL_TOKENS_PER_BYTE = 0.25  # plain text; compressed files hold more: an underestimate, again safe
+
+
+def prepare_resources(grid, override: Optional[dict] = None):
+    """The prepare jobs' resources: the grid's `prepare:` block over CPU defaults (one CPU per
+    array task, the grid's partition/account/qos), then the command line's partition/account/qos."""
+    from pcbench.grid import Resources
+    from pcbench.spec.config import from_dict
+
+    base = {k: v for k, v in (grid.spec.resources or {}).items()
+            if k in ("partition", "account", "qos", "constraint", "timeout_min")}
+    base.update({"cpus_per_task": 1, "gpus_per_node": 0})
+    base.update({k: v for k, v in (override or {}).items() if k in ("partition", "account", "qos") and v is not None})
+    res = from_dict(Resources, {**base, **(grid.spec.prepare or {})}, "grid.prepare")
+    res.validate("grid.prepare")
+    return res
+
+
+def _groups_needed(n: StoreNeed, plan: list) -> int:
+    if n.need is None:
+        return len(plan)
+    per = []
+    for g in plan:
+        key = n.ref.corpus
+        if key in HUB_TOKENS_PER_FILE and not corpora.source(n.ref.corpus, n.ref.split)["data_files"]:
+            per.append(HUB_TOKENS_PER_FILE[key] * len(g))
+        else:
+            per.append(sum(max(1, int(_size(f.path) * LOCAL_TOKENS_PER_BYTE)) for f in g))
+    total, k = 0, 0
+    while k < len(plan) and total < n.need * 1.1:
+        total += per[k]
+        k += 1
+    return k
+
+
+def _size(path: str) -> int:
+    import os
+
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def shard_task(ref: StoreRef, i: int) -> str:
+    """One array task: shard `i` of `ref`'s store, unless it is whole already."""
+    import os
+
+    from pcbench.data import shards
+
+    os.environ.update(shards.ONE_CORE_ENV)
+    name, _ = shards.identity(ref)
+    root = shards.stores_root() / name
+    files = shards.groups(ref)[i]
+    rec, why = shards.check_shard(root, i, files)
+    if rec is not None:
+        return f"{ref.label()} shard {i}: kept"
+    rec = shards.build_shard(ref, root, i, files)
+    return f"{ref.label()} shard {i}: {'built' if why == 'missing' else 'redone (' + why + ')'}, {rec['n_tokens']} tokens"
+
+
+def finalize_task(items: list) -> list:
+    """The finalising job: check every shard, build what the array left, write each manifest."""
+    from pcbench.data import shards
+
+    out = []
+    for ref, need, workers in items:
+        p = shards.prepare_store(ref, need=need, workers=workers)
+        out.append(f"{ref.label()}: {p.manifest['n_tokens']} tokens, {len(p.built)} built here, "
+                   f"{len(p.redone)} redone, {len(p.kept)} kept")
+    return out
+
+
+def submit_slurm(grid, todo, log_dir, override: Optional[dict] = None, cluster: str = "slurm") -> Optional[str]:
+    """Submit the prepare stage of the runs `todo`: one array task per shard not built yet, then a
+    finalising job (afterok on the array) writing the manifests. Returns the finalising job's id
+    (training jobs wait for it: afterok), or None when every store is prepared already."""
+    import submitit
+
+    from pcbench.data import shards
+
+    needs = [n for n in grid_stores(grid, todo) if prepared(n) is not True]
+    if not needs:
+        return None
+    res = prepare_resources(grid, override)
+    tasks = []
+    for n in needs:
+        tok = shards.load_tok(n.ref, offline=False)  # a bpe-<N> trained once, here; a hub one fetched
+        name, _ = shards.identity(n.ref, tok)
+        plan = shards.groups(n.ref)
+        for i in range(_groups_needed(n, plan)):
+            if not (shards.stores_root() / name / "shards" / f"{i:05d}.json").is_file():
+                tasks.append((n.ref, i))
+
+    def make(name: str, cpus: int):
+        ex = submitit.AutoExecutor(folder=str(Path(log_dir) / "%j"), cluster=cluster)
+        params = {"timeout_min": res.timeout_min or 60, "cpus_per_task": cpus, "name": name}
+        if cluster == "slurm":
+            params.update(slurm_partition=res.partition, slurm_array_parallelism=res.array_parallelism)
+            if res.mem_gb:
+                params["mem_gb"] = res.mem_gb
+            for key, f in (("slurm_account", "account"), ("slurm_qos", "qos")):
+                if getattr(res, f):
+                    params[key] = getattr(res, f)
+        ex.update_parameters(**params)
+        return ex
+
+    array = []
+    if tasks:
+        ex = make("pcbench-prepare", 1)
+        array = ex.map_array(shard_task, [t[0] for t in tasks], [t[1] for t in tasks])
+        print(f"[pcbench] prepare: {len(tasks)} shard task(s) submitted as job array {array[0].job_id.split('_')[0]}",
+              file=sys.stderr)
+    fin = make("pcbench-prepare-final", res.cpus_per_task)
+    if array and cluster == "slurm":
+        fin.update_parameters(slurm_additional_parameters={
+            "dependency": "afterok:" + array[0].job_id.split("_")[0], "kill-on-invalid-dep": "yes"})
+    job = fin.submit(finalize_task, [(n.ref, n.need, res.cpus_per_task) for n in needs])
+    print(f"[pcbench] prepare: finalising job {job.job_id} writes {len(needs)} manifest(s); training jobs wait for it",
+          file=sys.stderr)
+    return str(job.job_id)
