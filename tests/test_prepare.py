@@ -266,3 +266,49 @@ def test_the_default_studys_run_ids_are_unchanged():
     grid = load_grid(ROOT / "experiments" / "default.yaml")
     committed = {p.name for p in (ROOT / "results" / "default" / "runs").iterdir() if p.is_dir()}
     assert {r.id for r in grid.runs} == committed
+
+
+def test_eval_jobs_of_a_prepared_grid_run_with_the_hub_offline(tmp_path, monkeypatch):
+    """An eval stage on the local task suite and a model given by path: the prepare stage builds the
+    suite, and the job runs with HF_HUB_OFFLINE / HF_DATASETS_OFFLINE (no connection tried)."""
+    import socket
+
+    import datasets
+    import huggingface_hub
+    import yaml
+
+    from pcbench import evaluate
+    from pcbench.data.tokenizer import load_tokenizer
+    from pcbench.grid import load_grid
+    from pcbench.models import build_config, build_model
+    from pcbench.run import launch
+    from pcbench.run.prepare import hub_needs
+    from pcbench.spec.config import ModelSpec
+
+    tok = load_tokenizer("bpe-512")
+    model = build_model(build_config(ModelSpec(name="gpt2-nano"), 512, 64, tok.bos_token_id, tok.eos_token_id), seed=0)
+    model.save_pretrained(tmp_path / "nano")
+    tok.save_pretrained(tmp_path / "nano")
+    g = {"name": "offline", "stages": {"eval": {"kind": "eval", "spec": {
+        "model": str(tmp_path / "nano"), "tasks": ["pcb_cloze"], "limit": 4, "batch_size": 8, "device": "cpu",
+        "threads": 1}}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(g))
+    grid = load_grid(tmp_path / "g.yaml")
+    assert hub_needs(grid, grid.runs) == {"suite": True, "tasks": [], "models": []}
+    for mod, name in ((huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                      (datasets.config, "HF_DATASETS_OFFLINE")):
+        monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("connect")))
+    seen, real = [], evaluate.run_eval
+
+    def spy(*a, **k):
+        seen.append((os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"),
+                     huggingface_hub.constants.HF_HUB_OFFLINE))
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "run_eval", spy)
+    store = launch.store_for(grid, tmp_path / "res", tmp_path / "work")
+    out = launch.submit(grid, store, "debug", progress=False)
+    (run,) = grid.runs
+    assert out.submitted == [run.id] and store.state(run.id) == "completed", store.status(run.id)
+    assert seen == [("1", "1", True)]

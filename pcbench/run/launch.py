@@ -165,5 +165,12 @@ def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], r
         from pcbench.run.prepare import prepare_grid
 
         prepare_grid(grid, todo, workers=workers)
+    if prepare:  # and what else the jobs would fetch: they then run with the hub offline
+        from pcbench.run.prepare import fetch_for_jobs, offline_jobs
+
+        fetch_for_jobs(grid, todo)
+        with offline_jobs():
+            ex.run(todo, store, outcome, override=override, log_dir=log_dir, progress=progress, parallel=parallel)
+        return outcome
     ex.run(todo, store, outcome, override=override, log_dir=log_dir, progress=progress, parallel=parallel)
     return outcome

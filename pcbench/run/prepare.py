@@ -292,3 +292,80 @@ def submit_slurm(grid, todo, log_dir, override: Optional[dict] = None, cluster: 
     print(f"[pcbench] prepare: finalising job {job.job_id} writes {len(needs)} manifest(s); training jobs wait for it",
           file=sys.stderr)
     return str(job.job_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetched once, then offline: what else the jobs would fetch (lm-eval task datasets, hub weights)
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def hub_needs(grid, runs) -> dict:
+    """{"suite": the local lm-eval suite is used, "tasks": [(tasks, include_path)], "models": [hub ids]}
+    of the runs: the eval stages' tasks and the hub weights training runs start from."""
+    from pcbench.data.tasks import GROUP, TASKS
+    from pcbench.models import PRESETS
+
+    out: dict = {"suite": False, "tasks": [], "models": []}
+    for run in runs:
+        spec = run.spec
+        if run.kind == "eval":
+            local = {*TASKS, GROUP}
+            out["suite"] = out["suite"] or any(t in local for t in spec.tasks)
+            hub = [t for t in spec.tasks if t not in local]
+            if hub and (hub, spec.include_path) not in out["tasks"]:
+                out["tasks"].append((hub, spec.include_path))
+            continue
+        m = spec.model
+        if m.path is None and m.name in PRESETS and (PRESETS[m.name].weights or "").startswith("hub:"):
+            hub_id = PRESETS[m.name].weights[4:]
+            if hub_id not in out["models"]:
+                out["models"].append(hub_id)
+    return out
+
+
+def fetch_for_jobs(grid, runs, log=None) -> dict:
+    """Build the local task suite, download the hub tasks' datasets and the hub weights into the
+    shared caches (HF_HOME / HF_DATASETS_CACHE): the jobs then run with the hub offline."""
+    log = log or (lambda m: print(f"[pcbench] {m}", file=sys.stderr, flush=True))
+    need = hub_needs(grid, runs)
+    if need["suite"]:
+        from pcbench.data.tasks import build_tasks
+
+        build_tasks()
+    for tasks, include in need["tasks"]:
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        from pcbench.data.tasks import build_tasks
+
+        log(f"prepare: fetching the datasets of lm-eval tasks {', '.join(tasks)}")
+        tm = TaskManager(include_path=[str(build_tasks())] + ([include] if include else []), include_defaults=True)
+        get_task_dict(tasks, tm)  # downloads each task's dataset into the datasets cache
+    for hub_id in need["models"]:
+        from huggingface_hub import snapshot_download
+
+        log(f"prepare: fetching the weights of {hub_id}")
+        snapshot_download(hub_id)
+    return need
+
+
+class offline_jobs:
+    """Within: the jobs started (local processes, sbatch submissions: they inherit the environment)
+    run with the hub offline, everything having been fetched by the prepare stage."""
+
+    def __enter__(self):
+        import os
+
+        self.saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+        os.environ.update(OFFLINE_ENV)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return False
