@@ -192,6 +192,8 @@ def prepare_resources(grid, override: Optional[dict] = None):
 def _groups_needed(n: StoreNeed, plan: list) -> int:
     if n.need is None:
         return len(plan)
+    carve = corpora.source(n.ref.corpus, n.ref.split)["carve"] if corpora.is_streaming(n.ref.corpus) else None
+    keep = {None: 1.0, "val": corpora.VAL_PER_MILLE / 1000, "train": 1 - corpora.VAL_PER_MILLE / 1000}[carve]
     per = []
     for g in plan:
         key = n.ref.corpus
@@ -200,7 +202,7 @@ def _groups_needed(n: StoreNeed, plan: list) -> int:
         else:
             per.append(sum(max(1, int(_size(f.path) * LOCAL_TOKENS_PER_BYTE)) for f in g))
     total, k = 0, 0
-    while k < len(plan) and total < n.need * 1.1:
+    while k < len(plan) and total * keep < n.need * 1.1:  # a carved split keeps a share of each file
         total += per[k]
         k += 1
     return k
