@@ -8,9 +8,9 @@ and the sampler's first batch and memory on large stores.
    packaged book text in all) is generated in a temporary directory.
 2. For each tokenizer: tokens/s of `tokens.prepare_tokens` (today: one process, the tokenizer's own
    thread pool) and of `shards.prepare_store` with each worker count (one thread per worker).
-3. For each size: a store of that many tokens as a sparse shard; in a fresh process, the time to
-   open it and cut the first batch (1024 x 257 rows of 1024 + 1 tokens... see `--rows`) and the
-   growth of its resident memory.
+3. For each size: a store of that many tokens as sparse shards; in a fresh process, the time to
+   open it and cut the first batch (`--rows` windows of `--seq` + 1 tokens) and the growth of its
+   resident memory after two batches.
 4. The core-hours each paper grid's prepare stage needs at the measured one-worker rate.
 Writes `<out>/data-<host>-<time>.json` and `.png`.
 """
@@ -140,7 +140,7 @@ def grid_core_hours(rate_per_core: dict) -> dict:
         total = 0.0
         for n in needs:
             tok = n.ref.tokenizer if n.ref.tokenizer in rate_per_core else "llama3"
-            total += (n.need or 0) / rate_per_core.get(tok, prepare.DEFAULT_RATE) / 3600
+            total += (n.need or 0) / prepare.keep_share(n.ref) / rate_per_core.get(tok, prepare.DEFAULT_RATE) / 3600
         out[name] = {"tokens": sum(n.need or 0 for n in needs), "core_hours": round(total, 2)}
     return out
 
