@@ -106,7 +106,9 @@ def identity(ref: StoreRef, tok=None) -> tuple[str, dict]:
              "inputs_sha256": corpora.fingerprint(ref.corpus, ref.split),
              "tokenizer_sha256": fingerprint(tok), "files_per_group": _files_per_group(ref.corpus)}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{ref.corpus}-{ref.split}-{ref.tok_label()}")[:80]
+    # Named by what decides its bytes only: one tokenizer by name (bpe-512) or by a checkpoint's
+    # directory (model) is one store.
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{ref.corpus}-{ref.split}")[:80]
     return f"{name}-{digest}", ident
 
 
