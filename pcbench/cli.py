@@ -69,6 +69,11 @@ def cmd_run(args) -> int:
     if args.track is not None:
         _track_grid(grid, args.track)
     problems = preflight.check_grid(grid, store, args.only, _resources(args), args.executor)
+    if args.no_prepare:  # the stores must be there already: say which are not, before any job
+        from pcbench.run.prepare import missing_stores
+
+        todo = [r for r in grid.select(args.only) if store.state(r.id) != "completed"]
+        problems += [SpecError("data", m.split(": ", 1)[1]) for m in missing_stores(grid, todo)]
     if args.dry_run:
         print(dry_run_table(grid, store, args.only, args.retry_failed, _resources(args), args.executor))
         if problems:
@@ -85,7 +90,8 @@ def cmd_run(args) -> int:
     with interrupts.graceful():
         try:
             out = launch.submit(grid, store, args.executor, only=args.only, retry_failed=args.retry_failed,
-                                resources=_resources(args), progress=None, parallel=args.parallel)
+                                resources=_resources(args), progress=None, parallel=args.parallel,
+                                prepare=not args.no_prepare, workers=args.workers)
             if args.wait:
                 ex.wait(out, store)
         except interrupts.Interrupted as e:
@@ -117,6 +123,19 @@ def _track_grid(grid, track: list[str]) -> None:
     for run in grid.runs:
         if run.kind == "train":
             run.spec = dataclasses.replace(run.spec, train=dataclasses.replace(run.spec.train, track=list(track)))
+def cmd_prepare(args) -> int:
+    """`pcbench prepare GRID`: build every token store the selected runs read, with N workers."""
+    from pcbench.run.prepare import prepare_grid
+
+    grid, store = _grid_and_store(args)
+    todo = grid.select(args.only)
+    done = prepare_grid(grid, todo, workers=args.workers)
+    for p in done:
+        print(f"{p.ref.label()}: {p.manifest['n_tokens']:,} tokens, {len(p.manifest['shards'])} shards "
+              f"({len(p.built)} built, {len(p.redone)} redone, {len(p.kept)} kept) at {p.path}")
+    if not done:
+        print("no token stores to prepare")
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -211,7 +230,9 @@ def cmd_train(args) -> int:
     out = outputs.ensure_dir(args.out, "train", "--out")
     from pcbench import tracking
     from pcbench.grid.expansion import run_id
+    from pcbench.run.prepare import prepare_spec
 
+    prepare_spec(spec)  # the prepare stage of this one run: training only reads
     rid = run_id("train", "train", spec, None)  # as a grid's stage `train` would name it
     rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"),
                 tracked=tracking.RunInfo(rid, "train", out / "work"))
@@ -263,7 +284,9 @@ def cmd_compress(args) -> int:
     _fresh_compress_state(work, spec)
     from pcbench import tracking
     from pcbench.grid.expansion import run_id
+    from pcbench.run.prepare import prepare_spec
 
+    prepare_spec(spec)  # the prepare stage of this one run: training only reads
     rid = run_id("compress", "train", spec, None)  # as a grid's stage `compress` would name it
     rec = train(spec, RunPaths(record=work / "record", work=work, export=out),
                 tracked=tracking.RunInfo(rid, "compress", work))
@@ -367,6 +390,8 @@ def cmd_bench(args) -> int:
         from pcbench.bench.throughput import main as bench_main
     elif args.which == "gpu-check":
         from pcbench.bench.gpu_check import main as bench_main
+    elif args.which == "data":
+        from pcbench.bench.data import main as bench_main
     elif args.which == "memory":
         from pcbench.bench.memory import main as bench_main
     else:
@@ -445,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
         if only:
             sp.add_argument("--only", help="filter: a stage name or key=value[,key=value] on run labels")
 
+    sp = sub.add_parser("prepare", help="build the token stores a grid's runs read (before any training job)")
+    grid_args(sp)
+    sp.add_argument("--workers", type=_number(int, 1), help="worker processes (default: the CPUs this process may use)")
+    sp.set_defaults(fn=cmd_prepare)
+
     sp = sub.add_parser("run", help="run or submit a grid")
     grid_args(sp)
     from pcbench.run.executors import EXECUTORS  # the registry
@@ -456,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local: runs at once (default auto: as many as fit the cores at the CPU runs' threads; 1: one at a time)")
     sp.add_argument("--wait", action="store_true", help="slurm: wait for the submitted jobs")
     _track_flag(sp)
+    sp.add_argument("--no-prepare", action="store_true",
+                    help="do not build the token stores first (refused when one is missing)")
+    sp.add_argument("--workers", type=_number(int, 1), help="prepare: worker processes (default: the CPUs usable)")
     for flag, typ, h in (("--partition", str, "SLURM partition"), ("--account", str, "SLURM account"),
                          ("--qos", str, "SLURM QOS"), ("--gpus", _number(int, 0), "GPUs per node"),
                          ("--cpus", _number(int, 1), "CPUs per task"),
@@ -536,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_tasks)
 
     sp = sub.add_parser("bench", help="benchmarks (write JSON under results/bench/)")
-    sp.add_argument("which", choices=["throughput", "step-cost", "memory", "gpu-check"])
+    sp.add_argument("which", choices=["throughput", "step-cost", "memory", "gpu-check", "data"])
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_bench)
     return p

@@ -10,21 +10,18 @@ from pcbench.run.prefetch import missing, needs
 from test_launch import ROOT
 
 
-def test_needs_are_each_store_and_the_suite_once_in_first_use_order():
+def test_needs_are_the_suite_once_the_stores_are_the_prepare_stages():
     grid = load_grid(ROOT / "experiments" / "default.yaml")
-    assert needs(grid.runs) == [
-        {"corpus": "books", "tokenizer": "bpe-512", "split": "train", "max_tokens": None, "tokenizer_corpus": "books"},
-        {"corpus": "sotu", "tokenizer": "bpe-512", "split": "test", "max_tokens": None, "tokenizer_corpus": "books"},
-        {"tasks": True},
-    ]
-    assert needs([r for r in grid.runs if r.kind == "train"])[-1] != {"tasks": True}
+    assert needs(grid.runs) == [{"tasks": True}]  # token stores: `run.prepare`, before any job
+    assert needs([r for r in grid.runs if r.kind == "train"]) == []
 
 
 def test_missing_reads_the_stores_own_records(tmp_path, monkeypatch):
     from pcbench.data import corpora
 
     monkeypatch.setenv("PCBENCH_CACHE", str(tmp_path))
-    items = needs(load_grid(ROOT / "experiments" / "default.yaml").runs)
+    items = [{"corpus": "books", "tokenizer": "bpe-512", "split": "train", "max_tokens": None,
+              "tokenizer_corpus": "books"}, {"tasks": True}]
     assert missing(items) == items  # an empty cache lacks everything
     store = tmp_path / "tokens" / "books-train-bpe-512-0123456789abcdef"
     store.mkdir(parents=True)
@@ -35,26 +32,29 @@ def test_missing_reads_the_stores_own_records(tmp_path, monkeypatch):
     assert missing(items) == items
 
 
-def test_needs_are_what_training_prepares(tmp_path, monkeypatch):
-    """The prefetch list and the training loop read one list (`DataSpec.token_stores`): the stores a
-    real run prepares are exactly those `needs` names for it, with and without a held-out set."""
+def test_training_opens_the_stores_the_prepare_stage_builds(tmp_path, monkeypatch):
+    """The prepare stage and the training loop read one list (`spec.stores.run_stores`): the stores
+    a real run opens are exactly those `run.prepare.grid_stores` names for it."""
     from types import SimpleNamespace
 
-    from pcbench.data import tokens as data
+    from pcbench.data import shards
+    from pcbench.run.prepare import grid_stores
     from test_train import paths, spec_of
 
     from pcbench.train.loop import train
 
-    real, calls = data.prepare_tokens, []
+    real, calls = shards.open_store, []
 
-    def spy(*a, **kw):
-        calls.append(kw)
-        return real(*a, **kw)
+    def spy(ref, **kw):
+        calls.append(ref)
+        return real(ref, **kw)
 
-    monkeypatch.setattr(data, "prepare_tokens", spy)
+    monkeypatch.setattr(shards, "open_store", spy)
     for i, eval_batches in enumerate((2, 0)):
         calls.clear()
         spec = spec_of(data={"eval_batches": eval_batches}, train={"steps": 2})
         train(spec, paths(tmp_path, f"r{i}"))
-        assert calls == needs([SimpleNamespace(kind="train", spec=spec)])
+        run = SimpleNamespace(kind="train", spec=spec, id="r")
+        grid = SimpleNamespace(by_id=lambda: {"r": run})
+        assert calls == [n.ref for n in grid_stores(grid, [run])]
         assert len(calls) == (2 if eval_batches else 1)

@@ -250,7 +250,6 @@ def test_non_finite_loss_marks_the_run_failed(tmp_path):
     (lambda d: d["model"].__setitem__("name", "gpt9"), "spec.model.name", "unknown model"),
     (lambda d: d["data"].__setitem__("tokenizer", "sentencepiece"), "spec.data.tokenizer", "unknown tokenizer"),
     (lambda d: d["data"].__setitem__("corpus", "wikipedia"), "spec.data.corpus", "unknown corpus"),
-    (lambda d: d["data"].__setitem__("corpus", "c4"), "spec.data.max_tokens", "streamed"),
     (lambda d: d["model"].update(d_model=30, heads=4), "spec.model.d_model", "multiple of heads"),
     (lambda d: d["model"].update(heads=4, kv_heads=3), "spec.model.kv_heads", "multiple"),
     (lambda d: d["train"].update(micro_batch_size=3), "spec.train.micro_batch_size", "divide"),

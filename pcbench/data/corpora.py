@@ -344,3 +344,84 @@ def fingerprint(corpus: str, split: str, *, data_files: DataFiles = None) -> str
                      for k, v in sorted(files.items())}
         desc.update(src, data_files=files, val_per_mille=VAL_PER_MILLE)
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Source files: what the prepare stage splits into tasks (`pcbench.data.shards`)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file of a corpus split: `key` (stable name), `path` (local path or hub URL)."""
+
+    key: str
+    path: str
+
+    def stamp(self) -> dict:
+        """What identifies the file's version: size and mtime locally, the revision a hub URL pins."""
+        p = self.path
+        if re.match(r"^[a-z0-9]+://", p):
+            rev = re.search(r"@([0-9a-f]{40})", p)
+            return {"file": p, "revision": rev.group(1) if rev else None}
+        st = os.stat(p)
+        return {"file": p, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def source_files(corpus: str, split: str, *, data_files: DataFiles = None) -> list[SourceFile]:
+    """The input files of `corpus`/`split` in stream order: the documents of `iter_documents` are
+    those of `iter_file_documents` over these files, one after another. A hub corpus without a
+    local mirror is resolved through `datasets` (its data files, each URL pinned at a revision)."""
+    check_split(corpus, split)
+    if corpus == "sotu":
+        root = assets.fetch("sotu") / "package" / "data"
+        return [SourceFile(f"sotu/{p.stem}", str(p)) for p in sorted(root.glob("*.json"))]
+    if not is_streaming(corpus):
+        return [SourceFile(k, str(p)) for k, p in book_files(corpus)]
+    src = source(corpus, split, data_files)
+    from datasets.data_files import DataFilesDict
+
+    if src["data_files"] is not None:
+        pats = {k: v if isinstance(v, list) else [v] for k, v in src["data_files"].items()}
+        files = DataFilesDict.from_patterns(pats)[src["split"]]
+    else:  # the hub's own file list (network): what load_dataset(path, name) would read
+        import datasets
+
+        builder = datasets.load_dataset_builder(src["path"], src["name"])
+        files = builder.config.data_files[src["split"]]
+    return [SourceFile(f"{corpus}/{i:05d}", str(f)) for i, f in enumerate(files)]
+
+
+def iter_file_documents(corpus: str, split: str, files: list[SourceFile], *,
+                        data_files: DataFiles = None, local: Optional[dict] = None) -> Iterator[str]:
+    """Documents of `corpus`/`split` read from `files` (a run of `source_files`), in order.
+    `local`: file path -> a downloaded local copy (remote files are read from there)."""
+    check_split(corpus, split)
+    if corpus == "sotu":
+        for f in files:
+            text = json.loads(Path(f.path).read_text(encoding="utf-8"))["text"].strip()
+            stem = f.key.split("/", 1)[1]
+            if text and (split == "test" or _in_split(f"sotu/{stem}", split)):
+                yield text
+        return
+    if not is_streaming(corpus):
+        for f in files:
+            for i, doc in enumerate(cut_documents(_read_text(Path(f.path)))):
+                if _in_split(f"{f.key}/{i}", split):
+                    yield doc
+        return
+    import datasets
+
+    src = source(corpus, split, data_files)
+    paths = [(local or {}).get(f.path, f.path) for f in files]
+    if not paths:
+        return
+    ds = datasets.load_dataset(_builder_for(paths), data_files={src["split"]: paths}, split=src["split"],
+                               streaming=True)
+    for rec in ds:
+        if "text" not in rec:
+            raise ValueError(f"corpus {corpus!r}: records have no 'text' field (fields: {sorted(rec)})")
+        text = rec["text"]
+        if not isinstance(text, str) or not text.strip():
+            continue
+        if src["carve"] is None or _in_split(text, src["carve"]):
+            yield text

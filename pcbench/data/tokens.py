@@ -29,6 +29,7 @@ import torch
 from pcbench import __version__
 
 from pcbench.data import corpora
+from pcbench.data.sampler import window_order  # today's permutation for small stores, Feistel above
 from pcbench.util.atomic import file_lock, read_json, replace_dir, sweep_temps, temp_dir, write_json
 from pcbench.util.paths import cache_dir
 from pcbench.util.verify import Damaged, sha256_bytes, sha256_file, verify_file, warn
@@ -285,7 +286,7 @@ class Batches:
         windows = np.empty(per, dtype=np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
-            windows[sel] = self.permutation(int(e))[idx[sel]]
+            windows[sel] = window_order(self.n_windows, self.seed, int(e), idx[sel], self.permutation)
         return self._gather(windows)
 
     def _gather(self, windows: np.ndarray) -> torch.Tensor:

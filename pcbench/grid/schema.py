@@ -114,6 +114,7 @@ class GridSpec:
     resources: dict = field(default_factory=dict)
     results_dir: Optional[str] = None
     work_dir: Optional[str] = None
+    prepare: dict = field(default_factory=dict)  # the prepare stage's SLURM resources (`run.prepare`)
 
 
 @dataclass

@@ -45,6 +45,18 @@ class RunBusy(RuntimeError):
 log = logging.getLogger(__name__)
 
 
+def _hub_offline() -> None:
+    """huggingface_hub / datasets read HF_HUB_OFFLINE when imported: a process forked after their
+    import (the fork server) is told here too."""
+    import sys
+
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        cfg = sys.modules["datasets"].config
+        cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
+
+
 def tuned_value(run: dict, store: Store) -> tuple[Any, Optional[str]]:
     """For a run with `tune`, the field's value from the best completed run it depends on."""
     tune = run.get("tune")
@@ -119,6 +131,8 @@ class RunJob(submitit.helpers.Checkpointable):
         return out
 
     def _call(self) -> dict:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":  # the prepare stage fetched everything: stay offline
+            _hub_offline()
         store = Store(self.results, self.work)
         run = store.run(self.run_id)
         job_id, executor = None, "local"

@@ -123,7 +123,8 @@ def _prepare(store: Store, grid: Grid) -> None:
 
 def submit(grid: Grid, store: Store, executor: str = "local", *, only: Optional[str] = None,
            retry_failed: bool = False, resources: Optional[dict] = None, progress: Optional[bool] = None,
-           log_dir: Optional[Path] = None, parallel: Optional[int] = None) -> Outcome:
+           log_dir: Optional[Path] = None, parallel: Optional[int] = None, prepare: bool = True,
+           workers: Optional[int] = None) -> Outcome:
     """Run or submit what `plan_submission` says; returns what happened. Locally, rounds repeat while
     runs wait for a sweep that the last round's runs may have extended or bracketed. `parallel`:
     local runs at once (default: `local_parallel`)."""
@@ -131,7 +132,7 @@ def submit(grid: Grid, store: Store, executor: str = "local", *, only: Optional[
     total = Outcome()
     while True:  # retry failed runs in the first round only
         out = _submit_round(grid, store, ex, only, retry_failed and not total.submitted, resources,
-                            progress, log_dir, parallel)
+                            progress, log_dir, parallel, prepare, workers)
         for f in ("submitted", "failed", "blocked", "interrupted"):
             getattr(total, f).extend(getattr(out, f))
         total.jobs.update(out.jobs)
@@ -146,7 +147,8 @@ def submit(grid: Grid, store: Store, executor: str = "local", *, only: Optional[
 
 def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], retry_failed: bool,
                   resources: Optional[dict], progress: Optional[bool], log_dir: Optional[Path],
-                  parallel: Optional[int] = None) -> Outcome:
+                  parallel: Optional[int] = None, prepare: bool = True,
+                  workers: Optional[int] = None) -> Outcome:
     override = resources or {}
     decisions = plan_submission(grid, store, only, retry_failed)
     ex.check(decisions, override)  # e.g. SLURM resources every job needs
@@ -158,5 +160,20 @@ def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], r
     if not todo:
         return outcome
     log_dir = Path(log_dir or store.work / "logs")
+    if prepare and ex.name == "slurm":  # the prepare stage as SLURM jobs; training waits (afterok)
+        from pcbench.run.prepare import submit_slurm
+
+        ex.after = submit_slurm(grid, todo, log_dir, override)
+    elif prepare:  # the prepare stage here: every store the jobs read, before the first job
+        from pcbench.run.prepare import prepare_grid
+
+        prepare_grid(grid, todo, workers=workers)
+    if prepare:  # and what else the jobs would fetch: they then run with the hub offline
+        from pcbench.run.prepare import fetch_for_jobs, offline_jobs
+
+        fetch_for_jobs(grid, todo)
+        with offline_jobs():
+            ex.run(todo, store, outcome, override=override, log_dir=log_dir, progress=progress, parallel=parallel)
+        return outcome
     ex.run(todo, store, outcome, override=override, log_dir=log_dir, progress=progress, parallel=parallel)
     return outcome

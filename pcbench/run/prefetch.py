@@ -31,10 +31,7 @@ def needs(todo: list[Run]) -> list[dict]:
             if any(t.startswith("pcb_") or t == "pcbench_local" for t in getattr(spec, "tasks", [])):
                 out.append({"tasks": True})
             continue
-        data = getattr(spec, "data", None)
-        if data is None or not (data.tokenizer in NAMED_TOKENIZERS or data.tokenizer.startswith("bpe-")):
-            continue
-        out.extend(data.token_stores().values())  # what train.py prepares, from the one list
+        # token stores: built before any job by the prepare stage (`run.prepare`), not here
     unique: list[dict] = []
     for n in out:
         if n not in unique:

@@ -80,4 +80,19 @@ def dry_run_table(grid, store, only, retry_failed, override, executor) -> str:
     lines.append(f"to submit: {len(todo)} runs, {math.fsum(todo):,.0f} GPU-hours estimated "
                  f"({math.fsum(r['gpu_hours'] for r in rows):,.0f} for the whole grid)")
     lines += [f"over the GPU memory asked, refused on submission: {m}" for m in over]
+    lines += _prepare_lines(grid, [d.run for d in plan_submission(grid, store, only, retry_failed)
+                                   if d.action == "submit"])
     return "\n".join(lines)
+
+
+def _prepare_lines(grid, todo) -> list[str]:
+    """The prepare stage: each token store the runs to submit read (built first by `pcbench run`)."""
+    from pcbench.run.prepare import estimate, grid_stores, store_rows
+
+    rows = store_rows(grid, todo)
+    if not rows:
+        return []
+    return ["prepare stage (token stores, built before the first training job; `pcbench prepare GRID`):",
+            fmt.text_table(rows),
+            f"to prepare: {sum(r['prepared'] != 'yes' for r in rows)} of {len(rows)} stores, "
+            f"{estimate(grid_stores(grid, todo)):,.1f} core-hours estimated from nothing"]

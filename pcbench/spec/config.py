@@ -79,7 +79,7 @@ class DataSpec:
     eval_corpus: str = "sotu"
     eval_split: str = "test"
     eval_batches: int = 16
-    max_tokens: Optional[int] = None  # required for streamed (hub) corpora
+    max_tokens: Optional[int] = None  # an optional cap; a store's size comes from its runs (spec.stores)
 
     def token_stores(self, tokenizer: Optional[str] = None) -> dict[str, dict]:
         """The token stores a run reads, as `data.prepare_tokens` keyword arguments: "train" (the
@@ -102,9 +102,6 @@ class DataSpec:
                 corpora.check_split(name, split)
             except ValueError as e:
                 raise SpecError(f"{path}.{f}", str(e)) from None
-            if corpora.is_streaming(name):
-                require(self.max_tokens is not None, f"{path}.max_tokens",
-                        f"required for the streamed corpus {name!r} (how many tokens to take)")
         tok = self.tokenizer
         require(tok in ("gpt2", "llama3", "model") or re.fullmatch(r"bpe-\d+", tok) is not None
                 or Path(tok).is_dir(), f"{path}.tokenizer",

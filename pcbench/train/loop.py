@@ -113,6 +113,16 @@ def _check_data_tokenizer(spec: RunSpec, tok, load_tokenizer) -> None:
                             f"checkpoint {models.pretrained_path(spec.model)}; use `model` or the same one")
 
 
+def open_run_stores(spec: RunSpec, tokenizer: str) -> dict:
+    """The run's prepared token stores, opened read-only (`data.shards.open_store`): no tokenising,
+    no lock, no connection; an unprepared store is one line naming `pcbench prepare`."""
+    from pcbench.data.shards import open_store
+    from pcbench.spec.stores import run_stores
+
+    return {role: open_store(s.ref, n_tokens=s.n_tokens, need=s.need)
+            for role, s in run_stores(spec, tokenizer).items()}
+
+
 def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibration=None):
     """(trainable, tokenizer, teacher, info) for the spec's kind: pretrain, finetune, or a registered
     compression method (`pcbench.spec.methods.METHODS`), built by its builder module."""
@@ -274,7 +284,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     TTY and log lines (named `name`) elsewhere. `tracked`: who the run is to the trackers of
     `train.track` (`pcbench.tracking`; default: `name` in stage `spec.kind`, state in `paths.work`).
     """
-    from pcbench.data.tokens import Batches, eval_batches, prepare_tokens
+    from pcbench.data.loader import Prefetcher
+    from pcbench.data.tokens import Batches, eval_batches
 
     spec.validate()
     t0 = time.time()
@@ -300,8 +311,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         name or spec.kind, spec.kind, paths.work), to_dict(spec))
     card_name = name or (tracked.name if tracked else None)
 
-    stores = dc.token_stores(data_tokenizer_name(spec))
-    train_store = prepare_tokens(**stores["train"])
+    stores = open_run_stores(spec, data_tokenizer_name(spec))  # prepared before: only read here
+    train_store = stores["train"]
     data_seed = tc.seed if tc.data_seed is None else tc.data_seed
     batches = Batches(train_store, dc.seq_len, seed=data_seed)
 
@@ -321,7 +332,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     vocab = trainable.model.config.vocab_size
     if len(tokenizer) > vocab:
         raise SpecError("data.tokenizer", f"tokenizer has {len(tokenizer)} tokens, model vocab is {vocab}")
-    eval_store = prepare_tokens(**stores["eval"]) if "eval" in stores else None
+    eval_store = stores.get("eval")
 
     par = parallel.wrap(trainable, env, spec)  # ddp (one process or DDP) or fsdp (FSDP2)
     net = par.net
@@ -408,9 +419,11 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     interval_t, run_t = time.time(), time.time()
     net.train()
     with interrupts.deferred(), tracker:  # a signal stops the loop at the next step boundary
+        feed = Prefetcher(lambda i: batches.get(i, tc.batch_size, rank=env.rank, world=env.world),
+                          env.device, steps)  # the next batch is cut while this step runs
         for step in range(start, steps):
             step_t = time.time()
-            batch = batches.get(step, tc.batch_size, rank=env.rank, world=env.world).to(env.device)
+            batch = feed.get(step)
             lr = opt.param_groups[0]["lr"]
             try:
                 step_loss, grad_norm = stepper(batch, step)
@@ -454,6 +467,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
                     save_ckpt(done)
                 raise interrupts.Interrupted(interrupts.requested() or signal.SIGTERM, step=done)
     bar.close()
+    feed.close()
 
     # Final record, export.
     memory = distributed.all_gather_object(parallel.memory(trainable, opt), env)

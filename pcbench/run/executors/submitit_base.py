@@ -22,6 +22,7 @@ class SubmititExecutor(Executor):
     """Runs as submitit jobs (`pcbench.run.jobs.RunJob`) of `submitit.AutoExecutor(cluster=cluster)`."""
 
     cluster: ClassVar[str]
+    after: Optional[str] = None  # a job every run waits for (afterok): the prepare stage's last
 
     def make(self, log_dir: Path, res: Resources):
         """(submitit executor for jobs of resources `res`, extra scheduler parameters)."""
@@ -59,7 +60,7 @@ class SubmititExecutor(Executor):
             # Split further by the jobs the runs must wait for.
             by_deps: dict[tuple, list[Run]] = {}
             for run in runs:
-                waits, blockers = [], []
+                waits, blockers = ([self.after] if self.after else []), []
                 for d in run.deps:
                     if d in outcome.blocked or d in outcome.failed:
                         blockers.append(f"{d} ({'failed' if d in outcome.failed else 'blocked'})")

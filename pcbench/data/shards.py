@@ -1,0 +1,614 @@
+"""Sharded token stores: built by the prepare stage, only read by training.
+
+A store is one corpus split tokenised with one tokenizer, under `cache_dir()/stores/<name>/`:
+
+    shards/00003.bin    the tokens of source-file group 3 (raw uint16/uint32, eos after each document)
+    shards/00003.idx    its document ends (int64, cumulative, little-endian)
+    shards/00003.json   counts, sha256 of .bin and .idx, the source files (written last: the shard exists)
+    manifest.json       the ordered shards, counts, source files, tokenizer fingerprint (written last
+                        of all: the store is complete only with it)
+
+The token stream a trainer sees is the shards' tokens concatenated in group order: the documents
+of `corpora.iter_documents` in the order it yields them, each followed by eos, exactly what the
+one-process `tokens.prepare_tokens` writes. Groups are fixed by the corpus's source files alone
+(`groups`), never by the number of workers, so the stream and every shard's bytes are the same
+whatever the workers, the executor or the interruptions. A store of a streamed corpus holds a
+prefix of the stream (the groups that cover the tokens its runs need); a later, larger need adds
+groups behind it, and every prefix stays what it was. A run reads its own prefix (`open_store`).
+
+`prepare_store` (the prepare stage) builds the shards a store lacks with a pool of worker processes,
+one group per task; a shard whose files are missing or whose sha256 does not match is named and
+redone, the others are kept. `build_shard` is one task (a SLURM array task runs it too) and
+`finalize` writes the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from pcbench import __version__
+from pcbench.data import corpora
+from pcbench.util.atomic import read_json, write_bytes, write_json
+from pcbench.util.errors import SpecError
+from pcbench.util.paths import cache_dir
+
+FORMAT = "pcbench-shards/1"
+DOCS_PER_CALL = 1000  # documents per encode_batch call (as tokens.prepare_tokens)
+PACKAGED_FILES_PER_GROUP = 4  # packaged corpora: books or addresses per shard; streamed: one file
+DOWNLOAD_RETRIES = 8
+ONE_CORE_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (not the node's: on SLURM a job sees only its own)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity and layout
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """Which store: a corpus split, a tokenizer (and the corpus a bpe-<N> was trained on)."""
+
+    corpus: str
+    tokenizer: str
+    split: str
+    tokenizer_corpus: str = "books"
+
+    def tok_label(self) -> str:
+        """The tokenizer's name, or `model` for a checkpoint's own (a directory or a hub id: the
+        store is named by its fingerprint, so the same tokenizer by path or by id is one store)."""
+        t = self.tokenizer
+        return t if t in ("gpt2", "llama3") or re.fullmatch(r"bpe-\d+", t) else "model"
+
+    def label(self) -> str:
+        return f"{self.corpus}/{self.split}/{self.tok_label()}"
+
+
+def load_tok(ref: StoreRef, offline: bool = True):
+    """The store's tokenizer; a hub id is read from the HF cache only, unless `offline` is False
+    (the prepare stage, which fetches it there)."""
+    from pcbench.data.tokenizer import load_tokenizer
+
+    t = ref.tokenizer
+    if ref.tok_label() == "model" and not Path(t).is_dir() and re.fullmatch(r"[\w.-]+/[\w.-]+", t):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(t, local_files_only=offline)
+        except OSError as e:
+            raise SpecError("data.tokenizer", f"the tokenizer of {t} is not in the HF cache"
+                            + (": run `pcbench prepare GRID` (it fetches it)" if offline else f": {e}")) from None
+    return load_tokenizer(t, corpus=ref.tokenizer_corpus)
+
+
+def identity(ref: StoreRef, tok=None) -> tuple[str, dict]:
+    """(directory name, identity): corpus inputs + tokenizer fingerprint (never the size)."""
+    from pcbench.data.tokenizer import fingerprint
+
+    tok = tok if tok is not None else load_tok(ref)
+    ident = {"format": FORMAT, "corpus": ref.corpus, "split": ref.split,
+             "inputs_sha256": corpora.fingerprint(ref.corpus, ref.split),
+             "tokenizer_sha256": fingerprint(tok), "files_per_group": _files_per_group(ref.corpus)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    # Named by what decides its bytes only: one tokenizer by name (bpe-512) or by a checkpoint's
+    # directory (model) is one store.
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{ref.corpus}-{ref.split}")[:80]
+    return f"{name}-{digest}", ident
+
+
+def stores_root() -> Path:
+    return cache_dir() / "stores"
+
+
+def _files_per_group(corpus: str) -> int:
+    return 1 if corpora.is_streaming(corpus) else PACKAGED_FILES_PER_GROUP
+
+
+def groups(ref: StoreRef) -> list[list[corpora.SourceFile]]:
+    """The source files of the store in stream order, cut into the fixed groups shards are made of."""
+    files = corpora.source_files(ref.corpus, ref.split)
+    if not files:
+        raise SpecError("data", f"corpus {ref.corpus!r} split {ref.split!r} has no source files")
+    k = _files_per_group(ref.corpus)
+    return [files[i: i + k] for i in range(0, len(files), k)]
+
+
+def _shard(root: Path, i: int) -> tuple[Path, Path, Path]:
+    base = root / "shards" / f"{i:05d}"
+    return base.with_suffix(".bin"), base.with_suffix(".idx"), base.with_suffix(".json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def check_shard(root: Path, i: int, files: Optional[list] = None) -> tuple[Optional[dict], str]:
+    """(the shard's record, "") when shard `i` is whole, else (None, why: missing or damaged)."""
+    bin_, idx, rec_path = _shard(root, i)
+    if not rec_path.is_file():
+        return None, "missing"
+    try:
+        rec = read_json(rec_path)
+        if files is not None and rec.get("files") != [f.key for f in files]:
+            return None, "damaged: made from other source files"
+        if not bin_.is_file() or bin_.stat().st_size != rec["n_tokens"] * np.dtype(rec["dtype"]).itemsize:
+            return None, f"damaged: {bin_.name} is missing or of the wrong size"
+        if not idx.is_file() or idx.stat().st_size != rec["n_documents"] * 8:
+            return None, f"damaged: {idx.name} is missing or of the wrong size"
+        if _sha256(bin_) != rec["sha256"] or _sha256(idx) != rec["idx_sha256"]:
+            return None, f"damaged: {bin_.name} or {idx.name} does not match its sha256"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"damaged: {rec_path.name} unreadable ({e})"
+    return rec, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# One task: a group of source files -> one shard
+
+
+def _fetch_remote(files: list[corpora.SourceFile]) -> dict:
+    """Local copies of the group's remote files: one download each through `datasets`' download
+    manager (its cache, retries with backoff); after the last retry, one line naming the file."""
+    remote = [f.path for f in files if re.match(r"^[a-z0-9]+://", f.path)]
+    if not remote:
+        return {}
+    from datasets import DownloadConfig, DownloadManager
+
+    dm = DownloadManager(download_config=DownloadConfig(max_retries=DOWNLOAD_RETRIES))
+    out = {}
+    for url in remote:
+        try:
+            out[url] = dm.download(url)
+        except Exception as e:  # noqa: BLE001 - the hub's errors are many; one line each
+            raise RuntimeError(f"could not fetch {url} after {DOWNLOAD_RETRIES} retries: "
+                               f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    return out
+
+
+def build_shard(ref: StoreRef, root: Path, i: int, files: list[corpora.SourceFile], *,
+                tok=None, hook: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Tokenise group `i` (`files`) into shard `i` of the store at `root`, atomically: the .bin
+    and .idx are renamed into place, then the .json that says the shard exists. Returns its record.
+    `hook(i, tokens_so_far)` is called after each batch of documents (tests: to interrupt)."""
+    tok = tok if tok is not None else load_tok(ref)
+    backend = tok.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    vocab, eos = len(tok), tok.eos_token_id
+    if eos is None:
+        raise SpecError("data.tokenizer", f"tokenizer {ref.tokenizer!r} has no eos token")
+    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    bin_, idx, rec_path = _shard(root, i)
+    bin_.parent.mkdir(parents=True, exist_ok=True)
+    rec_path.unlink(missing_ok=True)  # a redone shard does not exist until its record is back
+    _sweep_leftovers(bin_, idx)
+    local = _fetch_remote(files)
+    t0 = time.time()
+    tmp_bin = bin_.with_name(f".{bin_.name}.tmp-{os.getpid()}")
+    tmp_idx = idx.with_name(f".{idx.name}.tmp-{os.getpid()}")
+    h_bin, h_idx = hashlib.sha256(), hashlib.sha256()
+    n_tokens = n_docs = 0
+    try:
+        with open(tmp_bin, "wb") as fb, open(tmp_idx, "wb") as fi:
+            docs = corpora.iter_file_documents(ref.corpus, ref.split, files, local=local)
+            for chunk in _chunks(docs, DOCS_PER_CALL):
+                encs = encode(chunk, add_special_tokens=False)
+                lens = np.fromiter((len(e.ids) + 1 for e in encs), dtype=np.int64, count=len(encs))
+                arr = np.empty(int(lens.sum()), dtype=np.int64)
+                pos = 0
+                for e, n in zip(encs, lens):
+                    arr[pos: pos + n - 1] = e.ids
+                    arr[pos + n - 1] = eos
+                    pos += n
+                if len(arr) and int(arr.max()) >= vocab:
+                    raise ValueError(f"token id {int(arr.max())} >= vocabulary {vocab}")
+                b = arr.astype(dtype).tobytes()
+                ends = (n_tokens + np.cumsum(lens)).astype("<i8").tobytes()
+                fb.write(b)
+                fi.write(ends)
+                h_bin.update(b)
+                h_idx.update(ends)
+                n_tokens += len(arr)
+                n_docs += len(chunk)
+                if hook is not None:
+                    hook(i, n_tokens)
+            for f in (fb, fi):
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp_bin, bin_)
+        os.replace(tmp_idx, idx)
+    except BaseException:
+        for p in (tmp_bin, tmp_idx):
+            p.unlink(missing_ok=True)
+        raise
+    rec = {"shard": i, "files": [f.key for f in files], "sources": [_stamp(f) for f in files],
+           "n_tokens": n_tokens, "n_documents": n_docs, "dtype": dtype.name, "sha256": h_bin.hexdigest(),
+           "idx_sha256": h_idx.hexdigest(), "seconds": round(time.time() - t0, 3)}
+    write_json(rec_path, rec)
+    return rec
+
+
+def _sweep_leftovers(*paths: Path) -> None:
+    """Remove the temporary files of these shard files that a killed task left (its pid is gone)."""
+    for p in paths:
+        for tmp in p.parent.glob(f".{p.name}.tmp-*"):
+            pid = tmp.name.rpartition("-")[2]
+            try:
+                if pid.isdigit() and int(pid) != os.getpid():
+                    os.kill(int(pid), 0)
+                    continue  # alive: another prepare is writing it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            tmp.unlink(missing_ok=True)
+
+
+def _stamp(f: corpora.SourceFile) -> dict:
+    try:
+        return f.stamp()
+    except OSError:
+        return {"file": f.path}
+
+
+def _chunks(docs: Iterator[str], n: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for d in docs:
+        chunk.append(d)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+
+
+def finalize(ref: StoreRef, root: Path, ident: dict, tok, records: dict[int, dict], n_groups: int,
+             need: Optional[int]) -> dict:
+    """Write the manifest over the shortest run of shards 0.. that holds `need` tokens (all of
+    them when `need` is None or the corpus has no more). Rewritten only when it changes."""
+    from pcbench.data.tokenizer import fingerprint
+
+    shards, total = [], 0
+    for i in range(n_groups):
+        if need is not None and total >= need:
+            break
+        if i not in records:
+            raise RuntimeError(f"{ref.label()}: shard {i} is not built")
+        shards.append(records[i])
+        total += records[i]["n_tokens"]
+    if total == 0:
+        raise SpecError("data", f"corpus {ref.corpus!r} split {ref.split!r} has no documents")
+    vocab = len(tok)
+    manifest = {**ident, "tokenizer": ref.tokenizer, "tokenizer_corpus": ref.tokenizer_corpus,
+                "tokenizer_sha256": fingerprint(tok), "vocab_size": vocab, "eos_token_id": tok.eos_token_id,
+                "dtype": np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32).name,
+                "n_tokens": total, "n_documents": sum(s["n_documents"] for s in shards),
+                "complete": len(shards) == n_groups, "n_groups": n_groups,
+                "shards": [{k: s[k] for k in ("shard", "files", "sources", "n_tokens", "n_documents", "sha256",
+                                              "idx_sha256")} for s in shards]}
+    path = root / "manifest.json"
+    old = _read_manifest(path)
+    if old is None or {k: v for k, v in old.items() if k != "pcbench_version"} != manifest:
+        write_json(path, {**manifest, "pcbench_version": __version__})
+    return manifest
+
+
+def _read_manifest(path: Path) -> Optional[dict]:
+    try:
+        m = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepare stage, locally: a pool of worker processes
+
+
+def _worker_init() -> None:
+    os.environ.update(ONE_CORE_ENV)
+
+
+_WORKER_TOK: dict = {}
+
+
+class _BareTok:
+    """What `build_shard` uses of a tokenizer, from its backend's JSON: workers import `tokenizers`
+    only (not transformers), so a worker starts in about a second."""
+
+    def __init__(self, backend_json: str, eos: int, vocab: int):
+        from tokenizers import Tokenizer
+
+        self.backend_tokenizer = Tokenizer.from_str(backend_json)
+        self.eos_token_id, self._vocab = eos, vocab
+
+    def __len__(self) -> int:
+        return self._vocab
+
+
+def _task(ref: StoreRef, root: str, i: int, files: list, verify: bool, tok_state: tuple) -> tuple[int, dict, str]:
+    """Pool task: (i, record, what happened: kept | built | redone (why))."""
+    root_p = Path(root)
+    why = "missing"
+    if verify:
+        rec, why = check_shard(root_p, i, files)
+        if rec is not None:
+            return i, rec, "kept"
+    if ref not in _WORKER_TOK:
+        _WORKER_TOK.clear()
+        _WORKER_TOK[ref] = _BareTok(*tok_state)
+    hook = None
+    kill = os.environ.get("PCBENCH_TEST_KILL_SHARD")  # tests: SIGKILL this worker inside shard N
+    if kill is not None and int(kill) == i:
+        import signal
+
+        def hook(_i, n):  # noqa: F811
+            if n > 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+    rec = build_shard(ref, root_p, i, files, tok=_WORKER_TOK[ref], hook=hook)
+    return i, rec, "built" if why == "missing" else f"redone ({why})"
+
+
+@dataclass
+class Prepared:
+    """What `prepare_store` did: the manifest, and which shards it built, redid or kept."""
+
+    ref: StoreRef
+    path: Path
+    manifest: dict
+    built: list
+    redone: list
+    kept: list
+    seconds: float
+
+
+def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optional[int] = None,
+                  log: Optional[Callable[[str], None]] = None) -> Prepared:
+    """Build what the store lacks so that it holds `need` tokens (None: the whole split), with
+    `workers` processes (default `default_workers()`), and write its manifest. Every shard it
+    uses is checked against its sha256 first: a damaged one is named and redone."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    t0 = time.time()
+    log = log or (lambda m: print(f"[pcbench] {m}", file=sys.stderr, flush=True))
+    corpora.check_split(ref.corpus, ref.split)
+    if need is None and corpora.is_streaming(ref.corpus):
+        raise SpecError("data", f"corpus {ref.corpus!r} is streamed: say how many tokens its store needs")
+    tok = load_tok(ref, offline=False)  # here first: a bpe-<N> is trained (or copied) once, a hub one fetched
+    name, ident = identity(ref, tok)
+    root = stores_root() / name
+    root.mkdir(parents=True, exist_ok=True)
+    plan = groups(ref)
+    workers = max(1, workers or default_workers())
+    tok_state = (tok.backend_tokenizer.to_str(), tok.eos_token_id, len(tok))
+    if tok_state[1] is None:
+        raise SpecError("data.tokenizer", f"tokenizer {ref.tokenizer!r} has no eos token")
+    records: dict[int, dict] = {}
+    built, redone, kept = [], [], []
+
+    def covered() -> bool:  # the done shards 0.. hold `need`
+        total = 0
+        for i in range(len(plan)):
+            if i not in records:
+                return False
+            total += records[i]["n_tokens"]
+            if need is not None and total >= need:
+                return True
+        return True
+
+    saved = {k: os.environ.get(k) for k in ONE_CORE_ENV}
+    os.environ.update(ONE_CORE_ENV)  # the workers' tokenizer pools: one thread each
+    try:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+            pending, nxt = set(), 0
+            while True:
+                while nxt < len(plan) and len(pending) < workers and not covered():
+                    pending.add(pool.submit(_task, ref, str(root), nxt, plan[nxt], True, tok_state))
+                    nxt += 1
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        i, rec, what = fut.result()
+                    except BrokenProcessPool:
+                        raise RuntimeError(f"{ref.label()}: a prepare worker died (killed?); the shards it "
+                                           "finished are kept: run the same command again to go on") from None
+                    records[i] = rec
+                    (kept if what == "kept" else built if what == "built" else redone).append(i)
+                    if what.startswith("redone"):
+                        log(f"{ref.label()}: shard {i} {what}")
+                    if what != "kept":
+                        log(f"{ref.label()}: shard {i + 1}/{len(plan)} {what.split(' ')[0]}: "
+                            f"{rec['n_tokens']:,} tokens in {rec['seconds']:.1f} s")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    manifest = finalize(ref, root, ident, tok, records, len(plan), need)
+    if need is not None and manifest["n_tokens"] < need:
+        log(f"{ref.label()}: the whole split holds {manifest['n_tokens']:,} tokens, fewer than the "
+            f"{need:,} needed: runs will repeat it")
+    return Prepared(ref, root, manifest, sorted(built), sorted(redone), sorted(kept), time.time() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: what training does
+
+
+class ShardedTokens:
+    """The concatenated tokens of a store's shards, read-only: `len()`, and `tokens[idx]` for an
+    int array `idx` of any shape (memory-mapped; a window may cross a shard boundary)."""
+
+    def __init__(self, paths: list[Path], counts: list[int], dtype: np.dtype, n: int):
+        self.dtype = np.dtype(dtype)
+        self.n = int(n)
+        self.paths, self.counts = list(paths), list(counts)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._maps: Optional[list] = None
+        self._fds: dict[int, int] = {}
+
+    @property
+    def maps(self) -> list:
+        if self._maps is None:
+            self._maps = [np.memmap(p, dtype=self.dtype, mode="r", shape=(c,)) if c else np.empty(0, self.dtype)
+                          for p, c in zip(self.paths, self.counts)]
+        return self._maps
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def rows(self, starts: np.ndarray, width: int) -> np.ndarray:
+        """`[len(starts), width]` tokens, row r = tokens[starts[r]: starts[r] + width], read with
+        pread (no mapping: memory stays flat, and a page of a large file costs one read)."""
+        out = np.empty((len(starts), width), dtype=self.dtype)
+        size = self.dtype.itemsize
+        for r, a in enumerate(np.asarray(starts, dtype=np.int64)):
+            a = int(a)
+            if a < 0 or a + width > self.n:
+                raise IndexError(f"tokens [{a}, {a + width}) out of range [0, {self.n})")
+            got = 0
+            while got < width:  # a row may cross a shard boundary
+                pos = a + got
+                s = int(np.searchsorted(self.starts, pos, side="right")) - 1
+                take = min(width - got, int(self.starts[s + 1]) - pos)
+                fd = self._fds.get(s)
+                if fd is None:
+                    fd = self._fds[s] = os.open(self.paths[s], os.O_RDONLY)
+                buf = os.pread(fd, take * size, (pos - int(self.starts[s])) * size)
+                if len(buf) != take * size:
+                    raise OSError(f"{self.paths[s]}: short read ({len(buf)} of {take * size} bytes)")
+                out[r, got: got + take] = np.frombuffer(buf, dtype=self.dtype)
+                got += take
+        return out
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple:
+        return (self.n,)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(self.n), dtype=np.int64)
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"token index out of range [0, {self.n})")
+        if idx.ndim == 2 and idx.shape[1] > 1 and np.array_equal(
+                idx - idx[:, :1], np.broadcast_to(np.arange(idx.shape[1]), idx.shape)):
+            return self.rows(idx[:, 0], idx.shape[1])  # windows: the trainer's batches
+        if len(self.maps) == 1:
+            return self.maps[0][idx]
+        flat = idx.ravel()
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty(flat.shape, dtype=self.dtype)
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.maps[s][flat[sel] - self.starts[s]]
+        return out.reshape(idx.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[slice(0, self.n)]
+        return arr if dtype is None else arr.astype(dtype)
+
+
+class ShardedStore:
+    """A prepared store opened read-only: `.tokens` (`ShardedTokens`), `.meta` (the manifest), `len()`.
+    `n_tokens`: read only the first that many (a run's own prefix)."""
+
+    def __init__(self, path: str | os.PathLike, n_tokens: Optional[int] = None):
+        self.path = Path(path)
+        m = _read_manifest(self.path / "manifest.json")
+        if m is None:
+            raise SpecError("data", f"the token store {self.path} is not prepared (no manifest.json): "
+                            "run `pcbench prepare GRID` first")
+        n = m["n_tokens"] if n_tokens is None else min(int(n_tokens), m["n_tokens"])
+        paths, counts = [], []
+        for s in m["shards"]:
+            bin_, _, _ = _shard(self.path, s["shard"])
+            size = bin_.stat().st_size if bin_.is_file() else -1
+            if size != s["n_tokens"] * np.dtype(m["dtype"]).itemsize:
+                raise SpecError("data", f"the token store {self.path} lost or truncated {bin_.name}: run "
+                                "`pcbench prepare GRID` again (it redoes the damaged shard)")
+            paths.append(bin_)
+            counts.append(s["n_tokens"])
+        self.meta = {**m, "n_tokens": n, "store_tokens": m["n_tokens"]}
+        self.tokens = ShardedTokens(paths, counts, np.dtype(m["dtype"]), n)
+
+    def __len__(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return f"ShardedStore({m['corpus']}/{m['split']}, {m['tokenizer']}, {len(self)} tokens)"
+
+    def document_ends(self) -> np.ndarray:
+        """Every document's end offset in the stream (int64), from the shards' .idx files."""
+        out = []
+        for s, start in zip(self.meta["shards"], self.tokens.starts):
+            _, idx, _ = _shard(self.path, s["shard"])
+            out.append(np.fromfile(idx, dtype="<i8") + start)
+        ends = np.concatenate(out) if out else np.empty(0, np.int64)
+        return ends[ends <= len(self)]
+
+
+def store_dir(ref: StoreRef, tok=None) -> Path:
+    return stores_root() / identity(ref, tok)[0]
+
+
+def open_store(ref: StoreRef, *, n_tokens: Optional[int] = None, need: Optional[int] = None,
+               tok=None) -> ShardedStore:
+    """The prepared store of `ref`, read-only: never tokenises, locks or opens a connection.
+    `n_tokens`: the prefix to read (a cap); `need`: the tokens the caller needs (a store holding
+    fewer while its corpus has more is refused: prepare it for this grid)."""
+    path = store_dir(ref, tok)
+    if not (path / "manifest.json").is_file():
+        raise SpecError("data", f"the token store {ref.label()} is not prepared: run `pcbench prepare GRID` "
+                        f"(or `pcbench run`, which prepares first); expected {path}/manifest.json")
+    store = ShardedStore(path, n_tokens)
+    m = store.meta
+    if need is not None and not m["complete"] and m["store_tokens"] < need:
+        raise SpecError("data", f"the token store {ref.label()} holds {m['store_tokens']:,} tokens, this run "
+                        f"needs {need:,}: run `pcbench prepare GRID` for this grid")
+    return store
+
+
+def is_prepared(ref: StoreRef, need: Optional[int] = None, tok=None) -> bool:
+    """The store's manifest exists and holds `need` tokens (or the whole split): torch-free, no hashing."""
+    m = _read_manifest(store_dir(ref, tok) / "manifest.json")
+    return m is not None and (m["complete"] or (need is not None and m["n_tokens"] >= need))
