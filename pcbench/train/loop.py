@@ -180,6 +180,34 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def _resume(paths: RunPaths, trainable, opt, sched, env: distributed.DistEnv, sharded: bool):
+    """Load the newest valid checkpoint into `trainable`, `opt`, `sched` and the RNGs, and release it:
+    (start step, losses, elapsed, interval losses, {"found", "problems"}).
+
+    The checkpoint is read to CPU (`map_location="cpu"`, never the device), each part is applied and
+    dropped at once, and nothing of it is referenced once this returns: the parameters are copied
+    into the model, so a kept `state` would be a second copy of the network for the whole run
+    (nanoGPT's `checkpoint = None`). AdamW's loaded states are moved to the parameters' device by
+    `load_state_dict` (on CPU they are adopted as they are, and become the optimiser's own)."""
+    if sharded:  # every rank loads its shards into trainable and opt; `state` holds the rest
+        state, problems = dcp_checkpoint.load_latest(paths.ckpt, trainable, opt, env)
+    else:
+        state, problems = checkpoint.load_latest(paths.ckpt, map_location="cpu")
+    if state is None:
+        return 0, [], 0.0, [], {"found": False, "problems": problems}
+    if not sharded:
+        trainable.load_state_dict(state.pop("trainable"))
+        opt.load_state_dict(state.pop("optimizer"))
+    sched.load_state_dict(state.pop("scheduler"))
+    _set_rng_state(state.pop("rng"))
+    out = (state["step"], list(state["losses"]), state["elapsed"],
+           list(state.get("interval_losses", [])),  # the logging interval in progress
+           {"found": True, "problems": problems})
+    state.clear()
+    del state
+    return out
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -298,25 +326,14 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, steps, o.warmup, o.warmup_start, o.final_lr))
 
-    # Resume.
-    start, losses, elapsed, interval_losses = 0, [], 0.0, []
-    if par.sharded:  # every rank loads its shards; `state` holds the rest
-        state, problems = dcp_checkpoint.load_latest(paths.ckpt, trainable, opt, env)
-    else:
-        state, problems = checkpoint.load_latest(paths.ckpt, map_location=env.device)
-    if state is not None:
-        if not par.sharded:
-            trainable.load_state_dict(state["trainable"])
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
-        interval_losses = list(state.get("interval_losses", []))  # the logging interval in progress
+    # Resume (the checkpoint is released before the first step).
+    start, losses, elapsed, interval_losses, resumed = _resume(paths, trainable, opt, sched, env, par.sharded)
+    problems = resumed["problems"]
     last_logged = {}  # file -> last step written: appends only go forward
     if env.main:  # keep the lines up to the checkpoint (once each, in order); none on a fresh start
         for p in (paths.metrics, paths.recovery):
             kept, seen = [], set()
-            for r in read_jsonl(p) if state is not None else []:
+            for r in read_jsonl(p) if resumed["found"] else []:
                 if r.get("step", 0) <= start and r.get("step") not in seen:
                     seen.add(r.get("step"))
                     kept.append(r)
