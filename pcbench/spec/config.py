@@ -206,6 +206,11 @@ class CompressSpec:
     # backward, so fp32 training is bitwise the autograd-recompute path's) or "flops" (the fewest
     # FLOPs: the same gradients up to float rounding; 8% fewer on the step-cost Llama cell's FFN)
     order: Literal["autograd", "flops"] = "autograd"
+    # PC: the matmuls of the fixed part (materialise, push): fp32; tf32 (TF32 tensor cores on CUDA, the
+    # same as fp32 on CPU); bf16 (bf16 operands, fp32 accumulation and results). P, R, their gradients
+    # and W_c stay fp32. auto: fp32 on CPU (committed CPU studies bitwise), tf32 on CUDA
+    # (tests/test_fixed_precision.py measures each against float64)
+    fixed_precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
 
     def validate(self, path: str) -> None:
         require(self.method in methods.METHODS, f"{path}.method", methods.unknown(self.method))

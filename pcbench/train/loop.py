@@ -214,6 +214,13 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def adamw_options(device) -> dict:
+    """AdamW's implementation on `device`: fused on CUDA (one kernel over every parameter, no
+    foreach temporaries; nanoGPT, torchtitan), torch's default elsewhere (CPU: unchanged, so the
+    committed CPU studies stay bitwise)."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
+
+
 def amp_ctx(device: torch.device, precision: str):
     """A factory of fresh autocast contexts (one per micro-batch)."""
     return lambda: autocast_for(device, precision)
@@ -321,8 +328,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     net = par.net
     o = spec.optim
     opt = torch.optim.AdamW(trainable.param_groups(o.weight_decay, decay_norms=o.decay_norms), lr=o.lr,
-                            betas=(o.beta1, o.beta2),
-                            eps=o.eps)
+                            betas=(o.beta1, o.beta2), eps=o.eps, **adamw_options(env.device))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, steps, o.warmup, o.warmup_start, o.final_lr))
 
