@@ -45,6 +45,11 @@ class ModelSpec:
     kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     d_ff: Optional[int] = None
+    # From scratch: round the embedding and head up to a multiple of this many rows (64: GPT-2's
+    # 50,257 -> 50,304, tensor-core tiles; nanoGPT). The tokenizer is unchanged; the extra rows are
+    # never inputs or targets, and the export drops them (a stock model of the tokenizer's size).
+    # 1: no padding (every committed CPU study)
+    pad_vocab: int = 1
 
     def validate(self, path: str) -> None:
         require(self.name in presets.PRESETS, f"{path}.name",
@@ -52,6 +57,7 @@ class ModelSpec:
         for f in ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff"):
             v = getattr(self, f)
             require(v is None or v > 0, f"{path}.{f}", f"must be a positive integer, got {v}")
+        require(self.pad_vocab >= 1, f"{path}.pad_vocab", f"must be a positive integer, got {self.pad_vocab}")
         preset = presets.PRESETS[self.name]
         require(preset.weights != "path" or bool(self.path), f"{path}.path",
                 f"model {self.name!r} needs a checkpoint path")

@@ -129,8 +129,11 @@ def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibr
         vocab = models.vocab_size_for(spec.data.tokenizer) or len(tok)
         if vocab < len(tok):
             raise SpecError("data.tokenizer", f"{spec.data.tokenizer!r} has {len(tok)} tokens, more than {vocab}")
-        config = models.build_config(spec.model, vocab, spec.data.seq_len,
+        padded = models.padded_vocab(vocab, spec.model.pad_vocab)
+        config = models.build_config(spec.model, padded, spec.data.seq_len,
                                      tok.bos_token_id, tok.eos_token_id)
+        if padded != vocab:  # trained padded, exported at the tokenizer's size (`export_vocab`)
+            info["vocab"] = {"tokenizer": vocab, "padded": padded}
         model = models.build_model(config, seed=spec.train.seed).to(device)
         info["model"] = models.describe(model)
         return Direct(model), tok, None, info
@@ -445,6 +448,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     # Final record, export.
     memory = distributed.all_gather_object(parallel.memory(trainable, opt), env)
     export = par.export()  # fsdp: gathered to the main process (None elsewhere)
+    if export is not None and "vocab" in info:  # model.pad_vocab: a stock model of the tokenizer's size
+        export = models.unpad_vocab(export, info["vocab"]["tokenizer"])
     held = math.nan
     if eval_store is not None and export is not None:
         held = heldout_loss(export, eval_batches(eval_store, dc.seq_len, micro, dc.eval_batches),

@@ -78,22 +78,26 @@ def _hub_config(repo: str) -> Optional[dict]:
     return json.loads(Path(hit).read_text()) if isinstance(hit, str) else None
 
 
-def _preset_config(spec: RunSpec) -> dict:
-    """A from-scratch (or shape-only hub preset) config as a dict."""
+def _preset_config(spec: RunSpec, exported: bool = False) -> dict:
+    """A from-scratch (or shape-only hub preset) config as a dict: as trained (`model.pad_vocab`
+    rows), or as exported (`exported`: the tokenizer's)."""
     from pcbench import models
 
     preset = models.PRESETS[spec.model.name]
     vocab = preset.vocab or models.vocab_size_for(spec.data.tokenizer)
     if vocab is None:
         raise PlanUnavailable(f"vocabulary of tokenizer {spec.data.tokenizer!r} unknown before it is loaded")
+    if not preset.vocab and not exported:
+        vocab = models.padded_vocab(vocab, spec.model.pad_vocab)
     cfg = models.build_config(spec.model, vocab, spec.data.seq_len).to_dict()
     cfg["tie_word_embeddings"] = preset.tied
     return cfg
 
 
-def model_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
+def model_config(spec: RunSpec, resolve: Optional[Resolver] = None, exported: bool = False) -> dict:
     """The config (as a dict) of the network a run starts from: the base it compresses, the
-    checkpoint it fine-tunes, or the model it pretrains."""
+    checkpoint it fine-tunes, or the model it pretrains (`exported`: as its export holds it, i.e.
+    without `model.pad_vocab`'s rows)."""
     from pcbench import models
 
     path = spec.model.path
@@ -111,20 +115,20 @@ def model_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
         return hit
     preset = models.PRESETS[spec.model.name]
     if preset.weights and preset.weights.startswith("hub:"):
-        return _hub_config(preset.weights[4:]) or _preset_config(spec)
+        return _hub_config(preset.weights[4:]) or _preset_config(spec, exported)
     if preset.weights:  # e.g. the packaged SmolLM2: its checkpoint once dequantised, else the shape
         try:
             return _read_config(Path(models.pretrained_path(spec.model)))
         except Exception:  # noqa: BLE001
-            return _preset_config(spec)
-    return _preset_config(spec)
+            return _preset_config(spec, exported)
+    return _preset_config(spec, exported)
 
 
 def output_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
     """The config of the model a run exports (compressed runs: the base at the plan's widths)."""
     from pcbench.compress.axes import CONFIG_WIDTH
 
-    cfg = dict(model_config(spec, resolve))
+    cfg = dict(model_config(spec, resolve, exported=True))
     if spec.compress is not None:
         for kind, width in widths(cfg, spec.compress.compression, spec.compress.align).items():
             cfg[CONFIG_WIDTH[kind]] = width
