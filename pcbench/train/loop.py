@@ -262,7 +262,11 @@ class Stepper:
                             t_logits = self.teacher(input_ids=mb[:, :-1]).logits
                 loss, ce = lm_loss(logits, mb[:, 1:], t_logits, self.alpha, self.temperature)
                 (loss / len(chunks)).backward()
+                # free the logits (and the teacher's) now, not when the next micro-batch rebinds them:
+                # the last micro-batch's would otherwise live through clip and AdamW (torchtitan: `del pred`)
+                del logits, t_logits, loss
             loss_sum += ce.detach()
+            del ce
         step_loss = float(distributed.all_mean(loss_sum / len(chunks), self.env))
         if not math.isfinite(step_loss):
             raise NonFiniteLoss(step, step_loss)

@@ -13,10 +13,11 @@ level only). The arithmetic follows what the training loop allocates (`train.Ste
 - per micro-batch: saved activations (per decoder layer and token: coefficients measured with
   saved-tensor hooks on stock Llama/Arcee under fp32 and bf16 autocast, exact to the byte; with
   activation checkpointing only each layer's input plus one layer's recompute), bf16 weight copies
-  autocast keeps for the backward, the logits and their gradient in fp32 (often the peak);
+  autocast keeps for the backward (the tied head's too), the logits and their gradient in fp32
+  (often the peak), freed before clip and AdamW (`train.Stepper`), so the optimiser phase has none;
 - transients of the step: PC's cached intermediates (P_out W or W P_in) from `before_step` to the
   push, the push of one tensor (its base in fp32, a product, under fsdp the gathered W and P_in),
-  AdamW's temporary (foreach on CUDA: one group's size; CPU: two of the largest tensor) and, with
+  AdamW's temporary (fused on CUDA: none; CPU: two of the largest tensor) and, with
   block-wise stepping, one block's P/R gradients instead of all of them.
 
 Under `ddp` every process holds everything; under `fsdp` parameters, gradients, optimiser states,
@@ -48,6 +49,14 @@ FP32 = 4
 # Room a GPU needs beyond the plan: CUDA context, NCCL buffers, caching-allocator fragmentation.
 RESERVE_BYTES = int(1.5 * GiB)
 RESERVE_FRACTION = 0.05
+# What CUDA reports of an "N GB" card (`total_memory`): an 80 GB H100/A100 79.2 GiB (85.0e9 bytes),
+# a 141 GB H200 139.6 GiB; the plan's needs are compared with this, not with N GiB.
+USABLE_FRACTION = 0.99
+
+
+def usable_bytes(gpu_mem_gb: float) -> int:
+    """Bytes a card sold as `gpu_mem_gb` GB offers (`resources.gpu_mem_gb`, `--gpu-mem`)."""
+    return int(gpu_mem_gb * GiB * USABLE_FRACTION)
 
 Resolver = Callable[[str], RunSpec]  # run id -> that run's spec (`run:<id>` model paths)
 
@@ -313,7 +322,7 @@ class MemoryPlan:
         return int(self.peak * (1 + RESERVE_FRACTION) + RESERVE_BYTES)
 
     def fits(self, gpu_mem_gb: float) -> bool:
-        return self.needs() <= gpu_mem_gb * GiB
+        return self.needs() <= usable_bytes(gpu_mem_gb)
 
     def setting(self) -> str:
         gpus = f"{self.world} GPU{'s' if self.world > 1 else ''}"
@@ -417,6 +426,8 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
         logits += tokens * vocab * ((2 if prec == "bf16" else FP32) + 2 * FP32)
     comp["logits"] = logits
     matrices = sum(numel[n] for n, s in small if len(s) == 2 and "embed" not in n)
+    if net_cfg.get("tie_word_embeddings"):  # the tied head is the embedding: autocast copies it for the head
+        matrices += sum(numel[n] for n, s in small if len(s) == 2 and "embed" in n)
     comp["autocast_copies"] = 2 * matrices if prec == "bf16" else 0
 
     # FSDP2: the gathered units (current + prefetched) and one unit's unsharded gradient.
@@ -458,12 +469,11 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
         comp["step_cache"] = cache
         comp["push_transient"] = push_t
 
-    # AdamW's temporary: foreach (CUDA) one group's sqrt(v); single-tensor (CPU) two of the largest.
+    # AdamW's temporary: fused on CUDA (`loop.adamw_options`: one kernel, in place) none;
+    # single-tensor (CPU) two of the largest.
     def opt_temp(names_shapes: list[tuple[int, ...]]) -> int:
-        if not names_shapes:
+        if not names_shapes or dev == "cuda":
             return 0
-        if dev == "cuda":
-            return FP32 * sum(_sharded(s, sh) for s in names_shapes)
         return 2 * FP32 * max(_sharded(s, sh) for s in names_shapes)
 
     if pc:
