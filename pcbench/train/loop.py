@@ -469,6 +469,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         "world_size": env.world, "parallel": tc.parallel, "memory_per_rank": memory,
         "device": str(env.device), "torch": torch.__version__,
         "resumed_from": start, "checkpoint_problems": problems, **info,
+        **({"fsdp_mixed_precision": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}}
+           if getattr(par, "mp_policy", None) is not None else {}),
         "memory_plan": memory_plan.record_plan(spec, env.world, str(env.device)),  # beside the measured peak
         **memory_plan.measured_peak(env.device), **(provenance or {}),
     }
