@@ -24,12 +24,38 @@ from pcbench.train import checkpoint
 from pcbench.util.atomic import write_json
 from pcbench.train.distributed import DistEnv, barrier
 
-def _manifest(path: Path, step: int) -> None:
-    files = {}
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        data = f.read_bytes()
-        files[str(f.relative_to(path))] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    write_json(path / "manifest.json", {"step": step, "format": "dcp", "files": files})
+def _hash_files(path: Path, files) -> dict[str, dict]:
+    """{name relative to `path`: {bytes, sha256}} of `files`, read in chunks."""
+    out = {}
+    for f in sorted(files):
+        h, n = hashlib.sha256(), 0
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+                n += len(chunk)
+        out[str(f.relative_to(path))] = {"bytes": n, "sha256": h.hexdigest()}
+    return out
+
+
+def own_shards(path: Path, rank: int) -> list[Path]:
+    """The shard files rank `rank` wrote (DCP's FileSystemWriter names them `__<rank>_<n>.distcp`)."""
+    return [p for p in path.glob(f"__{rank}_*.distcp") if p.is_file()]
+
+
+def _manifest(path: Path, step: int, parts: list[dict[str, dict]]) -> None:
+    """Merge every rank's hashes of its own shards (`parts`, in rank order) with the main process's
+    of the rest (`.metadata`, `extra.pt`), and write the manifest (`hashed_by`: which rank read what)."""
+    files, by = {}, {}
+    for rank, part in enumerate(parts):
+        for name, meta in part.items():
+            files[name] = meta
+            by[name] = rank
+    rest = [p for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in files]
+    for name, meta in _hash_files(path, rest).items():
+        files[name] = meta
+        by[name] = 0
+    write_json(path / "manifest.json", {"step": step, "format": "dcp", "files": dict(sorted(files.items())),
+                                        "hashed_by": dict(sorted(by.items()))})
 
 
 def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: DistEnv, keep: int = 2) -> Path:
@@ -48,13 +74,20 @@ def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: Dist
     barrier(env)
     model_sd, optim_sd = get_state_dict(trainable, opt)
     dcp.save({"trainable": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-    barrier(env)
+    del model_sd, optim_sd
+    # Every rank hashes the shards it wrote, in parallel; the main process merges (no rank reads
+    # another's files, and nothing long runs inside a barrier while the others wait).
+    mine = _hash_files(tmp, own_shards(tmp, env.rank))
+    parts = [mine]
+    if env.world > 1:
+        parts = [None] * env.world
+        dist.all_gather_object(parts, mine)
     if env.main:
         with open(tmp / "extra.pt", "wb") as f:
             torch.save(extra, f)
             f.flush()
             os.fsync(f.fileno())
-        _manifest(tmp, step)
+        _manifest(tmp, step, parts)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
