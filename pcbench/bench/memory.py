@@ -95,6 +95,16 @@ def probe(cfg: dict) -> dict:
     dev = env.device
     cuda = dev.type == "cuda"
     _warm_up(dev)
+    real_ids = None
+    if cfg.get("tokenizer"):  # real ids: text through the named tokenizer (e.g. the packaged llama3),
+        from pcbench.data.tokenizer import load_tokenizer  # loaded and dropped before the baseline
+
+        tok = load_tokenizer(cfg["tokenizer"])
+        ids = tok(_TEXT)["input_ids"]
+        n = cfg["rows"] * (cfg["seq"] + 1)
+        real_ids = torch.tensor((ids * (n // len(ids) + 1))[:n]).view(cfg["rows"], -1)
+        del tok
+        gc.collect()
     start = memory_baseline(dev)
     preset, over = SIZES[cfg["size"]]
     base = models.build_model(_config(cfg), seed=0)
@@ -110,12 +120,8 @@ def probe(cfg: dict) -> dict:
                       par=par, grad_clip=1.0, clip=spec.optim.clip, blockwise=c.blockwise_step)
     g = torch.Generator().manual_seed(1 + env.rank)
     batch = torch.randint(0, cfg["vocab"], (cfg["rows"], cfg["seq"] + 1), generator=g).to(dev)
-    if cfg.get("tokenizer"):  # real ids: text through the named tokenizer (e.g. the packaged llama3)
-        from pcbench.data.tokenizer import load_tokenizer
-
-        ids = load_tokenizer(cfg["tokenizer"])(_TEXT)["input_ids"]
-        n = cfg["rows"] * (cfg["seq"] + 1)
-        batch = torch.tensor((ids * (n // len(ids) + 1))[:n]).view(cfg["rows"], -1).to(dev)
+    if real_ids is not None:
+        batch = real_ids.to(dev)
     if cuda:
         gc.collect()
         built = torch.cuda.memory_allocated(dev)
