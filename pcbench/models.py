@@ -28,7 +28,7 @@ from transformers import (
 
 from pcbench.spec.config import ModelSpec, SpecError
 from pcbench.spec.presets import (FAMILIES, KNOWN_VOCAB, PRESETS, Family, Preset,  # noqa: F401 (re-exported)
-                             resolved_preset, vocab_size_for)
+                             padded_vocab, resolved_preset, vocab_size_for)
 
 
 def family(name: str) -> Family:
@@ -53,6 +53,29 @@ def build_config(spec: ModelSpec, vocab_size: int, max_positions: int,
     )
     fam = family(p.family)
     return getattr(transformers, fam.config_class)(hidden_act=fam.hidden_act, **common)
+
+
+def unpad_vocab(model: PreTrainedModel, vocab: int) -> PreTrainedModel:
+    """Drop the embedding and head rows past `vocab` (`model.pad_vocab`'s padding), in place: the
+    result is a stock model of the tokenizer's size whose logits on every real id are the padded
+    model's, bit for bit (each logit is one row of the head)."""
+    if model.config.vocab_size == vocab:
+        return model
+    if model.config.vocab_size < vocab:
+        raise ValueError(f"cannot unpad a vocabulary of {model.config.vocab_size} to {vocab}")
+    with torch.no_grad():
+        emb = model.get_input_embeddings()
+        emb.weight = torch.nn.Parameter(emb.weight[:vocab].clone(), requires_grad=emb.weight.requires_grad)
+        emb.num_embeddings = vocab
+        head = model.get_output_embeddings()
+        if head is not None:
+            if getattr(model.config, "tie_word_embeddings", False):
+                head.weight = emb.weight
+            else:
+                head.weight = torch.nn.Parameter(head.weight[:vocab].clone(), requires_grad=head.weight.requires_grad)
+            head.out_features = vocab
+    model.config.vocab_size = vocab
+    return model
 
 
 def build_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:

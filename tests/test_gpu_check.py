@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("cuda_tests", "throughput", "step_262k", "memory_llama1b", "study")
+SECTIONS = ("cuda_tests", "throughput", "step_262k", "memory_llama1b", "pretrain_300m", "multi_gpu", "study")
 
 
 def _numbers(d, path=""):
@@ -76,6 +76,15 @@ def test_smoke_through_the_script_writes_every_section(tmp_path):
         assert mem[m]["status"] == "done" and mem[m]["peak_bytes"] > 0
         assert "plan_bytes" in mem[m] and mem[m]["note"]
     assert mem["pc"]["trainable_params"] > mem["hpr"]["trainable_params"]  # P and R
+    # 5: the dense base's step, vocabulary padded (512 -> 576 at the smoke's 96), eager and per-block compiled.
+    pre = rec["pretrain_300m"]
+    assert pre["vocab"] == 576 and pre["vocab_unpadded"] == 512
+    for mode in ("eager", "compile"):
+        assert pre[mode]["status"] == "done" and pre[mode]["tokens_per_s"] > 0, (mode, pre[mode])
+    assert pre["compile"]["compile_backend"] == "eager"
+    # 6: one process on CPU: the multi-GPU part says why it did not run.
+    assert rec["multi_gpu"]["status"] == "skipped" and "2+ GPUs" in rec["multi_gpu"]["why"]
+    assert rec["throughput"]["compile"]["hpr"]["compiled"].startswith("per decoder layer")
     assert rec["study"]["status"] == "skipped" and rec["study"]["why"]
     assert set(rec["verdicts"]) and all(v["met"] is None for v in rec["verdicts"].values())  # smoke: no verdicts
     assert rec["machine"]["hostname"] and rec["gpu"]["peak_bf16_flops"] is None
@@ -88,7 +97,7 @@ def test_spent_budget_skips_every_part_with_the_reason(tmp_path, capsys):
     assert gpu_check.main(["--smoke", "--budget", "1", "--grace", "600", "--out", str(tmp_path)]) == 0
     rec = json.loads(_only(tmp_path, ".json").read_text())
     assert rec["status"] == "done"
-    for key in ("cuda_tests", "step_262k", "memory_llama1b"):
+    for key in ("cuda_tests", "step_262k", "memory_llama1b", "pretrain_300m", "multi_gpu"):
         assert rec[key]["status"] == "skipped" and "budget" in rec[key]["why"], key
     assert rec["throughput"]["eager"]["status"] == rec["throughput"]["compile"]["status"] == "skipped"
     assert "1 cuda tests: skipped" in capsys.readouterr().out
@@ -130,3 +139,63 @@ def test_dense_bf16_peak_is_read_off_the_device_name(name, peak):
     from pcbench.bench.throughput import peak_bf16
 
     assert peak_bf16(name) == peak
+
+
+def _fresh_clone(tmp: Path) -> Path:
+    """A `git clone` of this branch's HEAD (committed code only), no venv, nothing ignored."""
+    clone = tmp / "clone"
+    r = subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(clone)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot clone {ROOT}: {r.stderr[-300:]}")
+    assert not (clone / ".venv").exists()
+    return clone
+
+
+def _smoke(clone: Path, tmp: Path, env_extra: dict, budget: int = 900) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("PCBENCH_PYTHON", "PYTHONPATH", "VIRTUAL_ENV")}
+    env.update({"PCBENCH_GPU_CHECK_OUT": str(out), "OMP_NUM_THREADS": "2", **env_extra})
+    r = subprocess.run(["bash", "scripts/gpu-check.sh", "--smoke", "--budget", str(budget)], cwd=clone, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    files = sorted(out.glob("gpu-check-*.json"))
+    return r, (json.loads(files[0].read_text()) if files else {})
+
+
+def test_smoke_from_a_fresh_clone_without_a_venv_installs_outside_the_budget(tmp_path):
+    """A fresh clone, no venv, no Python with the needs on PATH: the script makes `.venv` and
+    installs (here a stand-in: `python3 -m venv` links this interpreter, `pip install` sleeps 20 s,
+    so no registry is touched); the install is reported and not counted, the smoke passes with its
+    JSON. (Before: the install ate the smoke's budget, rc 2 and no JSON.)"""
+    clone = _fresh_clone(tmp_path)
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    # python3: no needs (so nothing on PATH qualifies); `-m venv DIR` makes DIR/bin/python, which
+    # runs this interpreter except for `-m pip` (a 20 s stand-in for the install).
+    (stub / "python3").write_text(f"""#!/usr/bin/env bash
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  mkdir -p "$3/bin"
+  printf '#!/usr/bin/env bash\\nif [ "$1" = "-m" ] && [ "$2" = "pip" ]; then sleep 20; exit 0; fi\\nexec {sys.executable} "$@"\\n' > "$3/bin/python"
+  chmod +x "$3/bin/python"; exit 0
+fi
+exit 1
+""")
+    (stub / "python3").chmod(0o755)
+    r, rec = _smoke(clone, tmp_path, {"PATH": f"{stub}:{os.environ['PATH']}"}, budget=900)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    assert "installing into .venv" in text and "not counted in the budget" in text
+    assert "900 s of 900 s left" in text or "899 s of 900 s left" in text  # the 20 s install is not taken off
+    assert rec.get("status") == "done" and rec["smoke"] is True
+
+
+@pytest.mark.slow
+def test_smoke_from_a_fresh_clone_with_a_venv(tmp_path):
+    """A fresh clone whose `.venv` has the needs (here: this interpreter's environment linked in):
+    chosen without any install, the smoke passes with its JSON."""
+    clone = _fresh_clone(tmp_path)
+    (clone / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    r, rec = _smoke(clone, tmp_path, {})
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    assert "python .venv/bin/python" in text and "installing" not in text
+    assert rec.get("status") == "done"

@@ -8,12 +8,17 @@ reason recorded, and the JSON (`gpu-check-<host>-<stamp>.json`, rewritten atomic
 measurement, so a killed run still leaves what it measured) always holds every section:
 1. `cuda_tests`: `pytest -m cuda tests/test_cuda.py` in a subprocess with a timeout;
 2. `throughput`: bf16 training tokens/s and MFU of the 300M GPT-2-style preset at seq 512, HPR and
-   PC at 50%, the largest micro-batch that fits (doubling until OOM), eager and `torch.compile`
-   (compiled last: its compile time is the least predictable);
+   PC at 50% (widths aligned to 64, as the paper grid's cells), the largest micro-batch that fits
+   (doubling until OOM), eager and compiled per decoder layer (`parallel.compile_blocks`; compiled
+   last: its compile time is the least predictable); AdamW fused on CUDA;
 3. `step_262k`: PC and HPR optimiser-step time at 262,144 tokens per step by accumulation;
 4. `memory_llama1b`: peak memory of PC and HPR on a Llama-3.2-1B-shaped model (random init, tied)
    at 50%, beside the memory plan (`pcbench.train.memory.plan`, null with a note where it cannot be made);
-5. `study`: not run (see `STUDY_NOTE`).
+5. `pretrain_300m`: the dense 300M base's pretraining step (the step most GPU-hours buy): vocabulary
+   padded to 50,304 (`model.pad_vocab: 64`), fused AdamW, eager and compiled per decoder layer;
+6. `multi_gpu`: with 2+ GPUs, 2-process DDP (HPR) and FSDP (PC) cells of `pcbench bench memory`
+   (NCCL, plan vs measured peak per rank); skipped with the reason on one GPU;
+7. `study`: not run (see `STUDY_NOTE`).
 Every step is the training loop's `Stepper` over the methods that `pcbench.bench.step_cost`
 builds. `--smoke` runs the same code on CPU with tiny sizes (bf16 autocast on CPU). A watchdog
 thread writes the JSON and ends the process at the hard deadline, so the check never hangs.
@@ -51,6 +56,7 @@ from pcbench.compress.plan import make_plan
 from pcbench.spec.config import ModelSpec
 from pcbench.util.devices import resolve_device
 from pcbench.train.loop import Stepper, amp_ctx
+from pcbench.train.parallel import compile_blocks
 
 METHODS = methods.COMPARED  # hpr, pc (the registry's compared pair)
 GOALS = {"hpr_bf16_mfu_min": 0.40, "pc_over_hpr_step_262k_max": 1.02, "pc_peak_over_plan_max": 1.0}
@@ -78,22 +84,25 @@ class Sizes:
     mem_seq: int
     compile_backend: str
     min_compile_s: float  # part budget a compile must have left to start
+    align: int  # compressed widths rounded to a multiple (the paper grid's cells: 64)
+    pad_vocab: int  # the dense base's vocabulary padding (pretraining)
     caps: dict  # seconds per part
 
 
 FULL = Sizes(model="gpt2-300m", vocab=50257, seq=512, start_micro=8, max_micro=512, warmup=3, steps=10,
              step_tokens=262_144, step_repeats=3,
              mem_model={"name": "llama3.2-1b"}, mem_vocab=128_256, mem_rows=8, mem_seq=512,
-             compile_backend="inductor", min_compile_s=60,
-             caps={"cuda_tests": 120, "throughput_eager": 120, "step_262k": 75, "memory_llama1b": 90,
-                   "throughput_compile": 180})
+             compile_backend="inductor", min_compile_s=60, align=64, pad_vocab=64,
+             caps={"cuda_tests": 90, "throughput_eager": 100, "step_262k": 75, "memory_llama1b": 70,
+                   "pretrain_300m": 90, "multi_gpu": 60, "throughput_compile": 120})
 SMOKE = Sizes(model="gpt2-nano", vocab=512, seq=32, start_micro=2, max_micro=4, warmup=1, steps=2,
               step_tokens=256, step_repeats=2,
               mem_model={"name": "llama3.2-1b", "layers": 2, "d_model": 64, "heads": 4, "kv_heads": 2,
                          "head_dim": 16, "d_ff": 256},
-              mem_vocab=512, mem_rows=2, mem_seq=32, compile_backend="eager", min_compile_s=5,
+              mem_vocab=512, mem_rows=2, mem_seq=32, compile_backend="eager", min_compile_s=5, align=8,
+              pad_vocab=96,
               caps={"cuda_tests": 45, "throughput_eager": 20, "step_262k": 15, "memory_llama1b": 15,
-                    "throughput_compile": 30})
+                    "pretrain_300m": 20, "multi_gpu": 10, "throughput_compile": 30})
 
 
 def default_budget(smoke: bool) -> float:
@@ -157,14 +166,15 @@ def clear_grads(trainable, opt) -> None:
         p.grad = None
 
 
-def base_and_plan(spec: ModelSpec, vocab: int, seq: int, compression: float, seed: int, tied: bool = False):
+def base_and_plan(spec: ModelSpec, vocab: int, seq: int, compression: float, seed: int, tied: bool = False,
+                  align: int = 1):
     """A seeded from-scratch base of `spec` (tied embedding and head if asked) and a random-importance
-    plan at `compression`."""
+    plan at `compression`, widths rounded to a multiple of `align`."""
     config = models.build_config(spec, vocab, seq)
     config.tie_word_embeddings = tied
     base = models.build_model(config, seed=seed)
     base.config.use_cache = False
-    return base, make_plan(base, compression, importance.random(base, seed))
+    return base, make_plan(base, compression, importance.random(base, seed), align=align)
 
 
 def steps_timed(stepper: Stepper, batch: torch.Tensor, device: torch.device, warmup: int, steps: int,
@@ -352,10 +362,12 @@ def part_throughput(ctx: "Context", compile_: bool) -> dict:
         small_cfg = trainable.model.config
         rec = {"build_seconds": built_s}
         try:
-            if compile_:
-                net = torch.compile(trainable.model, backend=s.compile_backend)
-                stepper = Stepper(stepper.trainable, net, stepper.opt, stepper.sched, micro=rows, amp=stepper.amp)
+            if compile_:  # per decoder layer, as `train.compile` (the mask stays None: flash attention)
+                compile_blocks(trainable.model, backend=s.compile_backend)
+                stepper = Stepper(stepper.trainable, trainable.network, stepper.opt, stepper.sched, micro=rows,
+                                  amp=stepper.amp)
                 rec["compile_backend"] = s.compile_backend
+                rec["compiled"] = "per decoder layer (pcbench.train.parallel.compile_blocks)"
             else:
                 search = largest_micro(stepper, trainable, stepper.opt,
                                        lambda r: fixed_batch(r, s.seq, s.vocab, ctx.seed, dev), s, dev, deadline)
@@ -496,6 +508,97 @@ def part_memory(ctx: "Context") -> dict:
     return out
 
 
+def part_pretrain(ctx: "Context") -> dict:
+    """The dense base's pretraining step (vocabulary padded, fused AdamW on CUDA), eager then compiled
+    per decoder layer, at HPR's eager micro-batch (else the search's first size): tokens/s and MFU."""
+    from pcbench.compress.trainable import Direct
+    from pcbench.train.loop import adamw_options
+    from pcbench.train.parallel import compile_blocks
+
+    s, dev = ctx.sizes, ctx.device
+    deadline = ctx.budget.deadline(ctx.cap("pretrain_300m"))
+    vocab = models.padded_vocab(s.vocab, s.pad_vocab)
+    rows = ctx.micro.get("hpr") or s.start_micro
+    out: dict = {"model": s.model, "vocab": vocab, "vocab_unpadded": s.vocab, "seq": s.seq, "micro_batch_rows": rows,
+                 "optimizer": "AdamW " + ("fused" if adamw_options(dev) else "torch default (CPU)")}
+    for mode in ("eager", "compile"):
+        left = deadline - time.monotonic()
+        if left <= 0 or (mode == "compile" and left < s.min_compile_s):
+            out[mode] = {"status": "skipped", "why": f"part budget: {max(left, 0):.0f} s left"}
+            continue
+        rec: dict = {}
+        try:
+            config = models.build_config(ModelSpec(name=s.model), vocab, s.seq)
+            model = models.build_model(config, seed=ctx.seed).to(dev)
+            model.config.use_cache = False
+            model.train()
+            trainable = Direct(model)
+            if mode == "compile":
+                compile_blocks(model, backend=s.compile_backend)
+                rec["compile_backend"] = s.compile_backend
+            opt = torch.optim.AdamW(trainable.param_groups(0.1), lr=1e-4, **adamw_options(dev))
+            stepper = Stepper(trainable, trainable.network, opt, None, micro=rows, amp=ctx.amp)
+            batch = fixed_batch(rows, s.seq, s.vocab, ctx.seed, dev)  # real ids only: below the unpadded size
+            t = steps_timed(stepper, batch, dev, s.warmup, s.steps, deadline, min_timed=1)
+            med = t["step_seconds"]["median"]
+            tokens = rows * s.seq
+            flops_tok = models.flops_per_token(config, s.seq)
+            rec.update(t)
+            rec.update({"status": "done", "tokens_per_s": tokens / med, "flops_per_token": flops_tok,
+                        "mfu": flops_tok * tokens / med / ctx.peak if ctx.peak else None})
+            if mode == "compile":
+                rec["first_step_seconds_incl_compile"] = t["warmup_seconds"][0] if t["warmup_seconds"] else None
+            del model, trainable, opt, stepper, batch
+        except Exception as e:  # noqa: BLE001
+            rec = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        out[mode] = rec
+        ctx.rec["pretrain_300m"] = out
+        ctx.save()
+        free(dev)
+    out["status"] = "done" if any(out[m].get("status") == "done" for m in ("eager", "compile")) else "skipped"
+    return out
+
+
+MULTI_CELLS = (("hpr", "ddp"), ("pc", "fsdp"))
+
+
+def part_multi_gpu(ctx: "Context") -> dict:
+    """With 2+ GPUs: `pcbench bench memory` cells on 2 processes (NCCL): HPR under DDP, PC under FSDP,
+    each the largest rank's measured peak beside the plan. One GPU (or the smoke): skipped, with why."""
+    n = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
+    if n < 2:
+        return {"status": "skipped", "why": f"needs 2+ GPUs, this machine has {n}" + (" (smoke: CPU)" if ctx.args.smoke else "")}
+    from pcbench.bench import memory as bench_memory
+    from pcbench.spec.config import load_run_spec
+    from pcbench.train import memory
+
+    deadline = ctx.budget.deadline(ctx.cap("multi_gpu"))
+    out: dict = {"status": "done", "gpus": n, "size": "llama-57m"}
+    with tempfile.TemporaryDirectory() as cdir:
+        for method, par in MULTI_CELLS:
+            key = f"{method}_{par}"
+            if time.monotonic() > deadline:
+                out[key] = {"status": "skipped", "why": "part budget spent"}
+                continue
+            cfg = {"method": method, "world": 2, "parallel": par, "size": "llama-57m", "vocab": 32768, "seq": 512,
+                   "rows": 8, "micro": 4, "steps": 3, "compression": 0.5, "threads": 4, "device": "cuda",
+                   "config_dir": cdir}
+            try:
+                if not (Path(cdir) / "config.json").exists():
+                    bench_memory.write_config(cfg, Path(cdir))
+                p = memory.plan(load_run_spec(bench_memory.cell_spec(cfg, cdir)), 2, device="cuda")
+                t0 = time.perf_counter()
+                ranks = bench_memory.measure(cfg)
+                peak = max(r["peak"] for r in ranks)
+                out[key] = {"status": "done", "plan_bytes": p.peak, "measured_peak_bytes": peak,
+                            "peak_over_plan": peak / p.peak, "ranks": ranks, "seconds": time.perf_counter() - t0}
+            except Exception as e:  # noqa: BLE001
+                out[key] = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:500]}"}
+            ctx.rec["multi_gpu"] = out
+            ctx.save()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 
@@ -561,12 +664,13 @@ def run(args: argparse.Namespace) -> dict:
     rec = ctx.rec
     rec["config"] = {"sizes": dataclasses.asdict(sizes), "budget_seconds": args.budget, "device": str(device),
                      "compression": args.compression, "seed": args.seed, "importance": "random",
-                     "pc": "sides both, residual, fp32 base and projections", "precision": ctx.precision,
+                     "pc": "sides both, residual, fp32 base and projections, fixed part "
+                           "compress.fixed_precision auto (tf32 on CUDA)", "precision": ctx.precision,
                      "batch_source": "fixed random token batches", "lr": 1e-4}
     machine = machine_info()
     rec["machine"] = machine
     rec["gpu"] = gpu_facts(device, ctx.peak)
-    for key in ("cuda_tests", "throughput", "step_262k", "memory_llama1b"):
+    for key in ("cuda_tests", "throughput", "step_262k", "memory_llama1b", "pretrain_300m", "multi_gpu"):
         rec[key] = {"status": "pending"}
     rec["study"] = {"status": "skipped", "why": STUDY_NOTE}
     rec["png"] = png_path.name
@@ -601,7 +705,7 @@ def run(args: argparse.Namespace) -> dict:
             if ctx.base is None:
                 t0 = time.perf_counter()
                 ctx.base, ctx.plan = base_and_plan(ModelSpec(name=sizes.model), sizes.vocab, sizes.seq,
-                                                   args.compression, args.seed)
+                                                   args.compression, args.seed, align=sizes.align)
                 rec["config"]["base"] = {"model": sizes.model, "params": models.count_params(ctx.base),
                                          "plan": {k: v for k, v in ctx.plan.to_dict().items() if k != "keep"},
                                          "build_seconds": time.perf_counter() - t0}
@@ -613,6 +717,8 @@ def run(args: argparse.Namespace) -> dict:
     part("throughput", with_base(lambda: part_throughput(ctx, False)), need=10, sub="eager")
     part("step_262k", with_base(lambda: part_step(ctx)), need=10)
     part("memory_llama1b", lambda: part_memory(ctx), need=10)
+    part("pretrain_300m", lambda: part_pretrain(ctx), need=10)
+    part("multi_gpu", lambda: part_multi_gpu(ctx), need=10)
     part("throughput", with_base(lambda: part_throughput(ctx, True)), need=20, sub="compile")
     rec["throughput"]["status"] = "done"
     ctx.base = ctx.plan = None
@@ -641,12 +747,17 @@ def verdicts(rec: dict) -> dict:
     best = max([m for m in (mfu, mfu_c) if m is not None], default=None)
     ratio = get(rec, "step_262k", "pc_over_hpr")
     over = get(rec, "memory_llama1b", "pc", "peak_over_plan")
+    dense = [get(rec, "pretrain_300m", m, "mfu") for m in ("eager", "compile")]
+    dense_best = max([m for m in dense if m is not None], default=None)
     smoke = rec.get("smoke")
 
     def verdict(value, ok):
         return {"value": value, "met": None if value is None or smoke else ok(value)}
 
-    return {"hpr_bf16_mfu_300m (best of eager/compile)": {**verdict(best, lambda v: v >= GOALS["hpr_bf16_mfu_min"]),
+    return {"dense_bf16_mfu_300m_pretrain (best of eager/compile)": {
+                **verdict(dense_best, lambda v: v >= GOALS["hpr_bf16_mfu_min"]),
+                "goal": f">= {GOALS['hpr_bf16_mfu_min']:.0%}"},
+            "hpr_bf16_mfu_300m (best of eager/compile)": {**verdict(best, lambda v: v >= GOALS["hpr_bf16_mfu_min"]),
                                                           "goal": f">= {GOALS['hpr_bf16_mfu_min']:.0%}"},
             "pc_over_hpr_step_262k": {**verdict(ratio, lambda v: v <= GOALS["pc_over_hpr_step_262k_max"]),
                                       "goal": f"<= {GOALS['pc_over_hpr_step_262k_max']}"},
@@ -692,7 +803,17 @@ def table(rec: dict) -> str:
         lines.append(f"4 memory llama-1b-shaped {m}: peak {_fmt(r.get('peak_bytes') and r['peak_bytes'] / gib, '.2f')} GiB, "
                      f"persistent {_fmt(r.get('persistent_bytes') and r['persistent_bytes'] / gib, '.2f')} GiB, plan "
                      f"{_fmt(r.get('plan_bytes') and r['plan_bytes'] / gib, '.2f')} GiB; {r.get('status', mem.get('status', '-'))}")
-    lines.append(f"5 study: {rec['study']['status']}")
+    pre = rec.get("pretrain_300m", {})
+    for mode in ("eager", "compile"):
+        r = pre.get(mode, {}) if isinstance(pre, dict) else {}
+        lines.append(f"5 pretrain {pre.get('model', '-')} vocab {_fmt(pre.get('vocab'), 'd')} {mode}: "
+                     f"{_fmt(r.get('tokens_per_s'), ',.0f')} tokens/s, MFU {_fmt(r.get('mfu'), '.1%')}; "
+                     f"{r.get('status', pre.get('status', '-'))}")
+    mg = rec.get("multi_gpu", {})
+    lines.append(f"6 multi-GPU: {mg.get('status', '-')}" + (f" ({mg['why']})" if mg.get("why") else "") + "".join(
+        f"; {k} peak/plan {_fmt(mg[k].get('peak_over_plan'), '.3f')}" for k in ("hpr_ddp", "pc_fsdp")
+        if isinstance(mg.get(k), dict)))
+    lines.append(f"7 study: {rec['study']['status']}")
     for k, v in rec.get("verdicts", {}).items():
         lines.append(f"goal {k}: {_fmt(v['value'], '.4g')} ({v['goal']}) met={v['met']}")
     lines.append(f"elapsed {rec.get('elapsed_seconds', 0):.0f} s of budget {rec['config']['budget_seconds']:.0f} s")

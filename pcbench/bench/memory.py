@@ -33,7 +33,11 @@ SIZES = {  # name -> (preset, shape overrides); vocabulary and sequence from the
     "gpt2-17m": ("gpt2-tiny", {"layers": 4, "d_model": 512, "heads": 8, "head_dim": 64, "d_ff": 2048}),
     "llama-57m": ("llama-tiny", {"layers": 8, "d_model": 768, "heads": 12, "kv_heads": 4, "head_dim": 64,
                                  "d_ff": 2048}),
+    # Llama-3.2-1B's shape (random init; vocabulary 128,256 from the flags or the cell, tied head)
+    "llama3.2-1b": ("llama-tiny", {"layers": 16, "d_model": 2048, "heads": 32, "kv_heads": 8, "head_dim": 64,
+                                   "d_ff": 8192}),
 }
+TIED = {"llama3.2-1b"}  # sizes whose head is the embedding
 DEFAULT_CELLS = ("hpr:1:ddp,pc:1:ddp,hpr:2:ddp,pc:2:ddp,hpr:2:fsdp,pc:2:fsdp,pc-blockwise:1:ddp,"
                  "pc-blockwise:2:fsdp")
 TOLERANCE = 0.15
@@ -91,9 +95,19 @@ def probe(cfg: dict) -> dict:
     dev = env.device
     cuda = dev.type == "cuda"
     _warm_up(dev)
+    real_ids = None
+    if cfg.get("tokenizer"):  # real ids: text through the named tokenizer (e.g. the packaged llama3),
+        from pcbench.data.tokenizer import load_tokenizer  # loaded and dropped before the baseline
+
+        tok = load_tokenizer(cfg["tokenizer"])
+        ids = tok(_TEXT)["input_ids"]
+        n = cfg["rows"] * (cfg["seq"] + 1)
+        real_ids = torch.tensor((ids * (n // len(ids) + 1))[:n]).view(cfg["rows"], -1)
+        del tok
+        gc.collect()
     start = memory_baseline(dev)
     preset, over = SIZES[cfg["size"]]
-    base = models.build_model(models.build_config(ModelSpec(name=preset, **over), cfg["vocab"], cfg["seq"]), seed=0)
+    base = models.build_model(_config(cfg), seed=0)
     base.config.use_cache = False
     plan = make_plan(base, cfg["compression"], importance.random(base, 0))
     c = spec.compress
@@ -106,6 +120,8 @@ def probe(cfg: dict) -> dict:
                       par=par, grad_clip=1.0, clip=spec.optim.clip, blockwise=c.blockwise_step)
     g = torch.Generator().manual_seed(1 + env.rank)
     batch = torch.randint(0, cfg["vocab"], (cfg["rows"], cfg["seq"] + 1), generator=g).to(dev)
+    if real_ids is not None:
+        batch = real_ids.to(dev)
     if cuda:
         gc.collect()
         built = torch.cuda.memory_allocated(dev)
@@ -147,13 +163,23 @@ def measure(cfg: dict) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
 
 
-def write_config(cfg: dict, where: Path) -> None:
-    """The cell's base config.json (what the planner reads; no weights)."""
+_TEXT = ("The projections of a frozen weight are trained while the tokens run through the small network; "
+         "hard pruning keeps the same rows and columns and retrains them.")
+
+
+def _config(cfg: dict):
     from pcbench import models
     from pcbench.spec.config import ModelSpec
 
     preset, over = SIZES[cfg["size"]]
-    models.build_config(ModelSpec(name=preset, **over), cfg["vocab"], cfg["seq"]).save_pretrained(where)
+    config = models.build_config(ModelSpec(name=preset, **over), cfg["vocab"], cfg["seq"])
+    config.tie_word_embeddings = cfg["size"] in TIED
+    return config
+
+
+def write_config(cfg: dict, where: Path) -> None:
+    """The cell's base config.json (what the planner reads; no weights)."""
+    _config(cfg).save_pretrained(where)
 
 
 CELL_METHODS = ("hpr", "pc", "pc-blockwise")

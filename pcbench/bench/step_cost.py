@@ -45,7 +45,7 @@ from pcbench.bench.machine import (REPO, contention, cpu_snapshot, finish, load_
 from pcbench.compress import importance
 from pcbench.compress.plan import make_plan
 from pcbench.spec.config import CompressSpec, ModelSpec, RunSpec
-from pcbench.train.loop import Stepper, amp_ctx, lr_factor
+from pcbench.train.loop import Stepper, adamw_options, amp_ctx, lr_factor
 
 METHODS = ("hpr", "pc", "naive")  # the JSON's keys; `naive` is the registered method `pc-naive`
 REGISTERED = {"naive": "pc-naive"}
@@ -106,7 +106,7 @@ def build_method(method: str, base, plan, device: torch.device, lr: float, total
     spec = RunSpec(compress=CompressSpec(method=name, sides="both", residual=True, order=order))
     trainable = methods.build(name, base, plan, spec, device)
     trainable.model.train()
-    opt = torch.optim.AdamW(trainable.param_groups(0.1), lr=lr)
+    opt = torch.optim.AdamW(trainable.param_groups(0.1), lr=lr, **adamw_options(device))  # fused on CUDA
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, 0, 0.0, 0.1))
     return trainable, Stepper(trainable, trainable.network, opt, sched, micro=micro, amp=amp_ctx(device, "auto"))
 

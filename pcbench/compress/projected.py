@@ -27,6 +27,7 @@ intermediate, the push computes the other one when it needs it).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -40,6 +41,47 @@ from pcbench.compress.trainable import Direct, decay_groups
 
 
 ORDERS = ("autograd", "flops")
+# The fixed part's matmul precision (`compress.fixed_precision`): fp32 (exact fp32 products, TF32 off),
+# tf32 (fp32 tensors, TF32 tensor-core products on CUDA; on CPU there is no TF32: the same as fp32),
+# bf16 (operands rounded to bf16, products accumulated and returned in fp32: `torch.mm(..., out_dtype=
+# torch.float32)` on CUDA, the same rounding emulated by fp32 products of the rounded operands on CPU).
+# P, R, their gradients and W_c stay fp32 in all three.
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def resolve_fixed_precision(value: str, device) -> str:
+    """`compress.fixed_precision` on `device`: `auto` is fp32 on CPU (the committed CPU studies stay
+    bitwise) and tf32 on CUDA (see `pcbench.spec.config.CompressSpec.fixed_precision`)."""
+    if value != "auto":
+        if value not in PRECISIONS:
+            raise ValueError(f"fixed precision must be auto or one of {', '.join(PRECISIONS)}, got {value!r}")
+        return value
+    return "tf32" if torch.device(device).type == "cuda" else "fp32"
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """TF32 matmuls on CUDA within (restored after); nothing on CPU, which has none."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` with bf16 operands and an fp32 result accumulated in fp32."""
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    if a.is_cuda:
+        try:
+            return torch.mm(a16, b16, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # an older torch: bf16 result (autocast's rounding)
+            return torch.mm(a16, b16).float()
+    return torch.mm(a16.float(), b16.float())  # CPU: the operands' rounding, fp32 products
 # A two-sided tensor's route: (W_c from "A" = P_out W, i.e. A P_in, or from "B" = W P_in, i.e. P_out B;
 # dP_out as G B^T ("B") or (G P_in^T) W^T ("C"); dP_in as A^T G ("A") or W^T (P_out^T G) ("D")).
 ROUTES = tuple((wc, dpo, dpi) for wc in "AB" for dpo in "BC" for dpi in "AD")
@@ -57,14 +99,19 @@ class ProjectedTensor(nn.Module):
     `P_in` [n_in, k_in] (one-hot at init), optional residual `R` [k_out, k_in] (zero at init). A
     compressed dim without a trainable projection is a fixed selection of the kept indices."""
 
-    order = "autograd"  # class default: views built without __init__ (parallel's row views)
+    order = "autograd"  # class defaults: views built without __init__ (parallel's row views)
+    precision = "fp32"
 
     def __init__(self, weight: torch.Tensor, keep: list[Optional[torch.Tensor]], trainable: tuple[bool, bool],
-                 residual: bool, base_dtype: torch.dtype = torch.float32, order: str = "autograd"):
+                 residual: bool, base_dtype: torch.dtype = torch.float32, order: str = "autograd",
+                 precision: str = "fp32"):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.order = order
+        self.precision = precision
         if weight.ndim != 2:
             raise ValueError(f"ProjectedTensor needs a matrix, got shape {tuple(weight.shape)}")
         w = weight.detach()
@@ -103,8 +150,10 @@ class ProjectedTensor(nn.Module):
         return (self.p_out if self.p_out is not None else self.p_in if self.p_in is not None else self.base).device
 
     def _base_on(self, dev: torch.device) -> torch.Tensor:
-        """The base in the parameters' dtype on `dev`, with the fixed selections applied."""
-        w = self.base.to(device=dev, dtype=self._param_dtype(), non_blocking=True)
+        """The base in the parameters' dtype on `dev` (bf16 precision: in bf16, the operand the
+        products round it to anyway), with the fixed selections applied."""
+        dtype = torch.bfloat16 if self.precision == "bf16" else self._param_dtype()
+        w = self.base.to(device=dev, dtype=dtype, non_blocking=True)
         if self.idx_out is not None:
             w = w.index_select(0, self.idx_out.to(dev))
         if self.idx_in is not None:
@@ -146,22 +195,36 @@ class ProjectedTensor(nn.Module):
         """W_c on `device` (default: where the projections live). Differentiable in P and R."""
         return self._materialise(device or self._device())[0]
 
+    def _mm(self, a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One product of the fixed part at `precision` (fp32 and tf32: `_mm`, into `out` when it fits)."""
+        if self.precision == "bf16":
+            return _bf16_mm(a, b)
+        return _mm(a, b, out)
+
     def _materialise(self, dev: torch.device, out: Optional[torch.Tensor] = None
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(W_c, the two-sided intermediate P_out W or W P_in, else None); with `out` (no autograd),
         W_c is written into it (the last product straight in when dtype, device and layout allow)."""
+        with _tf32(self.precision == "tf32"):
+            return self._materialise_at(dev, out)
+
+    def _materialise_at(self, dev: torch.device, out: Optional[torch.Tensor]
+                        ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         w, mid = self._base_on(dev), None
+        mm = self._mm
         if self.p_out is not None and self.p_in is not None:
             if self.route()[0] == "A":
-                mid = self.p_out @ w
-                w = _mm(mid, self.p_in, out)
+                mid = mm(self.p_out, w)
+                w = mm(mid, self.p_in, out)
             else:
-                mid = w @ self.p_in
-                w = _mm(self.p_out, mid, out)
+                mid = mm(w, self.p_in)
+                w = mm(self.p_out, mid, out)
         elif self.p_out is not None:
-            w = _mm(self.p_out, w, out)
+            w = mm(self.p_out, w, out)
         elif self.p_in is not None:
-            w = _mm(w, self.p_in, out)
+            w = mm(w, self.p_in, out)
+        elif w.dtype != self._param_dtype():  # selections only (bf16 precision read the base in bf16)
+            w = w.to(self._param_dtype())
         if self.residual is not None:
             w = w.add_(self.residual) if w is out else w + self.residual
         if out is not None and w is not out:
@@ -184,7 +247,12 @@ class ProjectedTensor(nn.Module):
         order); uses and drops the intermediate `step_weight(cache=True)` kept, else recomputes it.
         The gradient that uses the materialisation's intermediate goes first, so at most one of
         P_out W and W P_in is alive at a time."""
+        with _tf32(self.precision == "tf32"):
+            self._push(grad)
+
+    def _push(self, grad: torch.Tensor) -> None:
         g = grad.to(self._param_dtype())
+        mm = self._mm
         mid, self._mid = self._mid, None
         if self.p_out is not None or self.p_in is not None:
             w = self._base_on(g.device)
@@ -194,15 +262,15 @@ class ProjectedTensor(nn.Module):
 
                 def d_in(a):
                     if dpi == "A":
-                        _accumulate(p_in, (a if a is not None else p_out @ w).t() @ g)
+                        _accumulate(p_in, mm((a if a is not None else mm(p_out, w)).t(), g))
                     else:
-                        _accumulate(p_in, w.t() @ (p_out.t() @ g))
+                        _accumulate(p_in, mm(w.t(), mm(p_out.t(), g)))
 
                 def d_out(b):
                     if dpo == "B":
-                        _accumulate(p_out, g @ (b if b is not None else w @ p_in).t())
+                        _accumulate(p_out, mm(g, (b if b is not None else mm(w, p_in)).t()))
                     else:
-                        _accumulate(p_out, (g @ p_in.t()) @ w.t())
+                        _accumulate(p_out, mm(mm(g, p_in.t()), w.t()))
 
                 if wc == "A":  # W_c = A P_in
                     d_in(mid)
@@ -213,9 +281,9 @@ class ProjectedTensor(nn.Module):
                     mid = None
                     d_in(None)
             elif self.p_out is not None:
-                _accumulate(self.p_out, g @ w.t())
+                _accumulate(self.p_out, mm(g, w.t()))
             else:
-                _accumulate(self.p_in, w.t() @ g)
+                _accumulate(self.p_in, mm(w.t(), g))
         if self.residual is not None:
             _accumulate(self.residual, g)
 
@@ -293,11 +361,12 @@ class Projected(Direct):
     """Projected Compression of `base` under `plan`; `self.model` is the small stock network.
     `cache`: keep each two-sided tensor's intermediate (P_out W or W P_in) from `before_step` to
     `after_backward`, one matmul less per such tensor and step for `step_cache_bytes()` of memory.
-    `order`: each two-sided tensor's association ("autograd" or "flops", see the module docstring)."""
+    `order`: each two-sided tensor's association ("autograd" or "flops", see the module docstring).
+    `precision`: the fixed part's matmuls (`PRECISIONS`: fp32, tf32 or bf16 operands with fp32 results)."""
 
     def __init__(self, base: PreTrainedModel, plan: Plan, sides: str = "both", residual: bool = True,
                  base_dtype: torch.dtype = torch.float32, decay_projections: bool = True, cache: bool = True,
-                 order: str = "autograd"):
+                 order: str = "autograd", precision: str = "fp32"):
         if sides not in ("in", "out", "both"):
             raise ValueError(f"sides must be in, out or both, got {sides!r}")
         if order not in ORDERS:
@@ -322,7 +391,7 @@ class Projected(Direct):
                 ax.dims[1] is not None and (not both or sides in ("in", "both")),
             )
             keep = [None if a is None else plan.keep[a] for a in ax.dims]
-            t = ProjectedTensor(p.detach(), keep, trainable, residual, base_dtype, order)
+            t = ProjectedTensor(p.detach(), keep, trainable, residual, base_dtype, order, precision)
             self.tensors[_key(name)] = t
             self.names[_key(name)] = name
             small[name].requires_grad_(True)  # receives gradients, never stepped directly

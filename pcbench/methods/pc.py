@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from pcbench.compress.projected import Projected
+from pcbench.compress.projected import Projected, resolve_fixed_precision
 from pcbench.spec.config import SpecError
 
 
-def options(spec) -> dict:
-    """`Projected`'s keyword arguments from `spec.compress`."""
+def options(spec, device="cpu") -> dict:
+    """`Projected`'s keyword arguments from `spec.compress` (the fixed part's precision resolved on `device`)."""
     c = spec.compress
     return dict(sides=c.sides, residual=c.residual, decay_projections=c.decay_projections, order=c.order,
-                base_dtype=torch.bfloat16 if c.base_dtype == "bfloat16" else torch.float32)
+                base_dtype=torch.bfloat16 if c.base_dtype == "bfloat16" else torch.float32,
+                precision=resolve_fixed_precision(c.fixed_precision, device))
 
 
 def base_device(spec, device: torch.device, teacher) -> torch.device:
@@ -26,4 +27,4 @@ def base_device(spec, device: torch.device, teacher) -> torch.device:
 def build(base, plan, spec, device: torch.device, teacher=None) -> Projected:
     """`Projected(base, plan, ...)`: small network and projections on `device`, base on `base_device`."""
     where = base_device(spec, device, teacher)
-    return Projected(base, plan, **options(spec)).place(device, where)
+    return Projected(base, plan, **options(spec, device)).place(device, where)

@@ -47,6 +47,11 @@ class ModelSpec:
     kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     d_ff: Optional[int] = None
+    # From scratch: round the embedding and head up to a multiple of this many rows (64: GPT-2's
+    # 50,257 -> 50,304, tensor-core tiles; nanoGPT). The tokenizer is unchanged; the extra rows are
+    # never inputs or targets, and the export drops them (a stock model of the tokenizer's size).
+    # 1: no padding (every committed CPU study)
+    pad_vocab: int = 1
 
     def validate(self, path: str) -> None:
         require(self.name in presets.PRESETS, f"{path}.name",
@@ -54,6 +59,7 @@ class ModelSpec:
         for f in ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff"):
             v = getattr(self, f)
             require(v is None or v > 0, f"{path}.{f}", f"must be a positive integer, got {v}")
+        require(self.pad_vocab >= 1, f"{path}.pad_vocab", f"must be a positive integer, got {self.pad_vocab}")
         preset = presets.PRESETS[self.name]
         require(preset.weights != "path" or bool(self.path), f"{path}.path",
                 f"model {self.name!r} needs a checkpoint path")
@@ -212,6 +218,11 @@ class CompressSpec:
     # backward, so fp32 training is bitwise the autograd-recompute path's) or "flops" (the fewest
     # FLOPs: the same gradients up to float rounding; 8% fewer on the step-cost Llama cell's FFN)
     order: Literal["autograd", "flops"] = "autograd"
+    # PC: the matmuls of the fixed part (materialise, push): fp32; tf32 (TF32 tensor cores on CUDA, the
+    # same as fp32 on CPU); bf16 (bf16 operands, fp32 accumulation and results). P, R, their gradients
+    # and W_c stay fp32. auto: fp32 on CPU (committed CPU studies bitwise), tf32 on CUDA
+    # (tests/test_fixed_precision.py measures each against float64)
+    fixed_precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
 
     def validate(self, path: str) -> None:
         require(self.method in methods.METHODS, f"{path}.method", methods.unknown(self.method))

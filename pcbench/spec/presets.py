@@ -113,6 +113,11 @@ def vocab_size_for(tokenizer: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def padded_vocab(vocab: int, multiple: int = 1) -> int:
+    """`vocab` rounded up to a multiple of `multiple` (`model.pad_vocab`; nanoGPT: 50,257 -> 50,304 at 64)."""
+    return -(-vocab // multiple) * multiple
+
+
 def param_count(p: Preset, vocab: int) -> int:
     """Parameters of a from-scratch model of preset `p` (as `models.build_config` builds it: no
     biases, untied head, RMSNorm weights; the family's gated or plain FFN), counted without torch.

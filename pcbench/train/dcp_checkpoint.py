@@ -11,6 +11,7 @@ rank loads its shards (DCP reshards when the world size changed).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -24,12 +25,39 @@ from pcbench.util.atomic import write_json
 from pcbench.util.verify import sha256_bytes
 from pcbench.train.distributed import DistEnv, barrier
 
-def _manifest(path: Path, step: int, owner: Optional[str] = None) -> None:
-    files = {}
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        data = f.read_bytes()
-        files[str(f.relative_to(path))] = {"bytes": len(data), "sha256": sha256_bytes(data)}
-    write_json(path / "manifest.json", {"step": step, "format": "dcp", "files": files,
+def _hash_files(path: Path, files) -> dict[str, dict]:
+    """{name relative to `path`: {bytes, sha256}} of `files`, read in chunks."""
+    out = {}
+    for f in sorted(files):
+        h, n = hashlib.sha256(), 0
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+                n += len(chunk)
+        out[str(f.relative_to(path))] = {"bytes": n, "sha256": h.hexdigest()}
+    return out
+
+
+def own_shards(path: Path, rank: int) -> list[Path]:
+    """The shard files rank `rank` wrote (DCP's FileSystemWriter names them `__<rank>_<n>.distcp`)."""
+    return [p for p in path.glob(f"__{rank}_*.distcp") if p.is_file()]
+
+
+def _manifest(path: Path, step: int, parts: list[dict[str, dict]], owner: Optional[str] = None) -> None:
+    """Merge every rank's hashes of its own shards (`parts`, in rank order) with the main process's
+    of the rest (`.metadata`, `extra.pt`), and write the manifest (`hashed_by`: which rank read what;
+    `owner`: the lineage the checkpoint belongs to)."""
+    files, by = {}, {}
+    for rank, part in enumerate(parts):
+        for name, meta in part.items():
+            files[name] = meta
+            by[name] = rank
+    rest = [p for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in files]
+    for name, meta in _hash_files(path, rest).items():
+        files[name] = meta
+        by[name] = 0
+    write_json(path / "manifest.json", {"step": step, "format": "dcp", "files": dict(sorted(files.items())),
+                                        "hashed_by": dict(sorted(by.items())),
                                         **({"owner": owner} if owner is not None else {})})
 
 
@@ -50,13 +78,20 @@ def save(root: Path, step: int, trainable, opt, extra: dict[str, Any], env: Dist
     try:
         model_sd, optim_sd = get_state_dict(trainable, opt)
         dcp.save({"trainable": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-        barrier(env)
+        del model_sd, optim_sd
+        # Every rank hashes the shards it wrote, in parallel; the main process merges (no rank reads
+        # another's files, and nothing long runs inside a barrier while the others wait).
+        mine = _hash_files(tmp, own_shards(tmp, env.rank))
+        parts = [mine]
+        if env.world > 1:
+            parts = [None] * env.world
+            dist.all_gather_object(parts, mine)
         if env.main:
             with open(tmp / "extra.pt", "wb") as f:
                 torch.save(extra, f)
                 f.flush()
                 os.fsync(f.fileno())
-            _manifest(tmp, step, owner)
+            _manifest(tmp, step, parts, owner)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -23,6 +23,23 @@ class DistEnv:
         return self.rank == 0
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_cuda_allocator(device, environ=None) -> bool:
+    """CUDA training processes: `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (segments grow in
+    place instead of fragmenting into fixed blocks; torchtitan, the GPU check), unless the user set
+    it (or PYTORCH_ALLOC_CONF). Applied before the allocator starts, or at once if it already has.
+    Returns whether it was set here."""
+    environ = os.environ if environ is None else environ
+    if torch.device(device).type != "cuda" or "PYTORCH_CUDA_ALLOC_CONF" in environ or "PYTORCH_ALLOC_CONF" in environ:
+        return False
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.memory._set_allocator_settings(ALLOC_CONF)
+    return True
+
+
 def setup(device_pref: str = "auto", group: bool = False) -> DistEnv:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
     (nccl on CUDA, gloo on CPU); a single process when WORLD_SIZE is unset or 1, which still gets
@@ -31,6 +48,7 @@ def setup(device_pref: str = "auto", group: bool = False) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local_rank, "train.device")  # cuda:<local_rank> or the CPU
+    configure_cuda_allocator(device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

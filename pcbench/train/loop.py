@@ -140,8 +140,11 @@ def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibr
         vocab = models.vocab_size_for(spec.data.tokenizer) or len(tok)
         if vocab < len(tok):
             raise SpecError("data.tokenizer", f"{spec.data.tokenizer!r} has {len(tok)} tokens, more than {vocab}")
-        config = models.build_config(spec.model, vocab, spec.data.seq_len,
+        padded = models.padded_vocab(vocab, spec.model.pad_vocab)
+        config = models.build_config(spec.model, padded, spec.data.seq_len,
                                      tok.bos_token_id, tok.eos_token_id)
+        if padded != vocab:  # trained padded, exported at the tokenizer's size (`export_vocab`)
+            info["vocab"] = {"tokenizer": vocab, "padded": padded}
         model = models.build_model(config, seed=spec.train.seed).to(device)
         info["model"] = models.describe(model)
         return Direct(model), tok, None, info
@@ -191,10 +194,46 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def _resume(paths: RunPaths, trainable, opt, sched, env: distributed.DistEnv, sharded: bool,
+            owner: Optional[str] = None):
+    """Load the newest valid checkpoint into `trainable`, `opt`, `sched` and the RNGs, and release it:
+    (start step, losses, elapsed, interval losses, {"found", "problems"}).
+
+    The checkpoint is read to CPU (`map_location="cpu"`, never the device), each part is applied and
+    dropped at once, and nothing of it is referenced once this returns: the parameters are copied
+    into the model, so a kept `state` would be a second copy of the network for the whole run
+    (nanoGPT's `checkpoint = None`). AdamW's loaded states are moved to the parameters' device by
+    `load_state_dict` (on CPU they are adopted as they are, and become the optimiser's own)."""
+    if sharded:  # every rank loads its shards into trainable and opt; `state` holds the rest
+        state, problems = dcp_checkpoint.load_latest(paths.ckpt, trainable, opt, env, owner=owner)
+    else:
+        state, problems = checkpoint.load_latest(paths.ckpt, map_location="cpu", owner=owner)
+    if state is None:
+        return 0, [], 0.0, [], {"found": False, "problems": problems}
+    if not sharded:
+        trainable.load_state_dict(state.pop("trainable"))
+        opt.load_state_dict(state.pop("optimizer"))
+    sched.load_state_dict(state.pop("scheduler"))
+    _set_rng_state(state.pop("rng"))
+    out = (state["step"], list(state["losses"]), state["elapsed"],
+           list(state.get("interval_losses", [])),  # the logging interval in progress
+           {"found": True, "problems": problems})
+    state.clear()
+    del state
+    return out
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def adamw_options(device) -> dict:
+    """AdamW's implementation on `device`: fused on CUDA (one kernel over every parameter, no
+    foreach temporaries; nanoGPT, torchtitan), torch's default elsewhere (CPU: unchanged, so the
+    committed CPU studies stay bitwise)."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
 
 
 def amp_ctx(device: torch.device, precision: str):
@@ -235,7 +274,11 @@ class Stepper:
                             t_logits = self.teacher(input_ids=mb[:, :-1]).logits
                 loss, ce = lm_loss(logits, mb[:, 1:], t_logits, self.alpha, self.temperature)
                 (loss / len(chunks)).backward()
+                # free the logits (and the teacher's) now, not when the next micro-batch rebinds them:
+                # the last micro-batch's would otherwise live through clip and AdamW (torchtitan: `del pred`)
+                del logits, t_logits, loss
             loss_sum += ce.detach()
+            del ce
         step_loss = float(distributed.all_mean(loss_sum / len(chunks), self.env))
         if not math.isfinite(step_loss):
             raise NonFiniteLoss(step, step_loss)
@@ -338,30 +381,19 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     net = par.net
     o = spec.optim
     opt = torch.optim.AdamW(trainable.param_groups(o.weight_decay, decay_norms=o.decay_norms), lr=o.lr,
-                            betas=(o.beta1, o.beta2),
-                            eps=o.eps)
+                            betas=(o.beta1, o.beta2), eps=o.eps, **adamw_options(env.device))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, steps, o.warmup, o.warmup_start, o.final_lr))
 
-    # Resume.
-    start, losses, elapsed, interval_losses = 0, [], 0.0, []
-    if par.sharded:  # every rank loads its shards; `state` holds the rest
-        state, problems = dcp_checkpoint.load_latest(paths.ckpt, trainable, opt, env, owner=owner)
-    else:
-        state, problems = checkpoint.load_latest(paths.ckpt, map_location=env.device, owner=owner)
-    if state is not None:
-        if not par.sharded:
-            trainable.load_state_dict(state["trainable"])
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start, losses, elapsed = state["step"], list(state["losses"]), state["elapsed"]
-        interval_losses = list(state.get("interval_losses", []))  # the logging interval in progress
+    # Resume (the checkpoint is released before the first step).
+    start, losses, elapsed, interval_losses, resumed = _resume(paths, trainable, opt, sched, env, par.sharded,
+                                                                          owner=owner)
+    problems = resumed["problems"]
     last_logged = {}  # file -> last step written: appends only go forward
     if env.main:  # keep the lines up to the checkpoint (once each, in order); none on a fresh start
         for p in (paths.metrics, paths.recovery):
             kept, seen = [], set()
-            for r in read_jsonl(p) if state is not None else []:
+            for r in read_jsonl(p) if resumed["found"] else []:
                 if r.get("step", 0) <= start and r.get("step") not in seen:
                     seen.add(r.get("step"))
                     kept.append(r)
@@ -472,6 +504,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     # Final record, export.
     memory = distributed.all_gather_object(parallel.memory(trainable, opt), env)
     export = par.export()  # fsdp: gathered to the main process (None elsewhere)
+    if export is not None and "vocab" in info:  # model.pad_vocab: a stock model of the tokenizer's size
+        export = models.unpad_vocab(export, info["vocab"]["tokenizer"])
     held = math.nan
     if eval_store is not None and export is not None:
         held = heldout_loss(export, eval_batches(eval_store, dc.seq_len, micro, dc.eval_batches),
@@ -487,6 +521,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         "world_size": env.world, "parallel": tc.parallel, "memory_per_rank": memory,
         "device": str(env.device), "torch": torch.__version__,
         "resumed_from": start, "checkpoint_problems": problems, **info,
+        **({"fsdp_mixed_precision": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}}
+           if getattr(par, "mp_policy", None) is not None else {}),
         "memory_plan": memory_plan.record_plan(spec, env.world, str(env.device)),  # beside the measured peak
         **memory_plan.measured_peak(env.device), **(provenance or {}),
     }

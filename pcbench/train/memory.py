@@ -13,10 +13,11 @@ level only). The arithmetic follows what the training loop allocates (`train.Ste
 - per micro-batch: saved activations (per decoder layer and token: coefficients measured with
   saved-tensor hooks on stock Llama/Arcee under fp32 and bf16 autocast, exact to the byte; with
   activation checkpointing only each layer's input plus one layer's recompute), bf16 weight copies
-  autocast keeps for the backward, the logits and their gradient in fp32 (often the peak);
+  autocast keeps for the backward (the tied head's too), the logits and their gradient in fp32
+  (often the peak), freed before clip and AdamW (`train.Stepper`), so the optimiser phase has none;
 - transients of the step: PC's cached intermediates (P_out W or W P_in) from `before_step` to the
   push, the push of one tensor (its base in fp32, a product, under fsdp the gathered W and P_in),
-  AdamW's temporary (foreach on CUDA: one group's size; CPU: two of the largest tensor) and, with
+  AdamW's temporary (fused on CUDA: none; CPU: two of the largest tensor) and, with
   block-wise stepping, one block's P/R gradients instead of all of them.
 
 Under `ddp` every process holds everything; under `fsdp` parameters, gradients, optimiser states,
@@ -41,7 +42,7 @@ from typing import Callable, Optional
 from pcbench.spec import methods
 from pcbench.spec.config import RunSpec, SpecError
 from pcbench.grid import merged_resources
-from pcbench.spec.presets import FAMILIES, PRESETS, vocab_size_for
+from pcbench.spec.presets import FAMILIES, PRESETS, padded_vocab, vocab_size_for
 from pcbench.store import is_ref, parse_ref
 
 GiB = 2 ** 30
@@ -49,6 +50,14 @@ FP32 = 4
 # Room a GPU needs beyond the plan: CUDA context, NCCL buffers, caching-allocator fragmentation.
 RESERVE_BYTES = int(1.5 * GiB)
 RESERVE_FRACTION = 0.05
+# What CUDA reports of an "N GB" card (`total_memory`): an 80 GB H100/A100 79.2 GiB (85.0e9 bytes),
+# a 141 GB H200 139.6 GiB; the plan's needs are compared with this, not with N GiB.
+USABLE_FRACTION = 0.99
+
+
+def usable_bytes(gpu_mem_gb: float) -> int:
+    """Bytes a card sold as `gpu_mem_gb` GB offers (`resources.gpu_mem_gb`, `--gpu-mem`)."""
+    return int(gpu_mem_gb * GiB * USABLE_FRACTION)
 
 Resolver = Callable[[str], RunSpec]  # run id -> that run's spec (`run:<id>` model paths)
 
@@ -79,15 +88,18 @@ def _hub_config(repo: str) -> Optional[dict]:
     return json.loads(Path(hit).read_text()) if isinstance(hit, str) else None
 
 
-def _preset_config(spec: RunSpec) -> dict:
-    """A from-scratch (or shape-only hub preset) config as a dict (built once per model, vocabulary
-    and length: `util.memo`, so a known one needs no transformers)."""
+def _preset_config(spec: RunSpec, exported: bool = False) -> dict:
+    """A from-scratch (or shape-only hub preset) config as a dict: as trained (`model.pad_vocab`
+    rows), or as exported (`exported`: the tokenizer's); built once per model, vocabulary and
+    length (`util.memo`, so a known one needs no transformers)."""
     from pcbench.util.memo import remember
 
     preset = PRESETS[spec.model.name]
     vocab = preset.vocab or vocab_size_for(spec.data.tokenizer)
     if vocab is None:
         raise PlanUnavailable(f"vocabulary of tokenizer {spec.data.tokenizer!r} unknown before it is loaded")
+    if not preset.vocab and not exported:
+        vocab = padded_vocab(vocab, spec.model.pad_vocab)
 
     def build() -> dict:
         from pcbench import models
@@ -106,9 +118,10 @@ def _preset_config(spec: RunSpec) -> dict:
 _PRESET_CONFIGS: dict[tuple, dict] = {}
 
 
-def model_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
+def model_config(spec: RunSpec, resolve: Optional[Resolver] = None, exported: bool = False) -> dict:
     """The config (as a dict) of the network a run starts from: the base it compresses, the
-    checkpoint it fine-tunes, or the model it pretrains."""
+    checkpoint it fine-tunes, or the model it pretrains (`exported`: as its export holds it, i.e.
+    without `model.pad_vocab`'s rows)."""
     path = spec.model.path
     if is_ref(path):
         if resolve is None:
@@ -124,22 +137,22 @@ def model_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
         return hit
     preset = PRESETS[spec.model.name]
     if preset.weights and preset.weights.startswith("hub:"):
-        return _hub_config(preset.weights[4:]) or _preset_config(spec)
+        return _hub_config(preset.weights[4:]) or _preset_config(spec, exported)
     if preset.weights:  # e.g. the packaged SmolLM2: its checkpoint once dequantised, else the shape
         try:
             from pcbench import models
 
             return _read_config(Path(models.pretrained_path(spec.model)))
         except Exception:  # noqa: BLE001
-            return _preset_config(spec)
-    return _preset_config(spec)
+            return _preset_config(spec, exported)
+    return _preset_config(spec, exported)
 
 
 def output_config(spec: RunSpec, resolve: Optional[Resolver] = None) -> dict:
     """The config of the model a run exports (compressed runs: the base at the plan's widths)."""
     from pcbench.compress.axes import CONFIG_WIDTH
 
-    cfg = dict(model_config(spec, resolve))
+    cfg = dict(model_config(spec, resolve, exported=True))
     if spec.compress is not None:
         for kind, width in widths(cfg, spec.compress.compression, spec.compress.align).items():
             cfg[CONFIG_WIDTH[kind]] = width
@@ -342,7 +355,7 @@ class MemoryPlan:
         return int(self.peak * (1 + RESERVE_FRACTION) + RESERVE_BYTES)
 
     def fits(self, gpu_mem_gb: float) -> bool:
-        return self.needs() <= gpu_mem_gb * GiB
+        return self.needs() <= usable_bytes(gpu_mem_gb)
 
     def setting(self) -> str:
         gpus = f"{self.world} GPU{'s' if self.world > 1 else ''}"
@@ -446,6 +459,8 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
         logits += tokens * vocab * ((2 if prec == "bf16" else FP32) + 2 * FP32)
     comp["logits"] = logits
     matrices = sum(numel[n] for n, s in small if len(s) == 2 and "embed" not in n)
+    if net_cfg.get("tie_word_embeddings"):  # the tied head is the embedding: autocast copies it for the head
+        matrices += sum(numel[n] for n, s in small if len(s) == 2 and "embed" in n)
     comp["autocast_copies"] = 2 * matrices if prec == "bf16" else 0
 
     # FSDP2: the gathered units (current + prefetched) and one unit's unsharded gradient.
@@ -487,12 +502,11 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
         comp["step_cache"] = cache
         comp["push_transient"] = push_t
 
-    # AdamW's temporary: foreach (CUDA) one group's sqrt(v); single-tensor (CPU) two of the largest.
+    # AdamW's temporary: fused on CUDA (`loop.adamw_options`: one kernel, in place) none;
+    # single-tensor (CPU) two of the largest.
     def opt_temp(names_shapes: list[tuple[int, ...]]) -> int:
-        if not names_shapes:
+        if not names_shapes or dev == "cuda":
             return 0
-        if dev == "cuda":
-            return FP32 * sum(_sharded(s, sh) for s in names_shapes)
         return 2 * FP32 * max(_sharded(s, sh) for s in names_shapes)
 
     if pc:

@@ -51,6 +51,22 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
+def compile_blocks(model: nn.Module, **options) -> list[nn.Module]:
+    """`torch.compile` each decoder layer in place (`nn.Module.compile`: names, state dicts and
+    checkpoints unchanged), torchtitan's per-block compile, instead of the whole HF model: the model's
+    forward stays eager, so transformers builds no dense causal mask (under dynamo it makes a
+    [B,1,S,S] one, transformers#48925) and SDPA keeps `attn_mask=None, is_causal=True`, i.e. flash
+    attention on CUDA. Identical layers share one graph (parameters are graph inputs). The order is
+    torchtitan's: activation checkpointing first (HF wraps each layer's call around the compiled
+    forward), then this, then FSDP's `fully_shard`. Returns the layers compiled."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layers (_no_split_modules) to compile")
+    for layer in layers:
+        layer.compile(**options)
+    return layers
+
+
 def _is_projected(trainable) -> bool:
     return hasattr(trainable, "tensors") and hasattr(trainable, "names")
 
@@ -82,10 +98,12 @@ class Replicated:
 
     sharded = False
 
-    def __init__(self, trainable, env: DistEnv, net: Optional[nn.Module] = None, compile: bool = False):
+    def __init__(self, trainable, env: DistEnv, net: Optional[nn.Module] = None, compile: "bool | dict" = False):
         self.trainable, self.env = trainable, env
         if net is None:
-            net = torch.compile(trainable.network) if compile else trainable.network
+            net = trainable.network
+            if compile:
+                compile_blocks(trainable.model, **(compile if isinstance(compile, dict) else {}))
             if env.world > 1:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -124,20 +142,24 @@ class Sharded(Replicated):
 
     sharded = True
 
-    def __init__(self, trainable, env: DistEnv, compile: bool = False):
+    def __init__(self, trainable, env: DistEnv, compile: "bool | dict" = False, bf16: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         self.trainable, self.env = trainable, env
         self.mesh = init_device_mesh(env.device.type, (env.world,))
         model = trainable.model
+        if compile:  # before fully_shard (torchtitan's order)
+            compile_blocks(model, **(compile if isinstance(compile, dict) else {}))
         units = decoder_layers(model)
         if not getattr(model.config, "tie_word_embeddings", False):
             units += [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+        self.mp_policy = mixed_precision_policy(bf16)
+        kw = {} if self.mp_policy is None else {"mp_policy": self.mp_policy}
         for m in units:
-            fully_shard(m, mesh=self.mesh)
-        fully_shard(model, mesh=self.mesh)
-        self.net = torch.compile(model) if compile else model
+            fully_shard(m, mesh=self.mesh, **kw)
+        fully_shard(model, mesh=self.mesh, **kw)
+        self.net = model
         self._mids: dict[str, torch.Tensor] = {}
         if _is_projected(trainable):
             self._shard_projections()
@@ -185,7 +207,7 @@ class Sharded(Replicated):
         needs_all_rows = t.p_out is not None or t.idx_out is not None
         v.base = t.base.full_tensor() if needs_all_rows else t.base.to_local()
         v.small_shape = (b - a, k_in)
-        v.order = t.order
+        v.order, v.precision = t.order, t.precision
         v._mid = None
         return v
 
@@ -297,6 +319,17 @@ class Sharded(Replicated):
         return full.to(self.env.device)
 
 
+def mixed_precision_policy(bf16: bool):
+    """FSDP2's policy under bf16 training: parameters all-gathered and computed in bf16, gradients
+    reduce-scattered in fp32 (torchtitan's default); the sharded parameters, their gradients and
+    AdamW stay fp32. None (FSDP2's fp32 throughout) otherwise."""
+    if not bf16:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def wrap(trainable, env: DistEnv, spec) -> Replicated:
     """The spec's parallelism (`train.parallel`) around `trainable`, with activation checkpointing
     (`train.activation_checkpointing`) and `train.compile` applied first."""
@@ -308,7 +341,8 @@ def wrap(trainable, env: DistEnv, spec) -> Replicated:
     if tc.parallel == "fsdp":
         if spec.compress is not None and spec.compress.base_device == "cpu":
             raise SpecError("compress.base_device", "cpu offload of the base is not supported under fsdp")
-        return Sharded(trainable, env, compile=tc.compile)
+        bf16 = tc.precision == "bf16" or (tc.precision == "auto" and env.device.type == "cuda")
+        return Sharded(trainable, env, compile=tc.compile, bf16=bf16)
     return Replicated(trainable, env, compile=tc.compile)
 
 
