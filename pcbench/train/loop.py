@@ -386,8 +386,8 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         opt, lambda s: lr_factor(s, steps, o.warmup, o.warmup_start, o.final_lr))
 
     # Resume (the checkpoint is released before the first step).
-    start, losses, elapsed, interval_losses, resumed = _resume(paths, trainable, opt, sched, env, par.sharded,
-                                                                          owner=owner)
+    start, losses, elapsed, interval_losses, resumed = _resume(paths, trainable, opt, sched, env,
+                                                               par.sharded, owner=owner)
     problems = resumed["problems"]
     last_logged = {}  # file -> last step written: appends only go forward
     if env.main:  # keep the lines up to the checkpoint (once each, in order); none on a fresh start
