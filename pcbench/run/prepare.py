@@ -21,7 +21,7 @@ from pcbench.spec.stores import run_stores
 from pcbench.store import parse_ref
 
 # Tokens per second per core of one worker (one thread), measured with the one-process path on the
-# 2-core AMD VM (../shared/CLUSTER.md, 2026-12-07: 588k tokens/s GPT-2, 633k Llama-3 on 2 cores);
+# 2-core AMD VM (2026-12-07: 588k tokens/s GPT-2, 633k Llama-3 on 2 cores);
 # `pcbench bench data` measures them again.
 TOKENS_PER_CORE_S = {"gpt2": 294_000, "llama3": 316_000}
 DEFAULT_RATE = 294_000
