@@ -201,14 +201,13 @@ def test_stale_work_state_is_moved_aside_never_resumed(clean, tmp_path, case):
 
 
 def _train_store(clean: Grid) -> Path:
-    from pcbench.data.tokens import store_key
-    from pcbench.util.paths import cache_dir
+    """The first shard's tokens of the prepared store the base trains on."""
+    from pcbench.data import shards
 
     spec = clean.grid.by_id()[clean.ids["base"]].spec
     need = spec.data.token_stores(spec.data.tokenizer)["train"]
-    name, _ = store_key(need["corpus"], need["tokenizer"], need["split"], need.get("max_tokens"),
-                        tokenizer_corpus=need.get("tokenizer_corpus", "books"))
-    return cache_dir() / "tokens" / name
+    ref = shards.StoreRef(need["corpus"], need["tokenizer"], need["split"], need.get("tokenizer_corpus", "books"))
+    return shards.store_dir(ref) / "shards" / "00000.bin"
 
 
 def _zero(path: Path, at: float = 0.5, n: int = 4096) -> None:
@@ -228,7 +227,7 @@ def test_damaged_cache_entry_is_named_and_rebuilt(clean, tmp_path, case):
     the entry rebuilt, the run's numbers those of the clean run."""
     g = Grid(tmp_path)  # a fresh results dir: the whole grid trains on what the cache holds
     if case.startswith("token-store"):
-        path = _train_store(clean) / "tokens.bin"
+        path = _train_store(clean)
         if case == "token-store-zeroed":
             _zero(path)  # the same size: only the sha256 tells
         else:

@@ -16,6 +16,7 @@ import torch
 
 from pcbench.data import sampler, shards
 from pcbench.data.tokens import Batches, TokenStore, prepare_tokens
+from pcbench.util.verify import Damaged
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(20 + i % 13)) for i in range(400)]
@@ -110,17 +111,21 @@ def test_sigkill_of_a_worker_mid_shard_then_a_rerun_redoes_only_that_shard(mirro
     assert _shard_files(again) == want and np.array_equal(_stream(), stream)
 
 
-def test_a_damaged_shard_is_named_and_redone(mirror):
+def test_a_damaged_shard_is_named_and_redone(mirror, capsys):
     p = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
     want = _shard_files(p)
     b = p.path / "shards" / "00001.bin"
     data = bytearray(b.read_bytes())
     data[10] ^= 0xFF
     b.write_bytes(bytes(data))
-    lines = []
-    again = shards.prepare_store(C4, need=10**9, workers=1, log=lines.append)
+    # a reader that opens the store before the prepare stage redid it is refused, naming the shard
+    with pytest.raises(Damaged, match=f"token store damaged: {b} \\(sha256 mismatch; `pcbench prepare GRID`"):
+        shards.open_store(C4)
+    capsys.readouterr()
+    again = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
     assert again.redone == [1] and again.kept == [0, 2, 3] and _shard_files(again) == want
-    assert any("shard 1 redone (damaged: 00001.bin or 00001.idx does not match its sha256)" in m for m in lines)
+    err = capsys.readouterr().err
+    assert f"pcbench: warning: token store damaged: {b} (sha256 mismatch); rebuilding it" in err, err
 
 
 def test_packaged_books_store_is_todays_token_stream_and_batches(prepared_stores):

@@ -19,8 +19,9 @@ from pcbench.spec.config import RunSpec, SpecError, load_run_spec, to_dict
 from pcbench.store import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
+# Timings, and the export's digest: its model card holds the run's spec, which names the trackers.
 TIMINGS = ("seconds", "tokens_per_s", "train_seconds", "wall_seconds", "export_path", "memory_per_rank",
-           "peak_memory_bytes", "peak_rss_bytes")
+           "peak_memory_bytes", "peak_rss_bytes", "export_sha256")
 
 
 def tiny_spec(steps: int = 12, **train) -> RunSpec:

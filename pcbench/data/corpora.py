@@ -298,20 +298,37 @@ def source(corpus: str, split: str, data_files: DataFiles = None) -> dict:
     return {"path": path, "name": config, "data_files": files, "split": hub_split, "carve": carve}
 
 
+def _texts(corpus: str, records, carve) -> Iterator[str]:
+    """The non-empty `text` of each record (a hub corpus's rows), kept when in the carved split."""
+    for rec in records:
+        if "text" not in rec:
+            raise ValueError(f"corpus {corpus!r}: records have no 'text' field (fields: {sorted(rec)})")
+        text = rec["text"]
+        if not isinstance(text, str) or not text.strip():
+            continue
+        if carve is None or _in_split(text, carve):
+            yield text
+
+
+def batched(docs: Iterator[str], n: int) -> Iterator[list[str]]:
+    """`docs` in lists of `n` (the last one shorter), for batch tokenisation."""
+    chunk: list[str] = []
+    for d in docs:
+        chunk.append(d)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _stream(corpus: str, split: str, data_files: DataFiles) -> Iterator[str]:
     import datasets
 
     src = source(corpus, split, data_files)
     ds = datasets.load_dataset(src["path"], src["name"], data_files=src["data_files"], split=src["split"],
                                streaming=True)
-    for rec in ds:
-        if "text" not in rec:
-            raise ValueError(f"corpus {corpus!r}: records have no 'text' field (fields: {sorted(rec)})")
-        text = rec["text"]
-        if not isinstance(text, str) or not text.strip():
-            continue
-        if src["carve"] is None or _in_split(text, src["carve"]):
-            yield text
+    yield from _texts(corpus, ds, src["carve"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,11 +434,4 @@ def iter_file_documents(corpus: str, split: str, files: list[SourceFile], *,
         return
     ds = datasets.load_dataset(_builder_for(paths), data_files={src["split"]: paths}, split=src["split"],
                                streaming=True)
-    for rec in ds:
-        if "text" not in rec:
-            raise ValueError(f"corpus {corpus!r}: records have no 'text' field (fields: {sorted(rec)})")
-        text = rec["text"]
-        if not isinstance(text, str) or not text.strip():
-            continue
-        if src["carve"] is None or _in_split(text, src["carve"]):
-            yield text
+    yield from _texts(corpus, ds, src["carve"])

@@ -24,6 +24,7 @@ redone, the others are kept. `build_shard` is one task (a SLURM array task runs 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from pcbench.data import corpora
 from pcbench.util.atomic import read_json, write_bytes, write_json
 from pcbench.util.errors import SpecError
 from pcbench.util.paths import cache_dir
+from pcbench.util.verify import Damaged, changed_since_hashed, record_digest, sha256_file, verify_file, warn
 
 FORMAT = "pcbench-shards/1"
 DOCS_PER_CALL = 1000  # documents per encode_batch call (as tokens.prepare_tokens)
@@ -98,7 +100,23 @@ def load_tok(ref: StoreRef, offline: bool = True):
 
 
 def identity(ref: StoreRef, tok=None) -> tuple[str, dict]:
-    """(directory name, identity): corpus inputs + tokenizer fingerprint (never the size)."""
+    """(directory name, identity): corpus inputs + tokenizer fingerprint (never the size). For a
+    tokenizer named by pcbench (gpt2, llama3, bpe-<N>) it is kept on disk (`util.memo`), so that a
+    dry run that knows it loads no tokenizer (and imports neither torch nor transformers)."""
+    if tok is None and ref.tok_label() != "model":
+        from importlib import metadata
+
+        from pcbench.util.memo import remember
+
+        code = hashlib.sha256((Path(__file__).parent / "tokenizer.py").read_bytes()).hexdigest()[:16]
+        key = [dataclasses.asdict(ref), corpora.fingerprint(ref.corpus, ref.split), code,
+               metadata.version("tokenizers")]
+        name, ident = remember("store-identity", key, lambda: list(_identity(ref, None)))
+        return name, ident
+    return _identity(ref, tok)
+
+
+def _identity(ref: StoreRef, tok=None) -> tuple[str, dict]:
     from pcbench.data.tokenizer import fingerprint
 
     tok = tok if tok is not None else load_tok(ref)
@@ -134,16 +152,6 @@ def _shard(root: Path, i: int) -> tuple[Path, Path, Path]:
     return base.with_suffix(".bin"), base.with_suffix(".idx"), base.with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(1 << 22)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
-
-
 def check_shard(root: Path, i: int, files: Optional[list] = None) -> tuple[Optional[dict], str]:
     """(the shard's record, "") when shard `i` is whole, else (None, why: missing or damaged)."""
     bin_, idx, rec_path = _shard(root, i)
@@ -157,8 +165,9 @@ def check_shard(root: Path, i: int, files: Optional[list] = None) -> tuple[Optio
             return None, f"damaged: {bin_.name} is missing or of the wrong size"
         if not idx.is_file() or idx.stat().st_size != rec["n_documents"] * 8:
             return None, f"damaged: {idx.name} is missing or of the wrong size"
-        if _sha256(bin_) != rec["sha256"] or _sha256(idx) != rec["idx_sha256"]:
-            return None, f"damaged: {bin_.name} or {idx.name} does not match its sha256"
+        for f, want in ((bin_, rec["sha256"]), (idx, rec["idx_sha256"])):
+            if sha256_file(f) != want:
+                return None, f"damaged: {f} (sha256 mismatch)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"damaged: {rec_path.name} unreadable ({e})"
     return rec, ""
@@ -212,7 +221,7 @@ def build_shard(ref: StoreRef, root: Path, i: int, files: list[corpora.SourceFil
     try:
         with open(tmp_bin, "wb") as fb, open(tmp_idx, "wb") as fi:
             docs = corpora.iter_file_documents(ref.corpus, ref.split, files, local=local)
-            for chunk in _chunks(docs, DOCS_PER_CALL):
+            for chunk in corpora.batched(docs, DOCS_PER_CALL):
                 encs = encode(chunk, add_special_tokens=False)
                 lens = np.fromiter((len(e.ids) + 1 for e in encs), dtype=np.int64, count=len(encs))
                 arr = np.empty(int(lens.sum()), dtype=np.int64)
@@ -245,6 +254,8 @@ def build_shard(ref: StoreRef, root: Path, i: int, files: list[corpora.SourceFil
     rec = {"shard": i, "files": [f.key for f in files], "sources": [_stamp(f) for f in files],
            "n_tokens": n_tokens, "n_documents": n_docs, "dtype": dtype.name, "sha256": h_bin.hexdigest(),
            "idx_sha256": h_idx.hexdigest(), "seconds": round(time.time() - t0, 3)}
+    record_digest(bin_, rec["sha256"])  # readers re-hash it only once it changes (`changed_since_hashed`)
+    record_digest(idx, rec["idx_sha256"])
     write_json(rec_path, rec)
     return rec
 
@@ -270,17 +281,6 @@ def _stamp(f: corpora.SourceFile) -> dict:
         return f.stamp()
     except OSError:
         return {"file": f.path}
-
-
-def _chunks(docs: Iterator[str], n: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for d in docs:
-        chunk.append(d)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,8 +444,8 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
                                            "finished are kept: run the same command again to go on") from None
                     records[i] = rec
                     (kept if what == "kept" else built if what == "built" else redone).append(i)
-                    if what.startswith("redone"):
-                        log(f"{ref.label()}: shard {i} {what}")
+                    if what.startswith("redone"):  # named in one warning line (util.verify.warn)
+                        warn(f"token store {what[len('redone ('):-1]}; rebuilding it")
                     if what != "kept":
                         log(f"{ref.label()}: shard {i + 1}/{len(plan)} {what.split(' ')[0]}: "
                             f"{rec['n_tokens']:,} tokens in {rec['seconds']:.1f} s")
@@ -558,15 +558,23 @@ class ShardedStore:
             raise SpecError("data", f"the token store {self.path} is not prepared (no manifest.json): "
                             "run `pcbench prepare GRID` first")
         n = m["n_tokens"] if n_tokens is None else min(int(n_tokens), m["n_tokens"])
-        paths, counts = [], []
+        paths, counts, start = [], [], 0
         for s in m["shards"]:
             bin_, _, _ = _shard(self.path, s["shard"])
             size = bin_.stat().st_size if bin_.is_file() else -1
             if size != s["n_tokens"] * np.dtype(m["dtype"]).itemsize:
                 raise SpecError("data", f"the token store {self.path} lost or truncated {bin_.name}: run "
                                 "`pcbench prepare GRID` again (it redoes the damaged shard)")
+            # A shard this reader reads that changed since the prepare stage hashed it (which every
+            # run and train does first) is hashed again: its bytes must still be those recorded.
+            if start < n and changed_since_hashed(bin_):
+                try:
+                    verify_file(bin_, s["sha256"], what="token store")
+                except Damaged as e:
+                    raise Damaged(e.path, f"{e.why}; `pcbench prepare GRID` redoes it", e.what) from None
             paths.append(bin_)
             counts.append(s["n_tokens"])
+            start += s["n_tokens"]
         self.meta = {**m, "n_tokens": n, "store_tokens": m["n_tokens"]}
         self.tokens = ShardedTokens(paths, counts, np.dtype(m["dtype"]), n)
 

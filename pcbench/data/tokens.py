@@ -182,7 +182,7 @@ def _write_store(out: Path, tok, docs: Iterator[str], max_tokens: Optional[int],
                disable=not sys.stderr.isatty(), leave=False)
     try:
         with open(tmp / "tokens.bin", "wb") as f:
-            for chunk in _chunks(docs, DOCS_PER_CALL):
+            for chunk in corpora.batched(docs, DOCS_PER_CALL):
                 encs = encode(chunk, add_special_tokens=False)
                 lens = [len(e.ids) + 1 for e in encs]
                 arr = np.empty(sum(lens), dtype=np.int64)
@@ -222,17 +222,6 @@ def _write_store(out: Path, tok, docs: Iterator[str], max_tokens: Optional[int],
         raise
     finally:
         bar.close()
-
-
-def _chunks(docs: Iterator[str], n: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for d in docs:
-        chunk.append(d)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 class Batches:

@@ -103,4 +103,7 @@ def serve(cmd_fd: int, reply_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    try:
+        serve(int(sys.argv[1]), int(sys.argv[2]))
+    except BrokenPipeError:  # the launcher left before a reply (e.g. nothing to run): children go on
+        pass

@@ -37,8 +37,6 @@ class StoreNeed:
 def resolve_tokenizer(run, by_id: dict) -> Optional[str]:
     """The tokenizer a run's data is tokenised with: `model` is its base checkpoint's, followed
     through `run:<id>` references to the run that made it; None: not knowable before training."""
-    from pcbench.models import pretrained_path
-
     seen = set()
     while True:
         spec = run.spec
@@ -47,6 +45,10 @@ def resolve_tokenizer(run, by_id: dict) -> Optional[str]:
         path = spec.model.path
         rid = parse_ref(path) if path else None
         if rid is None:
+            if path:
+                return path
+            from pcbench.models import pretrained_path  # a preset's own weights (imports torch)
+
             try:
                 return pretrained_path(spec.model)
             except Exception:  # noqa: BLE001 - the preflight names a missing checkpoint

@@ -111,6 +111,26 @@ def sha256_file(path: str | os.PathLike, *, cache: bool = True) -> str:
     return digest
 
 
+def record_digest(path: str | os.PathLike, sha256: str) -> None:
+    """Remember `sha256` (computed from the bytes as they were written) for the file now at `path`."""
+    path = Path(os.path.abspath(path))
+    _remember(path, _version(path.stat()), sha256)
+
+
+def changed_since_hashed(path: str | os.PathLike) -> bool:
+    """Whether `path` was hashed here (a verified-cache entry) as another version of the file (size,
+    mtime or ctime since): a cheap test for a hot path whose files a slower stage verified."""
+    path = Path(os.path.abspath(path))
+    entry = _entry(path)
+    if entry is None:
+        return False
+    try:
+        rec = json.loads(entry.read_text(encoding="utf-8"))
+        return rec.get("path") == str(path) and rec.get("version") != list(_version(path.stat()))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def verify_file(path: str | os.PathLike, sha256: str, *, size: Optional[int] = None, what: str = "",
                 cache: bool = True) -> None:
     """Raise `Damaged` unless the file at `path` has the recorded `sha256` (and `size`, if given)."""
