@@ -38,6 +38,7 @@ def _probe(mode: str, **env) -> tuple[str, int]:
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 @glibc
 def test_tuned_allocator_faults_far_fewer_pages():
     _, plain = _probe("plain")
@@ -47,8 +48,9 @@ def test_tuned_allocator_faults_far_fewer_pages():
 
 
 @glibc
-@pytest.mark.parametrize("env", [{"PCBENCH_MALLOC": "system"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},
-                                 {"MALLOC_ARENA_MAX": "2"}])
+@pytest.mark.parametrize("env", [{"PCBENCH_MALLOC": "system"},
+                                 pytest.param({"MALLOC_TRIM_THRESHOLD_": "131072"}, marks=pytest.mark.slow),
+                                 pytest.param({"MALLOC_ARENA_MAX": "2"}, marks=pytest.mark.slow)])
 def test_users_malloc_settings_are_left_alone(env):
     assert _probe("tune", **env)[0] == "False"
 

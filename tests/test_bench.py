@@ -59,6 +59,7 @@ def test_throughput_writes_json_and_trains(tmp_path, capsys):
     assert "mfu" not in d  # CPU: no peak table
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_step_cost_writes_json_png_and_trains(tmp_path, capsys):
     argv = TINY + ["--cells", "2x2", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)]
     assert step_cost.main(argv) == 0

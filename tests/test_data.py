@@ -348,6 +348,7 @@ print(json.dumps({"path": str(s.path), "n": len(s)}))
 """
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_concurrent_prepare_gives_one_correct_store(fresh_cache):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PCBENCH_CACHE": str(fresh_cache), "TOKENIZERS_PARALLELISM": "false"}
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER], env=env, stdout=subprocess.PIPE,

@@ -216,6 +216,7 @@ def test_random_model_scores(scores, tiny_model, suite):
     print(f"tiny model, {LIMIT} examples per task: {scores['_seconds']:.1f}s")
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_cli_gives_the_same_scores(scores, tiny_model, suite, tmp_path):
     out = tmp_path / "lm_eval_out"
     cmd = ["lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_model},tokenizer={tiny_model}",

@@ -119,6 +119,7 @@ def assert_matches_reference(g: Grid, ref: Grid) -> None:
     assert not [rid for rid in g.ids.values() if live.state(rid)[0] in ("running", "submitted")]
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_signals_in_launcher_and_job_then_plain_rerun_matches(reference, tmp_path):
     g = Grid(tmp_path)
     base, hpr, pc = g.ids["base"], g.ids["hpr"], g.ids["pc"]
@@ -208,7 +209,7 @@ def test_kills_and_startup_signals_then_plain_rerun_matches(reference, tmp_path)
     assert g.store.status(base)["attempts"] == 3
 
 
-@pytest.mark.parametrize("apart", [False, True], ids=["together", "apart"])
+@pytest.mark.parametrize("apart", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["together", "apart"])
 def test_two_launchers_train_each_run_once(reference, tmp_path, apart):
     g = Grid(tmp_path)
     first = g.start()
@@ -309,6 +310,7 @@ def test_damaged_records_are_reported_never_completed_and_rerun(reference, tmp_p
     assert json.loads(files["run"].read_text())["id"] == g.ids["hpr"]  # rewritten from the grid
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_new_results_dir_never_resumes_another_ones_checkpoints(tmp_path):
     work = tmp_path / "shared-work"
     a = Grid(tmp_path / "a", work=work)
@@ -391,6 +393,7 @@ def test_fork_server_killed_mid_grid_the_launcher_goes_by_the_records(reference,
     assert_matches_reference(g, reference)
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_sighup_stops_at_a_step_boundary_like_sigterm_then_plain_rerun_matches(reference, tmp_path):
     """A closed terminal (SIGHUP to the foreground group), then SIGHUP to one job alone: each time
     one line, exit 129, the run recorded `interrupted` with a checkpoint at the step it stopped at;

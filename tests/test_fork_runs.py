@@ -77,6 +77,7 @@ def fresh_server(monkeypatch):
     server.close()
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_forked_runs_record_what_fresh_processes_record(tmp_path, monkeypatch, fresh_server):
     path = tiny_grid(tmp_path)
     got = {}

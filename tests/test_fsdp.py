@@ -80,7 +80,8 @@ def base(tmp_path_factory) -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["pretrain", "hpr", "pc", "pc-lean"])
+@pytest.mark.parametrize("method", [pytest.param("pretrain", marks=pytest.mark.slow), pytest.param("hpr", marks=pytest.mark.slow),
+                                    "pc", pytest.param("pc-lean", marks=pytest.mark.slow)])  # CI time: pc stands for the class
 def test_two_process_fsdp_matches_one_process(base, tmp_path, method):
     """pc-lean: PC with a bf16 base, block-wise stepping, compressed clipping and activation checkpointing."""
     if method == "pc-lean":
@@ -112,6 +113,7 @@ def test_two_process_fsdp_matches_one_process(base, tmp_path, method):
         assert two_b <= 0.6 * one_b, (two_b, one_b)
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 @pytest.mark.distributed
 def test_fsdp_sigkill_then_resume(base, tmp_path):
     d = spec_dict(base, "pc", train={"steps": 24, "ckpt_every": 4, "parallel": "fsdp"})
@@ -187,6 +189,7 @@ print(json.dumps({"step_peak": _status_bytes("VmHWM") - before}))
 """
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_blockwise_step_lowers_the_measured_peak():
     """Peak RSS over two steps above the RSS after the first (fresh process each; glibc returns
     large blocks to the OS at once, so RSS follows live tensors)."""
@@ -285,6 +288,7 @@ def test_activation_checkpointing_gives_the_same_losses(base, tmp_path):
     assert_same_runs(tmp_path / "plain", tmp_path / "ac", rtol=1e-6)
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 @pytest.mark.slurm
 @pytest.mark.distributed
 def test_two_task_slurm_fsdp_matches_one_process(slurm_cluster, tmp_path, monkeypatch):
@@ -328,6 +332,7 @@ def test_mixed_precision_policy_under_bf16_only():
     assert parallel.mixed_precision_policy(False) is None
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 @pytest.mark.distributed
 def test_bf16_policy_on_two_gloo_processes_is_within_tolerance_of_fp32(tmp_path):
     """Pretraining under fsdp on 2 gloo processes with precision bf16 (autocast and FSDP2's policy:
@@ -352,6 +357,7 @@ def test_bf16_policy_on_two_gloo_processes_is_within_tolerance_of_fp32(tmp_path)
     assert all(w.dtype == torch.float32 for w in w16.values())  # sharded masters stay fp32
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 @pytest.mark.distributed
 def test_each_rank_hashes_its_own_dcp_shards(tmp_path):
     """A sharded checkpoint's manifest: every rank's shards hashed by that rank (`hashed_by`), the

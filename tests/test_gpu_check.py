@@ -161,6 +161,7 @@ def _smoke(clone: Path, tmp: Path, env_extra: dict, budget: int = 900) -> tuple[
     return r, (json.loads(files[0].read_text()) if files else {})
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_smoke_from_a_fresh_clone_without_a_venv_installs_outside_the_budget(tmp_path):
     """A fresh clone, no venv, no Python with the needs on PATH: the script makes `.venv` and
     installs (here a stand-in: `python3 -m venv` links this interpreter, `pip install` sleeps 20 s,

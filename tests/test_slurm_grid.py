@@ -69,6 +69,7 @@ def test_slurm_grid_matches_local(job_env, tmp_path):
     assert again.submitted == [] and len(again.skipped) == 3
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_requeued_job_resumes_from_its_checkpoint(job_env, tmp_path):
     path = tiny_grid(tmp_path, name="requeue", base_steps=1000)
     g = yaml.safe_load(path.read_text())

@@ -182,7 +182,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["pretrain", "pc"])
+@pytest.mark.parametrize("method", [pytest.param("pretrain", marks=pytest.mark.slow), "pc"])
 def test_two_process_ddp_matches_one_process(reference_run, tmp_path, method):
     ref_paths, _ = reference_run
     d = json.loads(json.dumps(BASE_SPEC))
