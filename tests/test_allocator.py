@@ -98,6 +98,7 @@ def test_settings_in_effect_single_threaded_from_the_environment_and_never_under
     assert _mmapped("thread") == {"tuned": False, "mmapped": True, "threads": 2}
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 @glibc
 def test_processes_started_from_the_environment_fault_as_few_pages():
     from pcbench.util import allocator

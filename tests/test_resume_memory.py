@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # ~28M fp32 parameters (112 MB; the checkpoint with AdamW's states ~340 MB) and a tiny batch.
@@ -24,6 +26,8 @@ SPEC = {
 DRIVER = """
 import json, sys
 from pathlib import Path
+
+import pytest
 from pcbench.spec.config import load_run_spec
 from pcbench.train.loop import RunPaths, train
 spec = load_run_spec(json.loads(sys.argv[1]))
@@ -42,6 +46,7 @@ def _run(spec: dict, out: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_resumed_run_peaks_within_5_percent_of_a_fresh_one(tmp_path):
     # A checkpoint at step 2 (written by a run that saves every 2 steps) ...
     spec = json.loads(json.dumps(SPEC))

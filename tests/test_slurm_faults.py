@@ -27,6 +27,7 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_wait_counts_a_failed_job_and_its_cancelled_dependents(job_env, tmp_path):  # noqa: F811
     path = tiny_grid(tmp_path, name="slurmfail")
     g = yaml.safe_load(path.read_text())
