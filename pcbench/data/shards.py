@@ -162,14 +162,14 @@ def check_shard(root: Path, i: int, files: Optional[list] = None) -> tuple[Optio
         if files is not None and rec.get("files") != [f.key for f in files]:
             return None, "damaged: made from other source files"
         if not bin_.is_file() or bin_.stat().st_size != rec["n_tokens"] * np.dtype(rec["dtype"]).itemsize:
-            return None, f"damaged: {bin_.name} is missing or of the wrong size"
+            return None, f"damaged: {bin_} (missing or of the wrong size)"
         if not idx.is_file() or idx.stat().st_size != rec["n_documents"] * 8:
-            return None, f"damaged: {idx.name} is missing or of the wrong size"
+            return None, f"damaged: {idx} (missing or of the wrong size)"
         for f, want in ((bin_, rec["sha256"]), (idx, rec["idx_sha256"])):
             if sha256_file(f) != want:
                 return None, f"damaged: {f} (sha256 mismatch)"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"damaged: {rec_path.name} unreadable ({e})"
+        return None, f"damaged: {rec_path} (unreadable: {e})"
     return rec, ""
 
 
