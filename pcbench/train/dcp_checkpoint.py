@@ -11,7 +11,6 @@ rank loads its shards (DCP reshards when the world size changed).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -22,20 +21,13 @@ import torch.distributed as dist
 
 from pcbench.train import checkpoint
 from pcbench.util.atomic import write_json
-from pcbench.util.verify import sha256_bytes
+from pcbench.util.verify import sha256_file
 from pcbench.train.distributed import DistEnv, barrier
 
 def _hash_files(path: Path, files) -> dict[str, dict]:
-    """{name relative to `path`: {bytes, sha256}} of `files`, read in chunks."""
-    out = {}
-    for f in sorted(files):
-        h, n = hashlib.sha256(), 0
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-                n += len(chunk)
-        out[str(f.relative_to(path))] = {"bytes": n, "sha256": h.hexdigest()}
-    return out
+    """{name relative to `path`: {bytes, sha256}} of `files` (the one hashing helper, `util.verify`)."""
+    return {str(f.relative_to(path)): {"bytes": f.stat().st_size, "sha256": sha256_file(f, cache=False)}
+            for f in sorted(files)}
 
 
 def own_shards(path: Path, rank: int) -> list[Path]:
