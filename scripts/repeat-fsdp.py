@@ -25,7 +25,6 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -46,12 +45,6 @@ def spec(base: Path | None, method: str) -> dict:
         d["compress"].update(base_dtype="bfloat16", blockwise_step=True)
         return d
     return spec_dict(base, method) if base else spec_dict(train={"steps": 16})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def busy() -> None:  # pragma: no cover - a stress process
@@ -112,9 +105,8 @@ def main() -> int:
             logs = a.out / f"run{i:03d}.ranks"
             # Each rank through a shell that logs its exit status (a rank that ends with 0 early
             # leaves torchrun waiting for the other), its output in files under `logs`.
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port()), "--log-dir", str(logs), "--redirects", "3",
-                   "--no-python", "bash", "-c",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                   "--log-dir", str(logs), "--redirects", "3", "--no-python", "bash", "-c",
                    f'"{sys.executable}" -u -m pcbench.cli "$@"; rc=$?; echo "[rank $RANK] exit status $rc" >&2; exit $rc',
                    "rank", "train", str(spec_file), "--out", str(run)]
             t0 = time.time()

@@ -22,7 +22,7 @@ from pcbench.train import checkpoint
 from pcbench.util.atomic import read_jsonl
 from pcbench.spec.config import SpecError, load_run_spec
 from pcbench.train.loop import RunPaths, train
-from test_train import BASE_SPEC, ROOT, _free_port, run_cli
+from test_train import BASE_SPEC, ROOT, run_cli
 
 SPEC = {**BASE_SPEC, "train": {**BASE_SPEC["train"], "steps": 8, "ckpt_every": 0}}
 
@@ -54,9 +54,8 @@ def one_process(d: dict, out: Path) -> dict:
 def torchrun(d: dict, out: Path, tmp: Path, **kw):
     spec_file = tmp / f"{out.name}.yaml"
     spec_file.write_text(yaml.safe_dump(d))
-    return run_cli(["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                    "--master_port", str(_free_port()), "-m", "pcbench.cli", "train", str(spec_file),
-                    "--out", str(out)], timeout=600, **kw)
+    return run_cli(["torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "pcbench.cli",
+                    "train", str(spec_file), "--out", str(out)], timeout=600, **kw)
 
 
 def assert_same_exports(a: Path, b: Path) -> None:
@@ -122,9 +121,8 @@ def test_fsdp_sigkill_then_resume(base, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "pcbench.cli",
-                             "train", str(spec_file), "--out", str(out)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--standalone", "-m", "pcbench.cli", "train", str(spec_file), "--out", str(out)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = out / "work" / "ckpt"
     deadline = time.time() + 400
     while time.time() < deadline and not checkpoint.list_checkpoints(ckpts) and proc.poll() is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -175,12 +174,6 @@ def test_export_is_a_stock_hf_checkpoint(reference_run):
     assert held == pytest.approx(rec["heldout_loss"], rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", [pytest.param("pretrain", marks=pytest.mark.slow), "pc"])
 def test_two_process_ddp_matches_one_process(reference_run, tmp_path, method):
@@ -197,9 +190,8 @@ def test_two_process_ddp_matches_one_process(reference_run, tmp_path, method):
     r1 = run_cli(["pcbench.cli", "train", str(spec_file), "--out", str(one)], timeout=600)
     assert r1.returncode == 0, r1.stderr[-2000:]
     two = tmp_path / "two"
-    r2 = run_cli(["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                  "--master_port", str(_free_port()), "-m", "pcbench.cli", "train", str(spec_file),
-                  "--out", str(two)], timeout=600)
+    r2 = run_cli(["torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "pcbench.cli", "train",
+                  str(spec_file), "--out", str(two)], timeout=600)
     assert r2.returncode == 0, r2.stderr[-2000:]
     l1 = [r["loss"] for r in read_jsonl(one / "record" / "metrics.jsonl")]
     l2 = [r["loss"] for r in read_jsonl(two / "record" / "metrics.jsonl")]
