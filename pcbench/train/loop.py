@@ -40,6 +40,7 @@ from pcbench.spec import methods
 from pcbench import models, tracking
 from pcbench.train import memory as memory_plan
 from pcbench.util.atomic import append_jsonl, read_jsonl, write_json, write_text
+from pcbench.util.verify import Damaged, Unsealed, read_sealed_json, warn, write_sealed_json
 from pcbench.spec.config import RunSpec, SpecError, to_dict
 from pcbench.evaluate import autocast_for, heldout_loss
 from pcbench.store import RunPaths  # the store owns the record layout (re-exported here)
@@ -123,6 +124,30 @@ def open_run_stores(spec: RunSpec, tokenizer: str) -> dict:
             for role, s in run_stores(spec, tokenizer).items()}
 
 
+def _saved_plan(path: Path):
+    """The kept indices a run saved when it started (sealed), for its resume; None when there are
+    none, or when they were damaged (one warning line: the plan is computed again, which gives the
+    same indices, deterministic in the spec). An unsealed one (an older pcbench's) is read as is."""
+    from pcbench.compress.plan import Plan
+
+    try:
+        return Plan.from_dict(read_sealed_json(path, "kept-index plan"))
+    except FileNotFoundError:
+        return None
+    except Unsealed:
+        try:
+            return Plan.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError):
+            warn(f"kept-index plan damaged: {path} (unreadable); computing it again")
+            return None
+    except Damaged as e:
+        warn(f"{e}; computing it again")
+        return None
+    except (KeyError, TypeError, ValueError):
+        warn(f"kept-index plan damaged: {path} (not a plan); computing it again")
+        return None
+
+
 def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibration=None):
     """(trainable, tokenizer, teacher, info) for the spec's kind: pretrain, finetune, or a registered
     compression method (`pcbench.spec.methods.METHODS`), built by its builder module."""
@@ -156,13 +181,12 @@ def build_trainable(spec: RunSpec, paths: RunPaths, device: torch.device, calibr
     base, tok = models.load_pretrained(spec.model)
     _check_data_tokenizer(spec, tok, load_tokenizer)
     info["base"] = models.describe(base)
-    if paths.plan.exists():  # resume: reuse the exact kept indices
-        plan = Plan.from_dict(json.loads(paths.plan.read_text()))
-    else:
+    plan = _saved_plan(paths.plan)  # resume: reuse the exact kept indices
+    if plan is None:
         scores = imp.score(base, c.importance, seed=c.importance_seed,
                            batches=calibration() if c.importance == "activation" else None)
         plan = make_plan(base, c.compression, scores, align=c.align)
-        write_text(paths.plan, json.dumps(plan.to_dict()))
+        write_sealed_json(paths.plan, plan.to_dict())
     info["plan"] = {k: v for k, v in plan.to_dict().items() if k != "keep"}
     teacher = None
     if c.distill > 0:
@@ -364,7 +388,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         return [cal.get(i, micro)[:, :-1] for i in range(spec.compress.calibration_batches)]
 
     from pcbench.store import claim_work
-    from pcbench.util.verify import sha256_json, warn
+    from pcbench.util.verify import sha256_json
 
     ident = work_identity(spec, train_store, lineage)
     owner = sha256_json(ident)[:16]

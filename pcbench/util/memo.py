@@ -4,8 +4,9 @@ a run) needs neither torch nor transformers once they are known.
 `remember(kind, key, compute)` returns `compute()`'s JSON value, kept under
 `<cache>/facts/<kind>-<sha256>.json`. The key holds the versions of pcbench, torch and transformers
 (read from the installed metadata, without importing them) and a hash of the pcbench code that
-computes the facts (`CODE`): another version, or an edit of that code, computes afresh. An
-unreadable entry is computed again and rewritten; a cache that cannot be written is only skipped.
+computes the facts (`CODE`): another version, or an edit of that code, computes afresh. Entries
+are sealed (`util.verify.write_sealed_json`): a damaged one is named in one warning line, computed
+again and rewritten, never read as facts; a cache that cannot be written is only skipped.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def _versions() -> dict:
 
 def remember(kind: str, key: Any, compute: Callable[[], Any]) -> Any:
     """`compute()` once per `key` (JSON-able) and installed versions, kept on disk (JSON values)."""
-    from pcbench.util.atomic import write_json
     from pcbench.util.paths import cache_dir
+    from pcbench.util.verify import Damaged, Unsealed, read_sealed_json, warn, write_sealed_json
 
     blob = json.dumps({"kind": kind, "key": key, "versions": _versions()}, sort_keys=True, default=str)
     name = f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
@@ -61,17 +62,21 @@ def remember(kind: str, key: Any, compute: Callable[[], Any]) -> Any:
         path = None
     if path is not None:
         try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(rec, dict) and rec.get("key") == blob:
+            rec = read_sealed_json(path, "cached facts")
+            if isinstance(rec, dict) and rec.get("key") == blob and "value" in rec:
                 _MEMORY[name] = rec["value"]
                 return rec["value"]
-        except (OSError, ValueError, KeyError):
+        except (FileNotFoundError, Unsealed):  # none yet, or an older pcbench's: computed again
+            pass
+        except Damaged as e:  # changed bytes are never read as facts: computed again, rewritten
+            warn(f"{e}; computing it again")
+        except OSError:
             pass
     value = compute()
     value = json.loads(json.dumps(value, default=str))  # as it reads back: lists, not tuples
     if path is not None:
         try:
-            write_json(path, {"key": blob, "value": value})
+            write_sealed_json(path, {"key": blob, "value": value})
         except OSError:
             pass
     _MEMORY[name] = value

@@ -9,8 +9,12 @@ Cheap on the hot path: a file's digest is computed once per version of the file,
 is (device, inode, size, mtime_ns, ctime_ns): any write to the file (or `touch`, a rename, a
 restored mtime) changes its ctime, so a cached digest never outlives the bytes it describes. The
 digest is kept for this process (a dict) and for the next ones in a small verified-cache under
-`cache_dir()/verified/` (one JSON file per path, written atomically; an unreadable entry is
-ignored). A multi-GB token store is hashed once, not once per run.
+`cache_dir()/verified/` (one sealed JSON file per path, written atomically; an unreadable or
+damaged entry is ignored). A multi-GB token store is hashed once, not once per run.
+
+Small JSON files pcbench writes and reads back as data (cached facts, a run's kept indices) are
+*sealed*: `write_sealed_json` stores the value with the sha256 of its canonical form and
+`read_sealed_json` gives it back only when the two still agree, else `Damaged`.
 
 May import: nothing of pcbench but `util` (a leaf room).
 """
@@ -35,6 +39,10 @@ class Damaged(RuntimeError):
     def __init__(self, path: str | os.PathLike, why: str = "sha256 mismatch", what: str = ""):
         self.path, self.why, self.what = Path(path), why, what
         super().__init__(f"{what + ' ' if what else ''}damaged: {path} ({why})")
+
+
+class Unsealed(Damaged):
+    """Valid JSON without a seal: written by an older pcbench (or by hand), so not to be trusted."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -69,8 +77,8 @@ def _cached(path: Path, version: tuple) -> Optional[str]:
     if entry is None:
         return None
     try:
-        rec = json.loads(entry.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        rec = read_sealed_json(entry)
+    except (OSError, ValueError, Damaged):
         return None
     if isinstance(rec, dict) and rec.get("path") == str(path) and rec.get("version") == list(version) \
             and isinstance(rec.get("sha256"), str):
@@ -85,9 +93,7 @@ def _remember(path: Path, version: tuple, digest: str) -> None:
     if entry is None:
         return
     try:
-        from pcbench.util.atomic import write_text
-
-        write_text(entry, json.dumps({"path": str(path), "version": list(version), "sha256": digest}))
+        write_sealed_json(entry, {"path": str(path), "version": list(version), "sha256": digest})
     except OSError:
         pass  # a read-only cache: this process still remembers
 
@@ -125,9 +131,9 @@ def changed_since_hashed(path: str | os.PathLike) -> bool:
     if entry is None:
         return False
     try:
-        rec = json.loads(entry.read_text(encoding="utf-8"))
+        rec = read_sealed_json(entry)
         return rec.get("path") == str(path) and rec.get("version") != list(_version(path.stat()))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, Damaged):
         return False
 
 
@@ -158,6 +164,32 @@ def verify_files(root: str | os.PathLike, table: Mapping[str, str], *, what: str
     root = Path(root)
     for rel, digest in sorted(table.items()):
         verify_file(root / rel, digest, what=what)
+
+
+SEAL = "sha256"  # the key of a sealed JSON file's digest, beside "value"
+
+
+def write_sealed_json(path: str | os.PathLike, value) -> None:
+    """Write `value` (JSON-able) atomically with the sha256 of its canonical form."""
+    from pcbench.util.atomic import write_text
+
+    value = json.loads(json.dumps(value, default=str))  # as it will read back (lists, str keys)
+    write_text(path, json.dumps({SEAL: sha256_json(value), "value": value}, sort_keys=True) + "\n")
+
+
+def read_sealed_json(path: str | os.PathLike, what: str = ""):
+    """The value `write_sealed_json` wrote at `path`; `Damaged` when it is not valid JSON, not sealed
+    (e.g. written by an older pcbench) or no longer matches its seal. OSError when unreadable."""
+    data = Path(path).read_bytes()
+    try:
+        rec = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        raise Damaged(path, "not valid JSON", what) from None
+    if not isinstance(rec, dict) or set(rec) != {SEAL, "value"}:
+        raise Unsealed(path, "not a sealed record", what)
+    if rec[SEAL] != sha256_json(rec["value"]):
+        raise Damaged(path, "sha256 mismatch", what)
+    return rec["value"]
 
 
 def warn(message: str) -> None:
