@@ -190,3 +190,24 @@ def test_a_damaged_extracted_asset_is_extracted_again(tmp_path, monkeypatch, cap
     assert assets.fetch("fake") == out
     assert (out / "package" / "tokenizer.json").read_bytes() == b'{"v": 1234}'
     assert "asset 'fake' damaged" in capsys.readouterr().err
+
+
+def test_the_verified_cache_forgets_files_that_are_gone(tmp_path, monkeypatch):
+    files = [tmp_path / f"f{i}.bin" for i in range(12)]
+    for f in files:
+        f.write_bytes(f.name.encode())
+        verify.sha256_file(f)
+    root = tmp_path / "cache" / "verified"
+    assert len(list(root.iterdir())) == 12
+    for f in files[:8]:
+        f.unlink()
+    (root / "junk.json").write_text("{")
+    monkeypatch.setattr(verify, "PRUNE_AT", 10)
+    monkeypatch.setattr(verify, "_pruned", False)
+    new = tmp_path / "new.bin"
+    new.write_bytes(b"new")
+    verify.sha256_file(new)  # the first entry this process writes past PRUNE_AT prunes
+    left = sorted(verify.read_sealed_json(e)["path"] for e in root.iterdir())
+    assert left == sorted(str(f) for f in [*files[8:], new])
+    verify._memo.clear()
+    assert verify.sha256_file(files[9]) == verify.sha256_bytes(b"f9.bin")

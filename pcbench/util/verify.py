@@ -10,7 +10,8 @@ is (device, inode, size, mtime_ns, ctime_ns): any write to the file (or `touch`,
 restored mtime) changes its ctime, so a cached digest never outlives the bytes it describes. The
 digest is kept for this process (a dict) and for the next ones in a small verified-cache under
 `cache_dir()/verified/` (one sealed JSON file per path, written atomically; an unreadable or
-damaged entry is ignored). A multi-GB token store is hashed once, not once per run.
+damaged entry is ignored; past `PRUNE_AT` entries, those of files gone are removed). A multi-GB
+token store is hashed once, not once per run.
 
 Small JSON files pcbench writes and reads back as data (cached facts, a run's kept indices) are
 *sealed*: `write_sealed_json` stores the value with the sha256 of its canonical form and
@@ -87,13 +88,42 @@ def _cached(path: Path, version: tuple) -> Optional[str]:
     return None
 
 
+PRUNE_AT = 16384  # entries in the verified-cache before those of files gone are removed
+_pruned = False
+
+
+def prune(root: Path) -> int:
+    """Remove the verified-cache entries of files that no longer exist (and unreadable ones); an
+    entry per path is overwritten in place, so only the entries of removed files accumulate."""
+    gone = 0
+    for entry in root.glob("*.json"):
+        try:
+            rec = read_sealed_json(entry)
+            keep = isinstance(rec, dict) and os.path.exists(rec.get("path", ""))
+        except (OSError, Damaged, TypeError):
+            keep = False
+        if not keep:
+            try:
+                entry.unlink()
+                gone += 1
+            except OSError:
+                pass
+    return gone
+
+
 def _remember(path: Path, version: tuple, digest: str) -> None:
+    global _pruned
     _memo[(str(path), *version)] = digest
     entry = _entry(path)
     if entry is None:
         return
     try:
         write_sealed_json(entry, {"path": str(path), "version": list(version), "sha256": digest})
+        if not _pruned:  # once per process, and only past PRUNE_AT entries
+            _pruned = True
+            with os.scandir(entry.parent) as it:
+                if sum(1 for _ in it) > PRUNE_AT:
+                    prune(entry.parent)
     except OSError:
         pass  # a read-only cache: this process still remembers
 
