@@ -2,8 +2,12 @@
 
 The local executor (`pcbench/executors/local.py`) starts `python -m pcbench.run.forkserver CMD_FD REPLY_FD`
 once, a fresh process that imports what every run imports (torch, transformers, lm-eval, the
-training and evaluation code) and never runs a torch op or starts a thread: a fork of it is a clean
-start (a fork after torch's thread pool has run would hang the child). Each request (one JSON line
+training and evaluation code) and never runs a torch op or starts a Python thread: a fork of it is
+a clean start (a fork after torch's thread pool has run would hang the child). Some imports start
+native threads of their own (numpy's OpenBLAS pool unless OMP_NUM_THREADS=1, pyarrow's jemalloc
+background thread); fork copies only the forking thread, and those libraries prepare for it and
+start theirs again in the child (their fork handlers). The server reports its Python threads; with
+more than one (something imported started one), the launcher does not fork from it. Each request (one JSON line
 on CMD_FD: `args` of `pcbench.run.jobs.main`, the launcher's `env` and `cwd`) forks a child that runs
 `pcbench.run.jobs.main(args)` exactly as `python -m pcbench.run.jobs` would and exits with its code; the
 server answers `{"pid"}` and, once the child is reaped, `{"exit", "rc"}` (rc negative: killed by
@@ -27,7 +31,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def preload() -> None:
-    """Import what every run imports (imports only: no torch op, no thread)."""
+    """Import what every run imports (imports only: no torch op, no Python thread)."""
     import pcbench.evaluate  # noqa: F401 - torch, transformers
     import pcbench.run.jobs  # noqa: F401 - submitit
     import pcbench.train.loop  # noqa: F401
