@@ -13,8 +13,9 @@ level only). The arithmetic follows what the training loop allocates (`train.Ste
 - per micro-batch: saved activations (per decoder layer and token: coefficients measured with
   saved-tensor hooks on stock Llama/Arcee under fp32 and bf16 autocast, exact to the byte; with
   activation checkpointing only each layer's input plus one layer's recompute), bf16 weight copies
-  autocast keeps for the backward (the tied head's too), the logits and their gradient in fp32
-  (often the peak), freed before clip and AdamW (`train.Stepper`), so the optimiser phase has none;
+  autocast keeps for the backward (the tied head's too), the logits and their gradient (fp32;
+  under bf16 the bf16 logits, their gradient and one chunk in fp32: `train.loss`), often the peak,
+  freed before clip and AdamW (`train.Stepper`), so the optimiser phase has none;
 - the head's and the tied embedding's backward (autograd's engine, any device): the head's weight
   gradient [vocab, d] while the logits and their gradient live (tied, or added to .grad with
   accumulation), and, tied, three [vocab, d] fp32 gradients at once when the embedding's backward
@@ -302,9 +303,21 @@ _ACT = {
     ("plain", "bf16"): ((24, 2, 4, 4, 4, 8), (10, 12)),
 }
 _PLAIN_MLP = {f.model_type for f in FAMILIES.values() if not f.gated}  # ungated up/down; others gated
-# Logits [tokens, vocab] during the loss backward: the kept logits, log_softmax's saved output,
-# its gradient and the gradient of its input (fp32; under autocast the kept logits are bf16).
+# Logits [tokens, vocab] during the loss backward of `F.cross_entropy` on fp32 logits: the kept
+# logits, log_softmax's saved output, its gradient and the gradient of its input (fp32; with a
+# teacher under autocast the kept logits are bf16 and the rest fp32: 14).
 _LOGIT_BYTES = {"fp32": 16, "bf16": 14}
+
+
+def logits_bytes(tokens: int, vocab: int, precision: str, distill: bool = False) -> int:
+    """Bytes the loss keeps of one micro-batch's logits at its peak: fp32 (and distillation) as
+    `_LOGIT_BYTES`; bf16 without a teacher (`train.loss`, chunked): the bf16 logits and their bf16
+    gradient plus one chunk's fp32 temporaries."""
+    if precision == "fp32" or distill:
+        return tokens * vocab * _LOGIT_BYTES[precision]
+    from pcbench.train import loss
+
+    return tokens * vocab * 4 + loss.CHUNK_TEMPORARIES * min(tokens, loss.chunk_rows(vocab)) * vocab * FP32
 # Logits when the head's backward runs (the loss's temporaries freed): the kept logits and their
 # gradient (fp32; under autocast both bf16). The head's weight gradient then made: fp32, and under
 # autocast also its bf16 form, cast to fp32 for the fp32 weight.
@@ -463,8 +476,9 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     act = activation_bytes(net_cfg, tokens, prec, ckpt)
     comp["activations"] = act["layers"] + act["outside"]
     vocab = net_cfg["vocab_size"]
-    logits = tokens * vocab * _LOGIT_BYTES[prec]
-    if c is not None and c.distill > 0:
+    distill = c is not None and c.distill > 0
+    logits = logits_bytes(tokens, vocab, prec, distill)
+    if distill:
         logits += tokens * vocab * ((2 if prec == "bf16" else FP32) + 2 * FP32)
     comp["logits"] = logits
     matrices = sum(numel[n] for n, s in small if len(s) == 2 and "embed" not in n)
