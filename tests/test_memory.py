@@ -264,6 +264,23 @@ def test_the_8b_grid_fits_80gb_gpus():
     assert memory.over_limit(train, lambda r: r.resources, resolve) == []
 
 
+@pytest.mark.parametrize("name", ["paper_gpt2", "paper_llama3_1b", "paper_llama3_8b"])
+def test_no_paper_cell_is_planned_within_10_percent_of_its_card_without_fsdp_or_checkpointing(name):
+    """A cell whose plan (peak plus reserve) comes within 10% of its card's usable memory runs under
+    fsdp or activation checkpointing, so an error of the plan cannot run it out of memory."""
+    from pcbench.grid import load_grid
+
+    grid = load_grid(ROOT / "experiments" / f"{name}.yaml")
+    resolve = memory.grid_resolver(grid)
+    train = [r for r in grid.runs if r.kind == "train"]
+    assert train
+    for run in train:
+        p = memory.run_plan(run, run.resources, resolve)
+        assert p is not None, run.id
+        share = p.needs() / memory.usable_bytes(run.resources.gpu_mem_gb)
+        assert share <= 0.9 or p.parallel == "fsdp" or p.activation_checkpointing, (run.id, p.setting(), share)
+
+
 def test_run_record_holds_the_plan_beside_the_measured_peak(tmp_path):
     from pcbench.train.loop import RunPaths, train
 
