@@ -264,6 +264,23 @@ def test_the_8b_grid_fits_80gb_gpus():
     assert memory.over_limit(train, lambda r: r.resources, resolve) == []
 
 
+@pytest.mark.parametrize("name", ["paper_gpt2", "paper_llama3_1b", "paper_llama3_8b"])
+def test_no_paper_cell_is_planned_within_10_percent_of_its_card_without_fsdp_or_checkpointing(name):
+    """A cell whose plan (peak plus reserve) comes within 10% of its card's usable memory runs under
+    fsdp or activation checkpointing, so an error of the plan cannot run it out of memory."""
+    from pcbench.grid import load_grid
+
+    grid = load_grid(ROOT / "experiments" / f"{name}.yaml")
+    resolve = memory.grid_resolver(grid)
+    train = [r for r in grid.runs if r.kind == "train"]
+    assert train
+    for run in train:
+        p = memory.run_plan(run, run.resources, resolve)
+        assert p is not None, run.id
+        share = p.needs() / memory.usable_bytes(run.resources.gpu_mem_gb)
+        assert share <= 0.9 or p.parallel == "fsdp" or p.activation_checkpointing, (run.id, p.setting(), share)
+
+
 def test_run_record_holds_the_plan_beside_the_measured_peak(tmp_path):
     from pcbench.train.loop import RunPaths, train
 
@@ -429,30 +446,66 @@ def _mem_available() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-@pytest.mark.slow
-def test_llama3_2_1b_shape_through_the_step_hpr_50():
-    """The shape the poster's grid runs (Llama-3.2-1B: 16 layers, d 2048, GQA 32/8, d_ff 8192, tied
-    128,256 vocabulary; random init), its packaged tokenizer's ids, HPR at 50%: two optimiser steps
-    on CPU at sequence 16, the plan within 5% of the measured peak."""
-    import tempfile
+def _llama3_2_1b_cell(method: str, compression: float) -> dict:
+    return {"method": method, "world": 1, "parallel": "ddp", "size": "llama3.2-1b", "vocab": 128256, "seq": 16,
+            "rows": 2, "micro": 1, "steps": 2, "compression": compression, "threads": 2, "device": "cpu",
+            "tokenizer": "llama3"}
 
+
+def _plan_of(cfg: dict, d: str) -> memory.MemoryPlan:
     from pcbench.bench import memory as bench
 
-    cfg = {"method": "hpr", "world": 1, "parallel": "ddp", "size": "llama3.2-1b", "vocab": 128256, "seq": 16,
-           "rows": 2, "micro": 1, "steps": 2, "compression": 0.5, "threads": 2, "device": "cpu",
-           "tokenizer": "llama3"}
-    with tempfile.TemporaryDirectory() as d:
-        bench.write_config(cfg, Path(d))
-        cfg["config_dir"] = d
-        p = memory.plan(load_run_spec(bench.cell_spec(cfg, d)), 1, device="cpu")
-        need = p.peak + 2 * 2**30  # the base (4.9 GB) and the pruned copy while building stay below the peak
-        if _mem_available() < need:
-            pytest.skip(f"needs ~{need / 2**30:.0f} GiB free")
-        ranks = bench.measure(cfg)  # two optimiser steps of the 1B shape (a failing step raises here)
-        measured = max(r["peak"] for r in ranks)
-    err = (p.peak - measured) / measured
-    print(f"llama3.2-1b shape HPR 50%: plan {p.peak / 2**30:.2f} GiB ({p.peak_phase}), measured "
-          f"{measured / 2**30:.2f} GiB, error {100 * err:+.1f}%")
+    bench.write_config(cfg, Path(d))
+    cfg["config_dir"] = d
+    return memory.plan(load_run_spec(bench.cell_spec(cfg, d)), 1, device="cpu")
+
+
+def _through_the_step(cfg: dict, d: str, what: str) -> tuple[memory.MemoryPlan, int]:
+    """The plan and the measured peak of two optimiser steps of the cell (skipped without the memory)."""
+    from pcbench.bench import memory as bench
+
+    p = _plan_of(cfg, d)
+    need = p.peak + 2 * 2**30  # the base (4.9 GB) and the pruned copy while building stay below the peak
+    if _mem_available() < need:
+        pytest.skip(f"needs ~{need / 2**30:.0f} GiB free")
+    ranks = bench.measure(cfg)  # two optimiser steps of the 1B shape (a failing step raises here)
+    measured = max(r["peak"] for r in ranks)
+    print(f"llama3.2-1b shape {what}: plan {p.peak / 2**30:.2f} GiB ({p.peak_phase}), measured "
+          f"{measured / 2**30:.2f} GiB, error {100 * (p.peak - measured) / measured:+.1f}%")
     assert measured > ranks[0]["persistent"] > 0
-    if abs(err) > 0.05:  # measured 2026-12-07: plan 10.66 GiB, measured 11.36-11.37 GiB (-6.1%, twice): open
-        pytest.xfail(f"the plan misses the 1B shape's CPU peak by {100 * err:+.1f}% (> 5%); not yet explained")
+    return p, measured
+
+
+@pytest.mark.slow
+def test_llama3_2_1b_shape_through_the_step_hpr_50(tmp_path):
+    """The shape the poster's grid runs (Llama-3.2-1B: 16 layers, d 2048, GQA 32/8, d_ff 8192, tied
+    128,256 vocabulary; random init), its packaged tokenizer's ids, HPR at 50%: two optimiser steps
+    on CPU at sequence 16, the plan within 5% of the measured peak. The peak is the tied
+    embedding's backward (three [vocab, d] gradients at once beside the accumulated ones), which
+    the plan once missed (-6.1%)."""
+    p, measured = _through_the_step(_llama3_2_1b_cell("hpr", 0.5), str(tmp_path), "HPR 50%")
+    assert p.peak_phase == "embedding_backward"
+    assert abs(p.peak - measured) <= 0.05 * measured
+
+
+def pc_level_fitting(gb: float, tmp: Path) -> float:
+    """The least compression (0.01 steps) at which PC's plan of the 1B cell fits a `gb` GB card."""
+    lo, hi = 50, 99  # percent: hi fits, lo is searched up from
+    assert _plan_of(_llama3_2_1b_cell("pc", hi / 100), str(tmp)).fits(gb)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _plan_of(_llama3_2_1b_cell("pc", mid / 100), str(tmp)).fits(gb):
+            hi = mid
+        else:
+            lo = mid
+    return hi / 100
+
+
+@pytest.mark.slow
+def test_llama3_2_1b_shape_through_the_step_pc_at_the_level_fitting_20_gb(tmp_path):
+    """The same shape under PC at the least compression whose plan fits 20 GB (`MemoryPlan.fits`:
+    the peak plus the runtime's reserve): two optimiser steps, the plan within 5% of the peak."""
+    level = pc_level_fitting(20, tmp_path)
+    assert not _plan_of(_llama3_2_1b_cell("pc", level - 0.01), str(tmp_path)).fits(20)
+    p, measured = _through_the_step(_llama3_2_1b_cell("pc", level), str(tmp_path), f"PC at {level:.2f}")
+    assert abs(p.peak - measured) <= 0.05 * measured

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pcbench.train import checkpoint, dcp_checkpoint, distributed, interrupts, parallel
+from pcbench.train.loss import cross_entropy
 
 from pcbench.spec import methods
 
@@ -75,11 +76,14 @@ def lr_factor(step: int, total: int, warmup: float, start: float, final: float) 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
             alpha: float = 0.0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to minimise, cross-entropy). With a teacher: (1-a)*CE + a*T^2*KL(teacher || student)."""
+    """(loss to minimise, cross-entropy). With a teacher: (1-a)*CE + a*T^2*KL(teacher || student).
+    Without one, bf16 logits (autocast) go through `loss.cross_entropy` chunk by chunk, so no fp32
+    copy of them exists; fp32 logits take `F.cross_entropy` as before."""
+    if teacher_logits is None or alpha == 0:
+        ce = cross_entropy(logits, targets)
+        return ce, ce
     logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    if teacher_logits is None or alpha == 0:
-        return ce, ce
     t = temperature
     student = F.log_softmax(logits / t, dim=-1).flatten(0, 1)
     teacher = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, 1)

@@ -13,8 +13,13 @@ level only). The arithmetic follows what the training loop allocates (`train.Ste
 - per micro-batch: saved activations (per decoder layer and token: coefficients measured with
   saved-tensor hooks on stock Llama/Arcee under fp32 and bf16 autocast, exact to the byte; with
   activation checkpointing only each layer's input plus one layer's recompute), bf16 weight copies
-  autocast keeps for the backward (the tied head's too), the logits and their gradient in fp32
-  (often the peak), freed before clip and AdamW (`train.Stepper`), so the optimiser phase has none;
+  autocast keeps for the backward (the tied head's too), the logits and their gradient (fp32;
+  under bf16 the bf16 logits, their gradient and one chunk in fp32: `train.loss`), often the peak,
+  freed before clip and AdamW (`train.Stepper`), so the optimiser phase has none;
+- the head's and the tied embedding's backward (autograd's engine, any device): the head's weight
+  gradient [vocab, d] while the logits and their gradient live (tied, or added to .grad with
+  accumulation), and, tied, three [vocab, d] fp32 gradients at once when the embedding's backward
+  adds its own out of place (the peak of Llama-3.2-1B's shape at short sequences);
 - transients of the step: PC's cached intermediates (P_out W or W P_in) from `before_step` to the
   push, the push of one tensor (its base in fp32, a product, under fsdp the gathered W and P_in),
   AdamW's temporary (fused on CUDA: none; CPU: two of the largest tensor) and, with
@@ -298,9 +303,26 @@ _ACT = {
     ("plain", "bf16"): ((24, 2, 4, 4, 4, 8), (10, 12)),
 }
 _PLAIN_MLP = {f.model_type for f in FAMILIES.values() if not f.gated}  # ungated up/down; others gated
-# Logits [tokens, vocab] during the loss backward: the kept logits, log_softmax's saved output,
-# its gradient and the gradient of its input (fp32; under autocast the kept logits are bf16).
+# Logits [tokens, vocab] during the loss backward of `F.cross_entropy` on fp32 logits: the kept
+# logits, log_softmax's saved output, its gradient and the gradient of its input (fp32; with a
+# teacher under autocast the kept logits are bf16 and the rest fp32: 14).
 _LOGIT_BYTES = {"fp32": 16, "bf16": 14}
+
+
+def logits_bytes(tokens: int, vocab: int, precision: str, distill: bool = False) -> int:
+    """Bytes the loss keeps of one micro-batch's logits at its peak: fp32 (and distillation) as
+    `_LOGIT_BYTES`; bf16 without a teacher (`train.loss`, chunked): the bf16 logits and their bf16
+    gradient plus one chunk's fp32 temporaries."""
+    if precision == "fp32" or distill:
+        return tokens * vocab * _LOGIT_BYTES[precision]
+    from pcbench.train import loss
+
+    return tokens * vocab * 4 + loss.CHUNK_TEMPORARIES * min(tokens, loss.chunk_rows(vocab)) * vocab * FP32
+# Logits when the head's backward runs (the loss's temporaries freed): the kept logits and their
+# gradient (fp32; under autocast both bf16). The head's weight gradient then made: fp32, and under
+# autocast also its bf16 form, cast to fp32 for the fp32 weight.
+_HEAD_LOGIT_BYTES = {"fp32": 8, "bf16": 4}
+_HEAD_GRAD_BYTES = {"fp32": FP32, "bf16": FP32 + 2}
 
 
 def _shape_facts(cfg: dict) -> dict:
@@ -454,8 +476,9 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     act = activation_bytes(net_cfg, tokens, prec, ckpt)
     comp["activations"] = act["layers"] + act["outside"]
     vocab = net_cfg["vocab_size"]
-    logits = tokens * vocab * _LOGIT_BYTES[prec]
-    if c is not None and c.distill > 0:
+    distill = c is not None and c.distill > 0
+    logits = logits_bytes(tokens, vocab, prec, distill)
+    if distill:
         logits += tokens * vocab * ((2 if prec == "bf16" else FP32) + 2 * FP32)
     comp["logits"] = logits
     matrices = sum(numel[n] for n, s in small if len(s) == 2 and "embed" not in n)
@@ -521,6 +544,21 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     micro_phase = (persistent + grads_net + cache + act["layers"] + act["outside"] + logits
                    + comp["autocast_copies"] + gathered)
     phases = {"forward_backward": micro_phase}
+    # The head's and the tied embedding's backward (autograd's engine, the same on every device).
+    # The head's weight gradient [vocab, d] is a new tensor beside the others where it does not
+    # simply become .grad: tied, autograd's input buffer holds it until the embedding's backward;
+    # with accumulation it is added to .grad afterwards. At the tied embedding's backward the buffer
+    # adds the embedding's own gradient out of place: three [vocab, d] fp32 tensors at once (the
+    # sum becomes .grad on a single micro-batch; with accumulation it is added to .grad).
+    tied = bool(net_cfg.get("tie_word_embeddings"))
+    head_n = vocab * net_cfg["hidden_size"]
+    if tied or accum > 1:
+        comp["head_gradient"] = head_n * _HEAD_GRAD_BYTES[prec]
+        phases["head_backward"] = (micro_phase - logits + tokens * vocab * _HEAD_LOGIT_BYTES[prec]
+                                   + comp["head_gradient"])
+    if tied:
+        comp["tied_embedding_backward"] = (3 if accum > 1 else 2) * head_n * FP32
+        phases["embedding_backward"] = persistent + grads_net + cache + gathered + comp["tied_embedding_backward"]
     if naive:
         phases["optimizer_step"] = persistent + pr_n * FP32 + FP32 * direct_n + opt_t
     elif pc and not block:
