@@ -416,8 +416,8 @@ def test_pc_row_view_gathers_w_and_p_in_once_per_step(tmp_path):
     cfg["config_dir"] = str(tmp_path)
     script = tmp_path / "count_gathers.py"
     script.write_text(_COUNT_GATHERS)
-    r = run_cli(["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                 str(_free_port()), str(script), json.dumps(cfg)], timeout=300)
+    r = run_cli(["torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script), json.dumps(cfg)],
+                timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     calls = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("GATHERS"))[len("GATHERS "):])
     print(f"all-gathers over {cfg['steps']} steps: {calls}")

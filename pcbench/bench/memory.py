@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -140,12 +139,6 @@ def probe(cfg: dict) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(cfg: dict) -> list[dict]:
     """Run one cell in fresh process(es); every rank's measurement."""
     with tempfile.TemporaryDirectory(prefix="pcbench-mem-") as tmp:
@@ -156,7 +149,7 @@ def measure(cfg: dict) -> list[dict]:
         mod = [sys.executable, "-m", "pcbench.bench.memory"]
         if cfg["world"] > 1:
             mod = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg["world"]),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "pcbench.bench.memory"]
+                   "--standalone", "-m", "pcbench.bench.memory"]  # the agent holds the rendezvous port
         res = subprocess.run(mod + ["--probe", json.dumps(cfg)], capture_output=True, text=True, env=env, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"memory probe failed ({res.returncode}): {res.stderr[-3000:]}")
