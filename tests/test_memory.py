@@ -509,3 +509,25 @@ def test_llama3_2_1b_shape_through_the_step_pc_at_the_level_fitting_20_gb(tmp_pa
     assert not _plan_of(_llama3_2_1b_cell("pc", level - 0.01), str(tmp_path)).fits(20)
     p, measured = _through_the_step(_llama3_2_1b_cell("pc", level), str(tmp_path), f"PC at {level:.2f}")
     assert abs(p.peak - measured) <= 0.05 * measured
+
+
+def test_fsdp_pc_plans_the_row_sharded_step(tmp_path):
+    """Under fsdp each rank keeps B_r (its rows of W P_in) from before_step to the push for every
+    tensor with P_out (gate, up, down; o_proj's B is W's own rows, a view: nothing kept), and one
+    tensor's step holds P_in and B gathered, H and dP_in's partial sum, never W gathered."""
+    spec = tiny_spec(tmp_path, "pc")
+    w = memory.widths(memory.model_config(spec), 0.5)
+    dc, fc = w["d_model"], w["d_ff"]
+    p = memory.plan(spec, 2, parallel="fsdp")
+    c = p.components
+    assert c["step_cache"] == 4 * L * (2 * (F // 2) * dc + (D // 2) * fc)
+    assert p.phases["push"] >= c["step_cache"] + c["push_transient"] + p.persistent
+    down = memory._Proj("down", (D, F), (dc, fc), True, True, False, True)
+    kept, transient = memory._row_sharded_step(down, 2, 4, False)
+    assert kept == 4 * (D // 2) * fc
+    materialise = 4 * (F * fc + D // 2 * fc + D * fc)  # P_in, B_r, B
+    push = 4 * max(D * fc, (D + D // 2) * fc, D // 2 * fc + F * fc)  # B; H and its rows; H's rows and dP_in
+    assert transient == max(materialise, push) < 4 * D * F + 4 * F * fc  # what gathering W and P_in held
+    # a bf16 base: W_r cast to fp32 for dP_in's product; under bf16 fixed precision B_r is kept in bf16
+    assert memory._row_sharded_step(down, 2, 2, False)[1] == max(materialise, push + 4 * (D // 2) * F)
+    assert memory._row_sharded_step(down, 2, 2, True)[0] == kept // 2

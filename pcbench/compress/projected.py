@@ -149,11 +149,18 @@ class ProjectedTensor(nn.Module):
     def _device(self) -> torch.device:
         return (self.p_out if self.p_out is not None else self.p_in if self.p_in is not None else self.base).device
 
+    def operand_dtype(self) -> torch.dtype:
+        """The dtype the base enters the products in: the parameters' (bf16 precision: bf16, the
+        operand the products round it to anyway)."""
+        return torch.bfloat16 if self.precision == "bf16" else self._param_dtype()
+
+    def precision_scope(self) -> contextlib.AbstractContextManager:
+        """The context the fixed part's products run in (tf32: TF32 matmuls on CUDA)."""
+        return _tf32(self.precision == "tf32")
+
     def _base_on(self, dev: torch.device) -> torch.Tensor:
-        """The base in the parameters' dtype on `dev` (bf16 precision: in bf16, the operand the
-        products round it to anyway), with the fixed selections applied."""
-        dtype = torch.bfloat16 if self.precision == "bf16" else self._param_dtype()
-        w = self.base.to(device=dev, dtype=dtype, non_blocking=True)
+        """The base in `operand_dtype` on `dev`, with the fixed selections applied."""
+        w = self.base.to(device=dev, dtype=self.operand_dtype(), non_blocking=True)
         if self.idx_out is not None:
             w = w.index_select(0, self.idx_out.to(dev))
         if self.idx_in is not None:
@@ -205,7 +212,7 @@ class ProjectedTensor(nn.Module):
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(W_c, the two-sided intermediate P_out W or W P_in, else None); with `out` (no autograd),
         W_c is written into it (the last product straight in when dtype, device and layout allow)."""
-        with _tf32(self.precision == "tf32"):
+        with self.precision_scope():
             return self._materialise_at(dev, out)
 
     def _materialise_at(self, dev: torch.device, out: Optional[torch.Tensor]
@@ -247,7 +254,7 @@ class ProjectedTensor(nn.Module):
         order); uses and drops the intermediate `step_weight(cache=True)` kept, else recomputes it.
         The gradient that uses the materialisation's intermediate goes first, so at most one of
         P_out W and W P_in is alive at a time."""
-        with _tf32(self.precision == "tf32"):
+        with self.precision_scope():
             self._push(grad)
 
     def _push(self, grad: torch.Tensor) -> None:

@@ -21,7 +21,9 @@ level only). The arithmetic follows what the training loop allocates (`train.Ste
   accumulation), and, tied, three [vocab, d] fp32 gradients at once when the embedding's backward
   adds its own out of place (the peak of Llama-3.2-1B's shape at short sequences);
 - transients of the step: PC's cached intermediates (P_out W or W P_in) from `before_step` to the
-  push, the push of one tensor (its base in fp32, a product, under fsdp the gathered W and P_in),
+  push, the push of one tensor (its base in fp32, a product); under fsdp (`_row_sharded_step`) each
+  rank keeps B_r (its rows of W P_in) per tensor with P_out from `before_step` to the push, and one
+  tensor at a time gathers P_in and B and reduce-scatters H and dP_in (W is never gathered);
   AdamW's temporary (fused on CUDA: none; CPU: two of the largest tensor) and, with
   block-wise stepping, one block's P/R gradients instead of all of them.
 
@@ -278,6 +280,37 @@ class _Proj:
         return k_out * n_in if self.out_first(k_out) else n_out * k_in
 
 
+def _row_sharded_step(p: _Proj, world: int, base_bytes: int, fixed_bf16: bool) -> tuple[int, int]:
+    """PC under fsdp (`parallel.RowShard`), one tensor on one rank: (bytes of B_r kept from
+    `before_step` to the push, the largest transient of its materialisation or push). Materialise:
+    P_in gathered, W_r in the products' dtype, B_r = W_r P_in, B gathered, W_c's rows (written in
+    place; a temporary under bf16). Push: B gathered again; then H = P_out^T G (n_out x k_in),
+    its reduce-scattered rows, W_r in the products' dtype and dP_in's partial sum (n_in x k_in).
+    The gradients the products become (dP_out, dP_in's rows) are the projection gradients."""
+    (n_out, n_in), (k_out, k_in) = p.base, p.small
+    rows_w, rows_c = -(-n_out // world), -(-k_out // world)
+    op = 2 if fixed_bf16 else FP32  # the base as a product operand
+    cast = rows_w * n_in * op if base_bytes != op else 0
+    out_side = p.p_out or k_out < n_out
+    if p.p_in:  # the product, in bf16 where P_out reads it under bf16 precision
+        b_bytes = 2 if fixed_bf16 and p.p_out else FP32
+        b_made = rows_w * k_in * (FP32 + (b_bytes if b_bytes != FP32 else 0))
+    else:  # W_r's selected columns (a copy) or W_r itself (a view), in the base's dtype
+        b_bytes, b_made = base_bytes, rows_w * k_in * base_bytes if k_in < n_in else 0
+    b_rows = rows_w * k_in * b_bytes if (p.p_in or k_in < n_in) else 0
+    b_full = n_out * k_in * b_bytes + (n_out * k_in * op if not p.p_in and base_bytes != op else 0)
+    p_in_full = n_in * k_in * FP32 if p.p_in else 0
+    tmp_out = rows_c * k_in * FP32 if fixed_bf16 else 0
+    if not out_side:  # W_c's rows are B_r: the product written in place (under bf16 via `tmp_out`)
+        b_made = b_rows = b_full = 0
+    mat = p_in_full + max((cast if p.p_in else 0) + b_made, b_rows + b_full) + tmp_out
+    push = b_full if p.p_out else 0
+    if p.p_in:
+        h = (n_out + rows_w) * k_in * FP32 if out_side else 0
+        push = max(push, h, (rows_w * k_in * FP32 if out_side else 0) + cast + n_in * k_in * FP32)
+    return (b_rows if p.p_out else 0), max(mat, push)
+
+
 def _projections(tensors, w: dict[str, int], sides: str, residual: bool) -> list[_Proj]:
     """PC's projected matrices, as `compress.projected.Projected` builds them."""
     out = []
@@ -511,6 +544,14 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
         comp["step_cache"] = cache
         comp["graph_weights"] = graph
         cache += graph + pr_n * FP32  # held during the micro-batches (the phase sums `cache`)
+    elif pc and sh > 1:
+        fixed_bf16 = c.fixed_precision == "bf16"
+        for p in projs:
+            kept, transient = _row_sharded_step(p, sh, base_bytes, fixed_bf16)
+            cache += kept
+            push_t = max(push_t, transient)
+        comp["step_cache"] = cache
+        comp["push_transient"] = push_t
     elif pc:
         for p in projs:
             k_out = -(-p.small[0] // sh)  # this rank's rows of W_c
@@ -520,8 +561,7 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
             rows = k_out if p.selected and not p.p_out else n_out
             cols = k_in if p.selected and not p.p_in else n_in
             copy = rows * cols * FP32 if (base_bytes != FP32 or p.selected) else 0  # W in fp32 / selected
-            gather = (n_out * n_in * base_bytes + (2 * n_in * k_in * FP32 if p.p_in else 0)) if sh > 1 else 0
-            push_t = max(push_t, gather + copy + 2 * mid)  # the cached intermediate + one product
+            push_t = max(push_t, copy + 2 * mid)  # the cached intermediate + one product
         comp["step_cache"] = cache
         comp["push_transient"] = push_t
 
@@ -562,7 +602,8 @@ def plan(spec: RunSpec, world: int = 1, *, resolve: Optional[Resolver] = None, d
     if naive:
         phases["optimizer_step"] = persistent + pr_n * FP32 + FP32 * direct_n + opt_t
     elif pc and not block:
-        phases["push"] = persistent + pr_n * FP32 + FP32 * direct_n + push_t
+        # under fsdp every tensor's kept B_r is alive at the first push (and push_t leaves it out)
+        phases["push"] = persistent + pr_n * FP32 + FP32 * direct_n + push_t + (cache if sh > 1 else 0)
         phases["optimizer_step"] = persistent + pr_n * FP32 + FP32 * direct_n + opt_t
     elif pc:
         by_block: dict[str, list[_Proj]] = {}

@@ -9,11 +9,20 @@ network's weight gradients into P/R), and `update` clips and steps. The loop ask
 Under `Sharded` the small network is sharded per decoder layer, embedding and head (dim 0); for PC
 every P_out, P_in, R and frozen base W (in `compress.base_dtype`) is a DTensor sharded by rows on
 the same mesh. Each rank owns rows [a, b) of W_c (those of its shard of the small weight, FSDP's
-dim-0 chunking) and materialises only those: W_c[a:b] = P_out[a:b] W P_in + R[a:b], gathering W
-and P_in one tensor at a time; the push uses the rank's rows of the (already reduce-scattered)
-gradient G[a:b]: dP_out[a:b] and dR[a:b] stay local, dP_in = sum over ranks of (P_out[a:b] W)^T
-G[a:b] is reduce-scattered. The per-tensor products are `ProjectedTensor.step_weight`/`push` run on
-a row view of the tensor, so the sharded step is the one-process step cut by rows.
+dim-0 chunking) and rows W_r of the base, and W is never gathered (`RowShard`, one tensor at a time):
+
+- `before_step`: P_in is gathered (once per step), B_r = W_r P_in (W_r[:, idx_in] or W_r without
+  an input projection) is this rank's rows of B = W P_in; with an output side B is gathered and
+  W_c[a:b] = P_out[a:b] B (B[idx_out[a:b]]), else W_c[a:b] = B_r; + R[a:b]. B_r is kept to the push
+  where P_out needs it (1/world of B per tensor);
+- `push`, with G_r = the rank's rows of the (reduce-scattered) gradient of W_c: dR[a:b] = G_r,
+  dP_out[a:b] = G_r B^T (B gathered again from the kept B_r), and dP_in = W^T P_out^T G as
+  H = P_out[a:b]^T G_r (or G_r added at rows idx_out[a:b]) reduce-scattered to H[W_r's rows], then
+  W_r^T H[rows] reduce-scattered to the rank's rows of dP_in (without an output side W_r^T G_r).
+Per tensor and step: one gather of P_in, two of B (out x k_in; without an input side B is W itself,
+the one case that still moves W), two reduce-scatters. The products run at the tensor's fixed
+precision (`ProjectedTensor._mm`, `precision_scope`, `operand_dtype`): the one-process step's
+products cut by rows, summed in another order.
 """
 
 from __future__ import annotations
@@ -21,12 +30,16 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from pcbench.train.distributed import DistEnv
+
+if TYPE_CHECKING:
+    from pcbench.compress.projected import ProjectedTensor
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -75,6 +88,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def chunk_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """`rank`'s rows [a, b) of a dim of size n under dim-0 sharding (torch.chunk: ceil(n / world) each)."""
+    chunk = -(-n // world)
+    a = min(rank * chunk, n)
+    return a, min(a + chunk, n)
 
 
 def clip_(params: Iterable[torch.Tensor], max_norm: float) -> float:
@@ -160,7 +180,7 @@ class Sharded(Replicated):
             fully_shard(m, mesh=self.mesh, **kw)
         fully_shard(model, mesh=self.mesh, **kw)
         self.net = model
-        self._mids: dict[str, torch.Tensor] = {}
+        self._kept: dict[str, torch.Tensor] = {}  # PC: B_r per tensor, from before_step to its push
         if _is_projected(trainable):
             self._shard_projections()
 
@@ -185,31 +205,16 @@ class Sharded(Replicated):
             t.base = distribute_tensor(t.base, self.mesh, [Shard(0)], src_data_rank=None)
 
     def _rows(self, n: int) -> tuple[int, int]:
-        """This rank's rows of a dim of size n under dim-0 sharding (torch.chunk: ceil(n / world) each)."""
-        chunk = -(-n // self.env.world)
-        a = min(self.env.rank * chunk, n)
-        return a, min(a + chunk, n)
+        return chunk_rows(n, self.env.world, self.env.rank)
 
-    def _row_view(self, t):
-        """A `ProjectedTensor` of this rank's rows of W_c: local P_out/R rows, gathered P_in and
-        (when the rows need it) gathered W; plain tensors, so `step_weight`/`push` run unchanged."""
-        from pcbench.compress.projected import ProjectedTensor
-
-        k_out, k_in = t.small_shape
+    def _row_shard(self, t) -> "RowShard":
+        """This rank's pieces of `t` (local DTensor shards, nothing gathered)."""
+        k_out = t.small_shape[0]
         a, b = self._rows(k_out)
-        v = ProjectedTensor.__new__(ProjectedTensor)
-        nn.Module.__init__(v)
-        v.p_out = None if t.p_out is None else t.p_out.to_local().detach()
-        v.residual = None if t.residual is None else t.residual.to_local().detach()
-        v.p_in = None if t.p_in is None else t.p_in.full_tensor().detach()
-        v.idx_out = None if t.idx_out is None else t.idx_out[a:b]
-        v.idx_in = t.idx_in
-        needs_all_rows = t.p_out is not None or t.idx_out is not None
-        v.base = t.base.full_tensor() if needs_all_rows else t.base.to_local()
-        v.small_shape = (b - a, k_in)
-        v.order, v.precision = t.order, t.precision
-        v._mid = None
-        return v
+        return RowShard(t=t, w=t.base.to_local(), n_out=t.base.shape[0],
+                        p_out=None if t.p_out is None else t.p_out.to_local().detach(),
+                        residual=None if t.residual is None else t.residual.to_local().detach(),
+                        idx_out=None if t.idx_out is None else t.idx_out[a:b])
 
     def _full_view(self, t):
         """A `ProjectedTensor` with the gathered P_out, P_in and R of `t` (the frozen base left out)."""
@@ -252,19 +257,22 @@ class Sharded(Replicated):
 
     @torch.no_grad()
     def _write_small(self, cache: bool) -> None:
+        """W_c's rows into each small weight's local shard; with `cache`, keep B_r for the push."""
         tr = self.trainable
         small = dict(tr.model.named_parameters())
-        self._mids = {}
+        comm = MeshComm(self.mesh)
+        self._kept = {}
         for key, t in tr.tensors.items():
             w = small[tr.names[key]]
             local = w.to_local()
-            v = self._row_view(t)
-            rows = v.step_weight(local.device, cache=cache)
-            if rows.shape != local.shape:
-                raise RuntimeError(f"{tr.names[key]}: rows {tuple(rows.shape)} != local shard {tuple(local.shape)}")
-            local.copy_(rows)
-            if v._mid is not None:
-                self._mids[key] = v._mid
+            s = self._row_shard(t)
+            if s.rows_shape() != tuple(local.shape):
+                raise RuntimeError(f"{tr.names[key]}: rows {s.rows_shape()} != local shard {tuple(local.shape)}")
+            p_in = None if t.p_in is None else t.p_in.full_tensor().detach()  # the step's one gather of P_in
+            b_rows = s.materialise(p_in, comm, local)
+            del p_in
+            if cache and s.push_reads_b():
+                self._kept[key] = b_rows
             w.grad = None
 
     def push_all(self) -> None:
@@ -273,27 +281,25 @@ class Sharded(Replicated):
 
     @torch.no_grad()
     def push(self, keys: Iterable[str]) -> None:
-        from torch.distributed.tensor import DTensor, Partial, Shard
+        from torch.distributed.tensor import DTensor, Shard
 
         tr = self.trainable
         small = dict(tr.model.named_parameters())
+        comm = MeshComm(self.mesh)
         for key in keys:
             t, w = tr.tensors[key], small[tr.names[key]]
+            b_rows = self._kept.pop(key, None)
             if w.grad is None:
-                self._mids.pop(key, None)
                 continue
-            v = self._row_view(t)
-            v._mid = self._mids.pop(key, None)
-            v.push(w.grad.to_local())
+            s = self._row_shard(t)
+            if b_rows is None and s.push_reads_b():  # no cache: recompute B_r (P_in gathered again)
+                b_rows = s.b_rows(None if t.p_in is None else t.p_in.full_tensor().detach())
+            grads = s.push(w.grad.to_local(), b_rows, comm)
+            del b_rows
             w.grad = None
-            for name in ("p_out", "residual", "p_in"):
-                p, g = getattr(t, name), getattr(getattr(v, name), "grad", None)
-                if p is None or g is None:
-                    continue
-                if name == "p_in":  # each rank's rows contribute a part of dP_in: sum, keep own rows
-                    g = DTensor.from_local(g, self.mesh, [Partial()]).redistribute(self.mesh, [Shard(0)])
-                else:
-                    g = DTensor.from_local(g, self.mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
+            for name, g in grads.items():  # each already this rank's rows
+                p = getattr(t, name)
+                g = DTensor.from_local(g, self.mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
                 p.grad = g if p.grad is None else p.grad.add_(g)
 
     # -- export ----------------------------------------------------------------------------------
@@ -317,6 +323,117 @@ class Sharded(Replicated):
         if missing - tied:
             raise RuntimeError(f"gathered state lacks {sorted(missing - tied)[:3]}")
         return full.to(self.env.device)
+
+
+class MeshComm:
+    """The two collectives of PC's row-sharded step on a 1-d mesh (dim-0 chunks, torch.chunk's)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def gather(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """The full [n, ...] tensor from every rank's dim-0 chunk `rows`."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = (n, *rows.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(rows, self.mesh, [Shard(0)], run_check=False, shape=shape,
+                                  stride=stride).full_tensor()
+
+    def reduce_scatter(self, part: torch.Tensor) -> torch.Tensor:
+        """This rank's dim-0 chunk of the sum over ranks of `part` (every rank's the same shape)."""
+        from torch.distributed.tensor import DTensor, Partial, Shard
+
+        return DTensor.from_local(part, self.mesh, [Partial()]).redistribute(self.mesh, [Shard(0)]).to_local()
+
+
+@dataclass
+class RowShard:
+    """One rank's pieces of a `ProjectedTensor` `t` under row sharding (module docstring): the rows
+    W_r of its base, P_out[a:b], R[a:b] and idx_out[a:b] for its rows [a, b) of W_c. The local
+    products of the sharded step; the collectives go through `comm` (`MeshComm`, or a simulation),
+    P_in arrives gathered. Precision and dtypes are `t`'s (`_mm`, `precision_scope`, `operand_dtype`)."""
+
+    t: "ProjectedTensor"
+    w: torch.Tensor
+    n_out: int
+    p_out: Optional[torch.Tensor] = None
+    residual: Optional[torch.Tensor] = None
+    idx_out: Optional[torch.Tensor] = None
+
+    def _out_side(self) -> bool:
+        return self.p_out is not None or self.idx_out is not None
+
+    def rows_shape(self) -> tuple[int, int]:
+        """The shape of this rank's rows of W_c."""
+        k_in = self.t.small_shape[1]
+        if self._out_side():
+            return (len(self.p_out) if self.p_out is not None else len(self.idx_out), k_in)
+        return (self.w.shape[0], k_in)
+
+    def push_reads_b(self) -> bool:
+        """Does the push need B (dP_out = G B^T)?"""
+        return self.p_out is not None
+
+    def b_rows(self, p_in: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """B_r = W_r P_in (into `out` when it fits), or without an input projection W_r[:, idx_in]
+        or W_r itself (a view), in the base's dtype (cast where read). With P_out under bf16
+        precision B_r is kept in bf16, the operand `_mm` rounds it to anyway."""
+        t = self.t
+        if p_in is None:
+            return self.w if t.idx_in is None else self.w.index_select(1, t.idx_in.to(self.w.device))
+        with t.precision_scope():
+            b = t._mm(self.w.to(t.operand_dtype()), p_in, out)
+        return b.to(torch.bfloat16) if t.precision == "bf16" and self.p_out is not None else b
+
+    def _b_full(self, b_rows: torch.Tensor, comm) -> torch.Tensor:
+        """B gathered from every rank's B_r, as an operand of the products."""
+        b = comm.gather(b_rows, self.n_out)
+        return b.to(self.t.operand_dtype()) if self.t.p_in is None else b
+
+    def materialise(self, p_in: Optional[torch.Tensor], comm, out: torch.Tensor) -> torch.Tensor:
+        """Write this rank's rows of W_c into `out`; returns B_r."""
+        t = self.t
+        if not self._out_side():  # W_c's rows are B_r (then P_in is trained)
+            b_rows = w = self.b_rows(p_in, out)
+        else:
+            b_rows = self.b_rows(p_in)
+            b = self._b_full(b_rows, comm)
+            with t.precision_scope():
+                w = t._mm(self.p_out, b, out) if self.p_out is not None else b.index_select(0, self.idx_out)
+            del b
+        if w is not out:
+            out.copy_(w)
+        del w
+        if self.residual is not None:
+            out.add_(self.residual)
+        return b_rows
+
+    def push(self, grad: torch.Tensor, b_rows: Optional[torch.Tensor], comm) -> dict[str, torch.Tensor]:
+        """This rank's rows of dL/dP_out, dL/dP_in and dL/dR (by parameter name) for this rank's
+        rows `grad` of dL/dW_c; `b_rows` is B_r (needed with P_out)."""
+        t = self.t
+        g = grad.to(t._param_dtype())
+        mm = t._mm
+        out: dict[str, torch.Tensor] = {}
+        with t.precision_scope():
+            if self.p_out is not None:
+                b = self._b_full(b_rows, comm)
+                out["p_out"] = mm(g, b.t())
+                del b
+            if t.p_in is not None:
+                if self.p_out is not None:  # H = P_out^T G, partial over ranks
+                    h = comm.reduce_scatter(mm(self.p_out.t(), g))
+                elif self.idx_out is not None:  # G's rows placed at idx_out, partial over ranks
+                    h = torch.zeros(self.n_out, g.shape[1], dtype=g.dtype, device=g.device)
+                    h = comm.reduce_scatter(h.index_add_(0, self.idx_out, g))
+                else:
+                    h = g
+                w = self.w.to(t.operand_dtype())
+                out["p_in"] = comm.reduce_scatter(mm(w.t(), h))
+        if self.residual is not None:
+            out["residual"] = g
+        return out
 
 
 def mixed_precision_policy(bf16: bool):
