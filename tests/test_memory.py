@@ -281,6 +281,25 @@ def test_no_paper_cell_is_planned_within_10_percent_of_its_card_without_fsdp_or_
         assert share <= 0.9 or p.parallel == "fsdp" or p.activation_checkpointing, (run.id, p.setting(), share)
 
 
+@pytest.mark.parametrize("name", ["paper_gpt2", "paper_llama3_1b", "paper_llama3_8b"])
+def test_pc_on_several_gpus_runs_its_fixed_part_on_each_ranks_rows(name):
+    """Under ddp every rank would materialise every W_c and push into all of P/R (the fixed part
+    repeated world times); the paper grids run PC cells on more than one GPU under fsdp, where each
+    rank does its rows only, and the plan shares what fsdp shards."""
+    from pcbench.grid import load_grid
+
+    grid = load_grid(ROOT / "experiments" / f"{name}.yaml")
+    resolve = memory.grid_resolver(grid)
+    pc = [r for r in grid.runs if r.kind == "train" and r.spec.compress and r.spec.compress.method == "pc"]
+    assert pc
+    for run in pc:
+        p = memory.run_plan(run, run.resources, resolve)
+        if p.world > 1:
+            assert p.parallel == "fsdp", (run.id, p.setting())
+            ddp = memory.plan(run.spec, p.world, resolve=resolve, device="cuda", parallel="ddp")
+            assert p.peak < ddp.peak, (run.id, p.peak, ddp.peak)
+
+
 def test_run_record_holds_the_plan_beside_the_measured_peak(tmp_path):
     from pcbench.train.loop import RunPaths, train
 
