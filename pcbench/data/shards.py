@@ -16,8 +16,9 @@ whatever the workers, the executor or the interruptions. A store of a streamed c
 prefix of the stream (the groups that cover the tokens its runs need); a later, larger need adds
 groups behind it, and every prefix stays what it was. A run reads its own prefix (`open_store`).
 
-`prepare_store` (the prepare stage) builds the shards a store lacks with a pool of worker processes,
-one group per task; a shard whose files are missing or whose sha256 does not match is named and
+`prepare_store` (the prepare stage) builds the shards a store lacks with a pool of worker processes
+(forked from a fork server that imported their modules once; one tokenizer thread each), one group
+per task; a shard whose files are missing or whose sha256 does not match is named and
 redone, the others are kept. `build_shard` is one task (a SLURM array task runs it too) and
 `finalize` writes the manifest.
 """
@@ -367,8 +368,8 @@ _WORKER_TOK: dict = {}
 
 
 class _BareTok:
-    """What `build_shard` uses of a tokenizer, from its backend's JSON: workers import `tokenizers`
-    only (not transformers), so a worker starts in about a second."""
+    """What `build_shard` uses of a tokenizer, from its backend's JSON: a worker needs `tokenizers`
+    only (not transformers); built once per worker (0.1 s)."""
 
     def __init__(self, backend_json: str, eos: int, vocab: int):
         from tokenizers import Tokenizer

@@ -86,7 +86,8 @@ def describe_sources(ref: StoreRef) -> str:
         src = corpora.source(ref.corpus, ref.split) if corpora.is_streaming(ref.corpus) else None
         if src is not None and src["data_files"] is None:
             return f"hub {src['path']}{':' + src['name'] if src['name'] else ''} ({src['split']})"
-        return f"{len(corpora.source_files(ref.corpus, ref.split))} files"
+        n = len(corpora.source_files(ref.corpus, ref.split))
+        return f"{n} file{'s' if n != 1 else ''}"
     except Exception as e:  # noqa: BLE001 - shown, and the preflight names it
         return f"? ({' '.join(str(e).split())[:60]})"
 
