@@ -196,6 +196,34 @@ def test_fineweb_parquet_carves_val_from_train(cache, tmp_path, monkeypatch):
     assert list(corpora.iter_documents(f"parquet:{path}", "val")) == val  # the generic form agrees
 
 
+def test_prepare_reads_parquet_files_as_datasets_streams_them(cache, tmp_path, monkeypatch):
+    """The prepare workers read local parquet with pyarrow alone: the same documents, in the same
+    order, as `datasets`' streaming (several files and row groups, null and blank texts,
+    large_string), for both carved splits; a file without `text` is one clear error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"Row {i}: " + "chlorophyll " * (i % 17 + 1) for i in range(900)]
+    texts[5], texts[6], texts[700] = None, "  \n", ""
+    paths = []
+    for f, (lo, hi) in enumerate(((0, 400), (400, 650), (650, 900))):
+        col = pa.array(texts[lo:hi], type=pa.large_string() if f == 1 else pa.string())
+        path = tmp_path / f"{f:03d}_00000.parquet"
+        pq.write_table(pa.table({"text": col, "id": [str(i) for i in range(lo, hi)]}), path, row_group_size=64)
+        paths.append(str(path))
+    monkeypatch.setenv("PCBENCH_DATA_FILES", json.dumps({"fineweb-edu": paths}))
+    for split in ("train", "val"):
+        files = corpora.source_files("fineweb-edu", split)
+        assert [f.path for f in files] == paths
+        read = [d for f in files for d in corpora.iter_file_documents("fineweb-edu", split, [f])]
+        assert read == list(corpora.iter_documents("fineweb-edu", split)) and read
+    bad = tmp_path / "bad" / "000.parquet"
+    bad.parent.mkdir()
+    pq.write_table(pa.table({"content": ["x"]}), bad)
+    with pytest.raises(ValueError, match=r"records have no 'text' field \(fields: \['content'\]\)"):
+        list(corpora.iter_file_documents(f"parquet:{bad}", "train", corpora.source_files(f"parquet:{bad}", "train")))
+
+
 def test_records_without_text_are_a_clear_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"content": "no text field", "url": "u"}) + "\n")

@@ -317,3 +317,37 @@ def test_eval_jobs_of_a_prepared_grid_run_with_the_hub_offline(tmp_path, monkeyp
     (run,) = grid.runs
     assert out.submitted == [run.id] and store.state(run.id) == "completed", store.status(run.id)
     assert seen == [("1", "1", True)]
+
+
+def test_a_hub_fetch_that_fails_is_one_line_before_anything_is_prepared_or_submitted(tmp_path, monkeypatch):
+    """The jobs run with the hub offline, so what they would fetch is fetched first: a machine that
+    cannot reach the hub is told so in one line naming the tasks, and no store or job was started."""
+    import lm_eval.tasks
+    import yaml
+
+    from pcbench.grid import load_grid
+    from pcbench.run import launch, prepare
+    from pcbench.spec.config import SpecError
+
+    monkeypatch.setenv("PCBENCH_CACHE", str(_private(tmp_path)))
+
+    def unreachable(tasks, tm):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **k: None)
+    monkeypatch.setattr(lm_eval.tasks, "get_task_dict", unreachable)
+    started = []
+    for name in ("prepare_grid", "submit_slurm"):
+        monkeypatch.setattr(prepare, name, lambda *a, _n=name, **k: started.append(_n))
+    g = {"name": "fetch", "defaults": {"data": {"corpus": "books", "tokenizer": "bpe-512", "seq_len": 32}},
+         "stages": {"base": {"spec": {"model": {"name": "gpt2-nano"}, "train": {"steps": 2, "device": "cpu"}}},
+                    "eval": {"kind": "eval", "spec": {"model": str(tmp_path / "m"), "tasks": ["arc_easy"]}}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(g))
+    grid = load_grid(tmp_path / "g.yaml")
+    store = launch.store_for(grid, tmp_path / "res", tmp_path / "work")
+    with pytest.raises(SpecError) as e:
+        launch.submit(grid, store, "debug", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("prepare: could not fetch the datasets of lm-eval tasks arc_easy "
+                                              "(ConnectionError: Couldn't reach 'allenai/ai2_arc'"), msg
+    assert started == [] and all(store.state(r.id) not in ("submitted", "running", "completed") for r in grid.runs)

@@ -1,13 +1,15 @@
 """The data path at scale: tokenising rate of the prepare stage against today's one-process path,
 and the sampler's first batch and memory on large stores.
 
-    pcbench bench data [--mb 64] [--files 4] [--tokenizers gpt2,llama3] [--workers 1,2]
+    pcbench bench data [--mb 64] [--files 4] [--tokenizers gpt2,llama3] [--workers 1,2] [--repeats 1]
                        [--sizes 10M,1B,100B] [--out results/bench]
 
 1. A local parquet corpus of FineWeb-Edu's schema (`--files` files, `--mb` million characters of
    packaged book text in all) is generated in a temporary directory.
 2. For each tokenizer: tokens/s of `tokens.prepare_tokens` (today: one process, the tokenizer's own
-   thread pool) and of `shards.prepare_store` with each worker count (one thread per worker).
+   thread pool) and of `shards.prepare_store` with each worker count (one thread per worker), the
+   methods in turn; each in a fresh process whose clock starts with the same modules imported
+   (torch too) and covers the whole call: tokenizer load, worker start, tokenising, manifest.
 3. For each size: a store of that many tokens as sparse shards; in a fresh process, the time to
    open it and cut the first batch (`--rows` windows of `--seq` + 1 tokens) and the growth of its
    resident memory after two batches.
@@ -66,9 +68,14 @@ def make_corpus(root: Path, files: int, chars: int) -> str:
     return str(root / "*.parquet")
 
 
+# Imported before each method's clock starts, the same for every method: `tokens` imports torch
+# (which the prepare path's transformers would import inside its clock otherwise).
+PRELUDE = "import time; import pcbench.data.tokens, pcbench.data.shards; "
+
+
 def rate_today(pattern: str, tokenizer: str, cache: Path) -> dict:
     """`tokens.prepare_tokens` on the corpus in a fresh process (today's path, default threads)."""
-    code = ("import time,sys; from pcbench.data.tokens import prepare_tokens; t=time.time(); "
+    code = (PRELUDE + "from pcbench.data.tokens import prepare_tokens; t=time.time(); "
             f"s=prepare_tokens('parquet:{pattern}', {tokenizer!r}, 'train', max_tokens=10**15); "
             "print(len(s), time.time()-t)")
     env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
@@ -80,13 +87,19 @@ def rate_today(pattern: str, tokenizer: str, cache: Path) -> dict:
 
 def rate_prepare(pattern: str, tokenizer: str, workers: int, cache: Path) -> dict:
     """`shards.prepare_store` with `workers` processes (one thread each), in a fresh process."""
-    code = ("import time; from pcbench.data import shards; t=time.time(); "
+    code = (PRELUDE + "from pcbench.data import shards; t=time.time(); "
             f"p=shards.prepare_store(shards.StoreRef('parquet:{pattern}', {tokenizer!r}, 'train'), need=10**15, "
             f"workers={workers}, log=lambda m: None); print(p.manifest['n_tokens'], time.time()-t)")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PCBENCH_CACHE": str(cache)},
                          capture_output=True, text=True, check=True).stdout.split()
     n, s = int(out[-2]), float(out[-1])
     return {"workers": workers, "tokens": n, "seconds": s, "tokens_per_s": n / s}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median rate (the lower middle one of an even count), with every run's rate."""
+    mid = sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
+    return {**mid, "tokens_per_s_each": [round(r["tokens_per_s"]) for r in runs]} if len(runs) > 1 else mid
 
 
 def make_sparse_store(path: Path, n_tokens: int, shard_tokens: int = 10**11) -> Path:
@@ -151,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--files", type=int, default=4)
     p.add_argument("--tokenizers", default="gpt2,llama3")
     p.add_argument("--workers", default="1,2")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the methods in turn (each one's median is kept)")
     p.add_argument("--sizes", default="10M,1B,100B")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--rows", type=int, default=64)
@@ -164,17 +178,22 @@ def main(argv=None) -> int:
         assets_src = Path(os.environ.get("PCBENCH_CACHE", Path.home() / ".cache" / "pcbench")) / "assets"
         pattern = make_corpus(tmp / "corpus", a.files, int(a.mb * 1e6))
         for tok in a.tokenizers.split(","):
-            r = {}
-            for label, fn in [("today", lambda c: rate_today(pattern, tok, c))] + [
-                    (f"workers_{w}", (lambda w: lambda c: rate_prepare(pattern, tok, w, c))(int(w)))
-                    for w in a.workers.split(",")]:
-                cache = tmp / f"cache-{tok}-{label}"
-                cache.mkdir()
-                (cache / "assets").symlink_to(assets_src, target_is_directory=True)
-                r[label] = fn(cache)
-                print(f"[bench data] {tok} {label}: {r[label]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+            methods = [("today", lambda c: rate_today(pattern, tok, c))] + [
+                (f"workers_{w}", (lambda w: lambda c: rate_prepare(pattern, tok, w, c))(int(w)))
+                for w in a.workers.split(",")]
+            samples: dict = {label: [] for label, _ in methods}
+            for rep in range(a.repeats):  # the methods in turn, each repeat: a shared machine's noise spreads over all
+                for label, fn in methods:
+                    cache = tmp / f"cache-{tok}-{label}-{rep}"
+                    cache.mkdir()
+                    (cache / "assets").symlink_to(assets_src, target_is_directory=True)
+                    samples[label].append(fn(cache))
+                    print(f"[bench data] {tok} {label} ({rep + 1}/{a.repeats}): "
+                          f"{samples[label][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+            r = {label: median_run(runs) for label, runs in samples.items()}
             if "workers_1" in r and "workers_2" in r:
                 r["speedup_2_over_1"] = r["workers_2"]["tokens_per_s"] / r["workers_1"]["tokens_per_s"]
+                r["workers_2_over_today"] = r["workers_2"]["tokens_per_s"] / r["today"]["tokens_per_s"]
             rec["rates"][tok] = r
         for size in a.sizes.split(","):
             path = make_sparse_store(tmp / f"sparse-{size}", _size(size))

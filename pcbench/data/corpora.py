@@ -310,6 +310,30 @@ def _texts(corpus: str, records, carve) -> Iterator[str]:
             yield text
 
 
+def _kept(texts: Iterator, carve) -> Iterator[str]:
+    """`_texts` over bare `text` values (None for a missing one)."""
+    for text in texts:
+        if isinstance(text, str) and text.strip() and (carve is None or _in_split(text, carve)):
+            yield text
+
+
+PARQUET_ROWS_PER_READ = 4096
+
+
+def _parquet_texts(corpus: str, paths: list[str]) -> Iterator:
+    """The `text` column of local parquet files, row groups in order: the rows `datasets`' parquet
+    builder streams, read with pyarrow alone (that column only, no per-row dict of every field)."""
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        f = pq.ParquetFile(path)
+        names = f.schema_arrow.names
+        if "text" not in names:
+            raise ValueError(f"corpus {corpus!r}: records have no 'text' field (fields: {sorted(names)})")
+        for batch in f.iter_batches(batch_size=PARQUET_ROWS_PER_READ, columns=["text"]):
+            yield from batch.column(0).to_pylist()
+
+
 def batched(docs: Iterator[str], n: int) -> Iterator[list[str]]:
     """`docs` in lists of `n` (the last one shorter), for batch tokenisation."""
     chunk: list[str] = []
@@ -426,12 +450,15 @@ def iter_file_documents(corpus: str, split: str, files: list[SourceFile], *,
                 if _in_split(f"{f.key}/{i}", split):
                     yield doc
         return
-    import datasets
-
     src = source(corpus, split, data_files)
     paths = [(local or {}).get(f.path, f.path) for f in files]
     if not paths:
         return
-    ds = datasets.load_dataset(_builder_for(paths), data_files={src["split"]: paths}, split=src["split"],
-                               streaming=True)
+    builder = _builder_for(paths)
+    if builder == "parquet" and not any(re.match(r"^[a-z0-9]+://", p) for p in paths):
+        yield from _kept(_parquet_texts(corpus, paths), src["carve"])
+        return
+    import datasets
+
+    ds = datasets.load_dataset(builder, data_files={src["split"]: paths}, split=src["split"], streaming=True)
     yield from _texts(corpus, ds, src["carve"])

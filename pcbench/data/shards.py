@@ -16,8 +16,9 @@ whatever the workers, the executor or the interruptions. A store of a streamed c
 prefix of the stream (the groups that cover the tokens its runs need); a later, larger need adds
 groups behind it, and every prefix stays what it was. A run reads its own prefix (`open_store`).
 
-`prepare_store` (the prepare stage) builds the shards a store lacks with a pool of worker processes,
-one group per task; a shard whose files are missing or whose sha256 does not match is named and
+`prepare_store` (the prepare stage) builds the shards a store lacks with a pool of worker processes
+(forked from a fork server that imported their modules once; one tokenizer thread each), one group
+per task; a shard whose files are missing or whose sha256 does not match is named and
 redone, the others are kept. `build_shard` is one task (a SLURM array task runs it too) and
 `finalize` writes the manifest.
 """
@@ -222,14 +223,7 @@ def build_shard(ref: StoreRef, root: Path, i: int, files: list[corpora.SourceFil
         with open(tmp_bin, "wb") as fb, open(tmp_idx, "wb") as fi:
             docs = corpora.iter_file_documents(ref.corpus, ref.split, files, local=local)
             for chunk in corpora.batched(docs, DOCS_PER_CALL):
-                encs = encode(chunk, add_special_tokens=False)
-                lens = np.fromiter((len(e.ids) + 1 for e in encs), dtype=np.int64, count=len(encs))
-                arr = np.empty(int(lens.sum()), dtype=np.int64)
-                pos = 0
-                for e, n in zip(encs, lens):
-                    arr[pos: pos + n - 1] = e.ids
-                    arr[pos + n - 1] = eos
-                    pos += n
+                arr, lens = _ids_with_eos(encode(chunk, add_special_tokens=False), eos)
                 if len(arr) and int(arr.max()) >= vocab:
                     raise ValueError(f"token id {int(arr.max())} >= vocabulary {vocab}")
                 b = arr.astype(dtype).tobytes()
@@ -258,6 +252,19 @@ def build_shard(ref: StoreRef, root: Path, i: int, files: list[corpora.SourceFil
     record_digest(idx, rec["idx_sha256"])
     write_json(rec_path, rec)
     return rec
+
+
+def _ids_with_eos(encs: list, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the documents' ids, each followed by eos, as one int64 array; each document's length).
+    One list is grown in C (`+=`) and converted once: no per-document numpy slice."""
+    ids: list[int] = []
+    lens: list[int] = []
+    for e in encs:
+        x = e.ids
+        ids += x
+        ids.append(eos)
+        lens.append(len(x) + 1)
+    return np.array(ids, dtype=np.int64), np.array(lens, dtype=np.int64)
 
 
 def _sweep_leftovers(*paths: Path) -> None:
@@ -330,7 +337,30 @@ def _read_manifest(path: Path) -> Optional[dict]:
 # The prepare stage, locally: a pool of worker processes
 
 
-def _worker_init() -> None:
+# What a worker imports, once, in the fork server it is forked from (not once per worker).
+WORKER_PRELOAD = ["pcbench.data.shards", "pcbench.data.corpora", "numpy", "tokenizers", "pyarrow.parquet"]
+
+
+def _worker_context():
+    """The start method of the prepare workers: forks of a fork server that imported
+    `WORKER_PRELOAD` (a fresh process, not this one: safe whatever this process has imported or
+    started, torch and tokenizers' thread pool included); started here, so that its imports run
+    while this process loads the tokenizer. `spawn` where there is no fork server (not POSIX)."""
+    import multiprocessing as mp
+    from multiprocessing import forkserver
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_PRELOAD)
+    forkserver.ensure_running()  # returns at once; a server started earlier is reused
+    return ctx
+
+
+def _worker_init(env: dict) -> None:
+    """A worker's environment: this call's (the fork server's is that of its start), one core."""
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(ONE_CORE_ENV)
 
 
@@ -338,8 +368,8 @@ _WORKER_TOK: dict = {}
 
 
 class _BareTok:
-    """What `build_shard` uses of a tokenizer, from its backend's JSON: workers import `tokenizers`
-    only (not transformers), so a worker starts in about a second."""
+    """What `build_shard` uses of a tokenizer, from its backend's JSON: a worker needs `tokenizers`
+    only (not transformers); built once per worker (0.1 s)."""
 
     def __init__(self, backend_json: str, eos: int, vocab: int):
         from tokenizers import Tokenizer
@@ -392,7 +422,6 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
     """Build what the store lacks so that it holds `need` tokens (None: the whole split), with
     `workers` processes (default `default_workers()`), and write its manifest. Every shard it
     uses is checked against its sha256 first: a damaged one is named and redone."""
-    import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -401,6 +430,7 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
     corpora.check_split(ref.corpus, ref.split)
     if need is None and corpora.is_streaming(ref.corpus):
         raise SpecError("data", f"corpus {ref.corpus!r} is streamed: say how many tokens its store needs")
+    ctx = _worker_context()
     tok = load_tok(ref, offline=False)  # here first: a bpe-<N> is trained (or copied) once, a hub one fetched
     name, ident = identity(ref, tok)
     root = stores_root() / name
@@ -426,8 +456,8 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
     saved = {k: os.environ.get(k) for k in ONE_CORE_ENV}
     os.environ.update(ONE_CORE_ENV)  # the workers' tokenizer pools: one thread each
     try:
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(dict(os.environ),)) as pool:
             pending, nxt = set(), 0
             while True:
                 while nxt < len(plan) and len(pending) < workers and not covered():

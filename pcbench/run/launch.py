@@ -160,6 +160,10 @@ def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], r
     if not todo:
         return outcome
     log_dir = Path(log_dir or store.work / "logs")
+    if prepare:  # what the jobs would fetch, first (they run with the hub offline): a fetch that
+        from pcbench.run.prepare import fetch_for_jobs  # fails leaves nothing submitted
+
+        fetch_for_jobs(grid, todo)
     if prepare and ex.name == "slurm":  # the prepare stage as SLURM jobs; training waits (afterok)
         from pcbench.run.prepare import submit_slurm
 
@@ -168,10 +172,9 @@ def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], r
         from pcbench.run.prepare import prepare_grid
 
         prepare_grid(grid, todo, workers=workers)
-    if prepare:  # and what else the jobs would fetch: they then run with the hub offline
-        from pcbench.run.prepare import fetch_for_jobs, offline_jobs
+    if prepare:
+        from pcbench.run.prepare import offline_jobs
 
-        fetch_for_jobs(grid, todo)
         with offline_jobs():
             ex.run(todo, store, outcome, override=override, log_dir=log_dir, progress=progress, parallel=parallel)
         return outcome

@@ -17,6 +17,7 @@ from typing import Optional
 
 from pcbench.data import corpora
 from pcbench.data.shards import StoreRef
+from pcbench.util.errors import SpecError
 from pcbench.spec.stores import run_stores
 from pcbench.store import parse_ref
 
@@ -85,7 +86,8 @@ def describe_sources(ref: StoreRef) -> str:
         src = corpora.source(ref.corpus, ref.split) if corpora.is_streaming(ref.corpus) else None
         if src is not None and src["data_files"] is None:
             return f"hub {src['path']}{':' + src['name'] if src['name'] else ''} ({src['split']})"
-        return f"{len(corpora.source_files(ref.corpus, ref.split))} files"
+        n = len(corpora.source_files(ref.corpus, ref.split))
+        return f"{n} file{'s' if n != 1 else ''}"
     except Exception as e:  # noqa: BLE001 - shown, and the preflight names it
         return f"? ({' '.join(str(e).split())[:60]})"
 
@@ -348,15 +350,36 @@ def fetch_for_jobs(grid, runs, log=None) -> dict:
 
         from pcbench.data.tasks import build_tasks
 
-        log(f"prepare: fetching the datasets of lm-eval tasks {', '.join(tasks)}")
+        what = f"the datasets of lm-eval tasks {', '.join(tasks)}"
+        log(f"prepare: fetching {what}")
         tm = TaskManager(include_path=[str(build_tasks())] + ([include] if include else []), include_defaults=True)
-        get_task_dict(tasks, tm)  # downloads each task's dataset into the datasets cache
+        with _fetching(what):
+            get_task_dict(tasks, tm)  # downloads each task's dataset into the datasets cache
     for hub_id in need["models"]:
         from huggingface_hub import snapshot_download
 
         log(f"prepare: fetching the weights of {hub_id}")
-        snapshot_download(hub_id)
+        with _fetching(f"the weights of {hub_id}"):
+            snapshot_download(hub_id)
     return need
+
+
+class _fetching:
+    """Within: a failure to reach the hub is one line naming what was fetched (nothing was submitted)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, Exception) or isinstance(e, SpecError):
+            return False
+        msg = " ".join(str(e).split())[:300]
+        raise SpecError("prepare", f"could not fetch {self.what} ({type(e).__name__}: {msg}); the jobs run with "
+                        "the hub offline, so it is fetched before any job: give this machine hub access (or "
+                        "its caches, HF_HOME / HF_DATASETS_CACHE), or leave those runs out (--only)") from None
 
 
 class offline_jobs:
