@@ -4,8 +4,10 @@ speed: speed is measured by the benchmarks, never asserted in tests."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from pcbench.bench import step_cost, throughput
 from pcbench.bench.machine import machine_info
 from pcbench.compress.projected import Projected
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "llama-tiny", "--vocab", "97", "--seq", "16", "--threads", "1", "--device", "cpu"]
 
 
@@ -152,3 +155,47 @@ def test_bad_bench_arguments_are_one_line_before_any_work(argv, field, tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"pcbench: error: {field}: ") and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+def test_cpu_snapshots_count_descendants_a_pool_started():
+    """Workers a pool or fork server started (grandchildren, waited by their own parent) are this
+    benchmark's CPU, not "other processes" (a busy-looping grandchild counted while it runs)."""
+    import subprocess
+    import sys
+    import time
+
+    from pcbench.bench import machine
+
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    outer = subprocess.Popen([sys.executable, "-c",
+                              f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"])
+    try:
+        time.sleep(0.5)
+        a = machine.cpu_snapshot()
+        time.sleep(1.5)
+        b = machine.cpu_snapshot()
+    finally:
+        outer.wait()
+    assert b["own"] - a["own"] > 0.6  # the grandchild's busy second and a half, seen as ours
+    assert machine.steal_cores(a, b) is not None and machine.steal_cores(a, b) >= 0
+
+
+@pytest.mark.slow
+def test_bench_data_writes_rates_paired_ratios_and_the_sampler(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "pcbench.cli", "bench", "data", "--mb", "1", "--files", "2",
+                        "--tokenizers", "gpt2", "--workers", "1,2", "--sizes", "10M", "--repeats", "2",
+                        "--out", str(out)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    js = list(out.glob("data-*.json"))
+    assert len(js) == 1 and js[0].with_suffix(".png").is_file()
+    rec = json.loads(js[0].read_text())
+    g = rec["rates"]["gpt2"]
+    assert g["today"]["tokens"] == g["workers_1"]["tokens"] == g["workers_2"]["tokens"] > 0
+    assert len(g["speedup_2_over_1_each_round"]) == 2 and g["speedup_2_over_1_paired_median"] > 0
+    assert rec["sampler"]["10M"]["seconds_to_first_batch"] < 5
+    assert set(rec["grids"]) >= {"paper_gpt2", "paper_llama3_1b"}

@@ -351,3 +351,21 @@ def test_a_hub_fetch_that_fails_is_one_line_before_anything_is_prepared_or_submi
     assert "\n" not in msg and msg.startswith("prepare: could not fetch the datasets of lm-eval tasks arc_easy "
                                               "(ConnectionError: Couldn't reach 'allenai/ai2_arc'"), msg
     assert started == [] and all(store.state(r.id) not in ("submitted", "running", "completed") for r in grid.runs)
+
+
+def test_prepare_jobs_ask_for_cpus_only_the_grid_block_then_the_command_line():
+    """The prepare array is CPU work: no GPU whatever the training resources; the grid's `prepare:`
+    block over the defaults, and the command line's partition/account/qos over both."""
+    from pcbench.grid import load_grid
+    from pcbench.run.prepare import prepare_resources
+
+    for name in ("paper_gpt2", "paper_llama3_1b", "paper_llama3_8b"):
+        grid = load_grid(ROOT / "experiments" / f"{name}.yaml")
+        res = prepare_resources(grid)
+        assert res.gpus_per_node == 0 and res.partition == "cpu" and res.partition != grid.spec.resources["partition"]
+        assert prepare_resources(grid, {"partition": "debug", "qos": "low", "gpus_per_node": 4}).partition == "debug"
+        assert prepare_resources(grid, {"partition": None}).partition == "cpu"
+        assert prepare_resources(grid, {"gpus_per_node": 4}).gpus_per_node == 0
+    plain = load_grid(ROOT / "experiments" / "default.yaml")
+    res = prepare_resources(plain)
+    assert res.gpus_per_node == 0 and res.cpus_per_task == 1

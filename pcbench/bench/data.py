@@ -20,6 +20,7 @@ Writes `<out>/data-<host>-<time>.json` and `.png`.
 from __future__ import annotations
 
 import argparse
+import statistics
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 from pcbench.bench import run_stem, save_figure
-from pcbench.bench.machine import finish, machine_info
+from pcbench.bench.machine import cpu_snapshot, finish, machine_info, steal_cores
 from pcbench.util.atomic import write_json
 
 FINEWEB_COLUMNS = ("text", "id", "dump", "url", "file_path", "language", "language_score", "token_count",
@@ -187,13 +188,21 @@ def main(argv=None) -> int:
                     cache = tmp / f"cache-{tok}-{label}-{rep}"
                     cache.mkdir()
                     (cache / "assets").symlink_to(assets_src, target_is_directory=True)
-                    samples[label].append(fn(cache))
+                    snap = cpu_snapshot()
+                    samples[label].append({**fn(cache), "hypervisor_steal_cores": steal_cores(snap, cpu_snapshot())})
                     print(f"[bench data] {tok} {label} ({rep + 1}/{a.repeats}): "
                           f"{samples[label][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
             r = {label: median_run(runs) for label, runs in samples.items()}
             if "workers_1" in r and "workers_2" in r:
                 r["speedup_2_over_1"] = r["workers_2"]["tokens_per_s"] / r["workers_1"]["tokens_per_s"]
                 r["workers_2_over_today"] = r["workers_2"]["tokens_per_s"] / r["today"]["tokens_per_s"]
+                # the same ratios within each round (the methods ran back to back): a shared machine's
+                # slow and fast spells cancel; the median over rounds
+                for key, num, den in (("speedup_2_over_1", "workers_2", "workers_1"),
+                                      ("workers_2_over_today", "workers_2", "today")):
+                    each = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(samples[num], samples[den])]
+                    r[f"{key}_each_round"] = [round(v, 3) for v in each]
+                    r[f"{key}_paired_median"] = float(statistics.median(each))
             rec["rates"][tok] = r
         for size in a.sizes.split(","):
             path = make_sparse_store(tmp / f"sparse-{size}", _size(size))

@@ -47,8 +47,30 @@ def load_average() -> Optional[list[float]]:
         return None
 
 
+def _descendants_cpu() -> float:
+    """CPU seconds of this process's live descendants (and the children they waited for): workers
+    a pool or fork server started, whose time `os.times` does not see until they are waited here."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    total = 0.0
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    for k in kids:
+        try:
+            c = k.cpu_times()
+            total += c.user + c.system + c.children_user + c.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
 def cpu_snapshot() -> Optional[dict]:
-    """Busy CPU seconds of the whole machine (/proc/stat) and of this process and its waited children."""
+    """Busy CPU seconds of the whole machine (/proc/stat; the hypervisor's steal apart) and of this
+    process with all its descendants."""
     try:
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:9]]
@@ -56,8 +78,9 @@ def cpu_snapshot() -> Optional[dict]:
         return None
     hz = os.sysconf("SC_CLK_TCK")
     t = os.times()
-    busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / hz  # user nice system irq softirq steal
-    return {"wall": time.time(), "busy": busy, "own": t.user + t.system + t.children_user + t.children_system}
+    busy = (v[0] + v[1] + v[2] + v[5] + v[6]) / hz  # user nice system irq softirq
+    own = t.user + t.system + t.children_user + t.children_system + _descendants_cpu()
+    return {"wall": time.time(), "busy": busy, "steal": v[7] / hz, "own": own}
 
 
 def others_busy_cores(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
@@ -65,6 +88,13 @@ def others_busy_cores(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
     if not a or not b or b["wall"] <= a["wall"]:
         return None
     return round(max(0.0, (b["busy"] - a["busy"]) - (b["own"] - a["own"])) / (b["wall"] - a["wall"]), 3)
+
+
+def steal_cores(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
+    """Mean cores the hypervisor gave to other guests between two snapshots (a shared VM's noise)."""
+    if not a or not b or b["wall"] <= a["wall"] or "steal" not in a:
+        return None
+    return round(max(0.0, b["steal"] - a["steal"]) / (b["wall"] - a["wall"]), 3)
 
 
 def busy_processes(interval: float = 0.5, top: int = 5, exclude_self: bool = True) -> list[dict]:
@@ -152,6 +182,8 @@ def contention(info: dict, threads: int) -> Optional[str]:
 def finish(info: dict) -> dict:
     """Add the load after the run and the mean cores other processes used during it."""
     info["load_after"] = load_average()
-    info["other_processes_busy_cores_during"] = others_busy_cores(info.pop("_cpu_start", None), cpu_snapshot())
+    start, end = info.pop("_cpu_start", None), cpu_snapshot()
+    info["other_processes_busy_cores_during"] = others_busy_cores(start, end)
+    info["hypervisor_steal_cores_during"] = steal_cores(start, end)
     info["busy_processes_after"] = busy_processes()
     return info

@@ -194,8 +194,9 @@ def prepare_resources(grid, override: Optional[dict] = None):
     base = {k: v for k, v in (grid.spec.resources or {}).items()
             if k in ("partition", "account", "qos", "constraint", "timeout_min")}
     base.update({"cpus_per_task": 1, "gpus_per_node": 0})
+    base.update(grid.spec.prepare or {})
     base.update({k: v for k, v in (override or {}).items() if k in ("partition", "account", "qos") and v is not None})
-    res = from_dict(Resources, {**base, **(grid.spec.prepare or {})}, "grid.prepare")
+    res = from_dict(Resources, base, "grid.prepare")
     res.validate("grid.prepare")
     return res
 
