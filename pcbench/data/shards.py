@@ -470,7 +470,9 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
                     try:
                         i, rec, what = fut.result()
                     except BrokenProcessPool:
-                        raise RuntimeError(f"{ref.label()}: a prepare worker died (killed?); the shards it "
+                        raise RuntimeError(f"{ref.label()}: a prepare worker died (killed, out of memory, or, "
+                                           "called from a script of your own, that script ran again in the "
+                                           "worker: call it under `if __name__ == '__main__':`); the shards it "
                                            "finished are kept: run the same command again to go on") from None
                     records[i] = rec
                     (kept if what == "kept" else built if what == "built" else redone).append(i)
