@@ -90,7 +90,10 @@ def rate_prepare(pattern: str, tokenizer: str, workers: int, cache: Path) -> dic
     """`shards.prepare_store` with `workers` processes (one thread each), in a fresh process."""
     code = (PRELUDE + "from pcbench.data import shards; t=time.time(); "
             f"p=shards.prepare_store(shards.StoreRef('parquet:{pattern}', {tokenizer!r}, 'train'), need=10**15, "
-            f"workers={workers}, log=lambda m: None); print(p.manifest['n_tokens'], time.time()-t)")
+            f"workers={workers}, log=lambda m: None); print(p.manifest['n_tokens'], time.time()-t); "
+            # waited here, so that its CPU and its workers' (it waited for them) count as this
+            # benchmark's, not as other processes' (an unwaited server is reparented to init)
+            "import multiprocessing.forkserver as fs; fs._forkserver._stop()")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PCBENCH_CACHE": str(cache)},
                          capture_output=True, text=True, check=True).stdout.split()
     n, s = int(out[-2]), float(out[-1])

@@ -21,11 +21,11 @@ from pcbench.util.errors import SpecError
 from pcbench.spec.stores import run_stores
 from pcbench.store import parse_ref
 
-# Tokens per second per core of one worker (one thread), measured with the one-process path on the
-# 2-core AMD VM (2026-12-07: 588k tokens/s GPT-2, 633k Llama-3 on 2 cores);
-# `pcbench bench data` measures them again.
-TOKENS_PER_CORE_S = {"gpt2": 294_000, "llama3": 316_000}
-DEFAULT_RATE = 294_000
+# Tokens per second of one prepare worker (one core, one tokenizer thread): the medians of
+# results/bench/data-vm-20261207-071601.json (2-core AMD VM, FineWeb-Edu-shaped parquet);
+# `pcbench bench data` measures them on your machine. Other tokenizers: GPT-2's rate.
+TOKENS_PER_CORE_S = {"gpt2": 622_000, "llama3": 591_000}
+DEFAULT_RATE = 622_000
 
 
 @dataclass
