@@ -441,8 +441,9 @@ def test_pc_row_view_gathers_w_and_p_in_once_per_step(tmp_path):
     optimiser step and tensor: P_in once (before_step; the push reuses the kept B_r), W never where
     the tensor has an input side; B (W P_in, out x k_in) once in before_step where there is an output
     side and once in the push where P_out is trained. Without an input side (o_proj: P_out only) B is
-    W's rows themselves: W is gathered as B, twice, as before. Before issue 25's change: 34 gathers
-    in before_step and 34 again in the push per step (W and P_in each time)."""
+    W itself: gathered once, in before_step, and kept whole to the push. Before issue 25's change:
+    34 gathers in before_step and 34 again in the push per step (W and P_in each time); then 46,
+    with o_proj's W gathered twice."""
     from pcbench.bench import memory as bench
 
     cfg = {"method": "pc", "world": 2, "parallel": "fsdp", "size": "gpt2-17m", "vocab": 4096, "seq": 32,
@@ -466,14 +467,15 @@ def test_pc_row_view_gathers_w_and_p_in_once_per_step(tmp_path):
         b = "B" if in_side else "W"  # without an input side B = W
         if out_side:
             expect["before_step"][f"{key}/{b}"] = steps
-        if s["p_out"]:
-            expect["push"][f"{key}/{b}"] = steps
+        if s["p_out"] and in_side:
+            expect["push"][f"{key}/B"] = steps
     assert calls == expect
     w_gathers = [k for ph in calls.values() for k in ph if k.endswith("/W")]
     assert w_gathers and all(not sides[k.rsplit("/", 1)[0]]["p_in"] for k in w_gathers)
+    assert all(k.endswith("/B") for k in calls["push"])  # the push gathers neither W nor P_in
     per_step = {ph: sum(c.values()) // steps for ph, c in calls.items()}
-    print(f"per step: {per_step} (was 34 + 34)")
-    assert sum(per_step.values()) < 68
+    print(f"per step: {per_step} (was 34 + 34, then 46)")
+    assert sum(per_step.values()) < 46
 
 
 class _SimComm:
@@ -520,9 +522,10 @@ _SIDES = {  # (keep out?, keep in?, trainable)
     "idx_out+p_in": (True, True, (False, True)), "p_out+idx_in": (True, True, (True, False))}
 
 
-def _sharded_step(t, world: int, grad: torch.Tensor):
+def _sharded_step(t, world: int, grad: torch.Tensor, keep_whole: bool = False):
     """W_c and the P/R gradients from `parallel.RowShard` on `world` simulated ranks (threads),
-    concatenated over ranks; and the collectives' counts."""
+    concatenated over ranks; and the collectives' counts. `keep_whole`: B = W (o_proj) is kept
+    whole from the materialisation to the push, as the step with its cache does."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pcbench.train.parallel import RowShard, chunk_rows
@@ -539,8 +542,11 @@ def _sharded_step(t, world: int, grad: torch.Tensor):
                      idx_out=None if t.idx_out is None else t.idx_out[a:b])
         comm = sim.rank(r)
         out = torch.empty(s.rows_shape(), dtype=t._param_dtype())
-        b_rows = s.materialise(None if t.p_in is None else t.p_in.detach(), comm, out)
-        return out, s.push(grad[a:b], b_rows if s.push_reads_b() else None, comm)
+        whole = keep_whole and s.b_is_w()
+        b_rows = s.materialise(None if t.p_in is None else t.p_in.detach(), comm, out, keep_whole=whole)
+        if whole:  # the base's rows of every rank, in the base's dtype
+            assert b_rows.shape == t.base.shape and b_rows.dtype == t.base.dtype
+        return out, s.push(grad[a:b], b_rows if s.push_reads_b() else None, comm, whole=whole)
 
     with ThreadPoolExecutor(world) as ex:
         res = list(ex.map(rank, range(world)))
@@ -549,14 +555,16 @@ def _sharded_step(t, world: int, grad: torch.Tensor):
     return wc, grads, sim.calls
 
 
+@pytest.mark.parametrize("keep_whole", [False, True])
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("sides", list(_SIDES))
-def test_row_sharded_step_is_the_one_process_step_cut_by_rows(sides, residual, world):
+def test_row_sharded_step_is_the_one_process_step_cut_by_rows(sides, residual, world, keep_whole):
     """`RowShard` on simulated ranks (float64, uneven and empty chunks: 7 base rows, 4 kept, 3 ranks):
     W_c's rows and the P_out, P_in, R gradients equal autograd's through `materialise`; the
-    collectives are one gather of B per use (materialise with an output side, the push with P_out),
-    one reduce-scatter for H and one for dP_in."""
+    collectives are one gather of B per use (materialise with an output side, the push with P_out;
+    where B is W and it is kept whole, the materialisation's only), one reduce-scatter for H and one
+    for dP_in."""
     from pcbench.compress.projected import ProjectedTensor
 
     gen = torch.Generator().manual_seed(world)
@@ -572,13 +580,14 @@ def test_row_sharded_step_is_the_one_process_step_cut_by_rows(sides, residual, w
     wc_ref = t.materialise()
     params = dict(t.named_parameters())
     ref = dict(zip(params, torch.autograd.grad(wc_ref, list(params.values()), grad)))
-    wc, grads, calls = _sharded_step(t, world, grad)
+    wc, grads, calls = _sharded_step(t, world, grad, keep_whole)
     torch.testing.assert_close(wc, wc_ref.detach(), rtol=1e-12, atol=1e-12)
     assert set(grads) == set(ref)
     for n in ref:
         torch.testing.assert_close(grads[n], ref[n], rtol=1e-12, atol=1e-12)
     out_side, p_out, p_in = keep_out and sides != "p_in", trainable[0], trainable[1]
-    assert calls["gather"] == int(out_side) + int(p_out)
+    b_is_w = sides == "p_out"
+    assert calls["gather"] == int(out_side) + int(p_out and not (keep_whole and b_is_w))
     assert calls["reduce_scatter"] == (0 if not p_in else 1 + int(out_side))
 
 

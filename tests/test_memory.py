@@ -532,14 +532,19 @@ def test_llama3_2_1b_shape_through_the_step_pc_at_the_level_fitting_20_gb(tmp_pa
 
 def test_fsdp_pc_plans_the_row_sharded_step(tmp_path):
     """Under fsdp each rank keeps B_r (its rows of W P_in) from before_step to the push for every
-    tensor with P_out (gate, up, down; o_proj's B is W's own rows, a view: nothing kept), and one
-    tensor's step holds P_in and B gathered, H and dP_in's partial sum, never W gathered."""
+    tensor with P_out (gate, up, down; o_proj's B is W itself: gathered once and kept whole, in the
+    base's dtype), and one tensor's step holds P_in and B gathered, H and dP_in's partial sum,
+    never W gathered where there is an input side."""
     spec = tiny_spec(tmp_path, "pc")
     w = memory.widths(memory.model_config(spec), 0.5)
     dc, fc = w["d_model"], w["d_ff"]
     p = memory.plan(spec, 2, parallel="fsdp")
     c = p.components
-    assert c["step_cache"] == 4 * L * (2 * (F // 2) * dc + (D // 2) * fc)
+    assert c["step_cache"] == 4 * L * (2 * (F // 2) * dc + (D // 2) * fc + D * HQ)
+    o_proj = memory._Proj("o_proj", (D, HQ), (dc, HQ), True, False, False, True)
+    assert memory._row_sharded_step(o_proj, 2, 4, False) == (4 * D * HQ, 4 * D * HQ)  # W gathered, kept
+    # a bf16 base is kept in bf16; the products' fp32 copy is a transient of each use
+    assert memory._row_sharded_step(o_proj, 2, 2, False) == (2 * D * HQ, (2 + 4) * D * HQ)
     assert p.phases["push"] >= c["step_cache"] + c["push_transient"] + p.persistent
     down = memory._Proj("down", (D, F), (dc, fc), True, True, False, True)
     kept, transient = memory._row_sharded_step(down, 2, 4, False)

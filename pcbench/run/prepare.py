@@ -22,10 +22,10 @@ from pcbench.spec.stores import run_stores
 from pcbench.store import parse_ref
 
 # Tokens per second of one prepare worker (one core, one tokenizer thread): the medians of
-# results/bench/data-vm-20261207-071601.json (2-core AMD VM, FineWeb-Edu-shaped parquet);
+# results/bench/data-vm-20261207-122817.json (2-core AMD VM, 256 MB FineWeb-Edu-shaped parquet);
 # `pcbench bench data` measures them on your machine. Other tokenizers: GPT-2's rate.
-TOKENS_PER_CORE_S = {"gpt2": 622_000, "llama3": 591_000}
-DEFAULT_RATE = 622_000
+TOKENS_PER_CORE_S = {"gpt2": 758_000, "llama3": 767_000}
+DEFAULT_RATE = 758_000
 
 
 @dataclass

@@ -22,8 +22,9 @@ level only). The arithmetic follows what the training loop allocates (`train.Ste
   adds its own out of place (the peak of Llama-3.2-1B's shape at short sequences);
 - transients of the step: PC's cached intermediates (P_out W or W P_in) from `before_step` to the
   push, the push of one tensor (its base in fp32, a product); under fsdp (`_row_sharded_step`) each
-  rank keeps B_r (its rows of W P_in) per tensor with P_out from `before_step` to the push, and one
-  tensor at a time gathers P_in and B and reduce-scatters H and dP_in (W is never gathered);
+  rank keeps B_r (its rows of W P_in) per tensor with P_out from `before_step` to the push (where B
+  is W, o_proj, W gathered whole), and one tensor at a time gathers P_in and B and reduce-scatters H
+  and dP_in (W is gathered only where it is B);
   AdamW's temporary (fused on CUDA: none; CPU: two of the largest tensor) and, with
   block-wise stepping, one block's P/R gradients instead of all of them.
 
@@ -284,7 +285,8 @@ def _row_sharded_step(p: _Proj, world: int, base_bytes: int, fixed_bf16: bool) -
     """PC under fsdp (`parallel.RowShard`), one tensor on one rank: (bytes of B_r kept from
     `before_step` to the push, the largest transient of its materialisation or push). Materialise:
     P_in gathered, W_r in the products' dtype, B_r = W_r P_in, B gathered, W_c's rows (written in
-    place; a temporary under bf16). Push: B gathered again; then H = P_out^T G (n_out x k_in),
+    place; a temporary under bf16). Push: B gathered again (where B is W, o_proj: kept whole from
+    the materialisation instead, nothing gathered); then H = P_out^T G (n_out x k_in),
     its reduce-scattered rows, W_r in the products' dtype and dP_in's partial sum (n_in x k_in).
     The gradients the products become (dP_out, dP_in's rows) are the projection gradients."""
     (n_out, n_in), (k_out, k_in) = p.base, p.small
@@ -305,6 +307,8 @@ def _row_sharded_step(p: _Proj, world: int, base_bytes: int, fixed_bf16: bool) -
         b_made = b_rows = b_full = 0
     mat = p_in_full + max((cast if p.p_in else 0) + b_made, b_rows + b_full) + tmp_out
     push = b_full if p.p_out else 0
+    if p.p_out and not p.p_in and k_in == n_in:  # B is W: gathered once, kept whole in the base's dtype
+        return n_out * k_in * base_bytes, max(mat, n_out * k_in * op if base_bytes != op else 0)
     if p.p_in:
         h = (n_out + rows_w) * k_in * FP32 if out_side else 0
         push = max(push, h, (rows_w * k_in * FP32 if out_side else 0) + cast + n_in * k_in * FP32)

@@ -14,13 +14,16 @@ dim-0 chunking) and rows W_r of the base, and W is never gathered (`RowShard`, o
 - `before_step`: P_in is gathered (once per step), B_r = W_r P_in (W_r[:, idx_in] or W_r without
   an input projection) is this rank's rows of B = W P_in; with an output side B is gathered and
   W_c[a:b] = P_out[a:b] B (B[idx_out[a:b]]), else W_c[a:b] = B_r; + R[a:b]. B_r is kept to the push
-  where P_out needs it (1/world of B per tensor);
+  where P_out needs it (1/world of B per tensor); without an input side (o_proj: P_out only) B is W
+  itself, gathered here and kept whole (in the base's dtype) to the push (the plan counts it), so
+  W is gathered once;
 - `push`, with G_r = the rank's rows of the (reduce-scattered) gradient of W_c: dR[a:b] = G_r,
-  dP_out[a:b] = G_r B^T (B gathered again from the kept B_r), and dP_in = W^T P_out^T G as
-  H = P_out[a:b]^T G_r (or G_r added at rows idx_out[a:b]) reduce-scattered to H[W_r's rows], then
+  dP_out[a:b] = G_r B^T (B gathered again from the kept B_r, or the kept W), and dP_in = W^T P_out^T G
+  as H = P_out[a:b]^T G_r (or G_r added at rows idx_out[a:b]) reduce-scattered to H[W_r's rows], then
   W_r^T H[rows] reduce-scattered to the rank's rows of dP_in (without an output side W_r^T G_r).
-Per tensor and step: one gather of P_in, two of B (out x k_in; without an input side B is W itself,
-the one case that still moves W), two reduce-scatters. The products run at the tensor's fixed
+Per tensor and step: one gather of P_in, two of B (out x k_in; one where B is W), two reduce-scatters.
+Without the step cache (`Projected(cache=False)`) nothing is kept: B_r is made again and B (W for o_proj) gathered
+again in the push. The products run at the tensor's fixed
 precision (`ProjectedTensor._mm`, `precision_scope`, `operand_dtype`): the one-process step's
 products cut by rows, summed in another order.
 """
@@ -180,7 +183,8 @@ class Sharded(Replicated):
             fully_shard(m, mesh=self.mesh, **kw)
         fully_shard(model, mesh=self.mesh, **kw)
         self.net = model
-        self._kept: dict[str, torch.Tensor] = {}  # PC: B_r per tensor, from before_step to its push
+        # PC: per tensor, from before_step to its push, B_r or (o_proj) B = W whole; and which
+        self._kept: dict[str, tuple[torch.Tensor, bool]] = {}
         if _is_projected(trainable):
             self._shard_projections()
 
@@ -269,10 +273,11 @@ class Sharded(Replicated):
             if s.rows_shape() != tuple(local.shape):
                 raise RuntimeError(f"{tr.names[key]}: rows {s.rows_shape()} != local shard {tuple(local.shape)}")
             p_in = None if t.p_in is None else t.p_in.full_tensor().detach()  # the step's one gather of P_in
-            b_rows = s.materialise(p_in, comm, local)
+            whole = cache and s.b_is_w()  # o_proj: W gathered here once, kept whole to the push
+            b_rows = s.materialise(p_in, comm, local, keep_whole=whole)
             del p_in
             if cache and s.push_reads_b():
-                self._kept[key] = b_rows
+                self._kept[key] = (b_rows, whole)
             w.grad = None
 
     def push_all(self) -> None:
@@ -288,13 +293,13 @@ class Sharded(Replicated):
         comm = MeshComm(self.mesh)
         for key in keys:
             t, w = tr.tensors[key], small[tr.names[key]]
-            b_rows = self._kept.pop(key, None)
+            b_rows, whole = self._kept.pop(key, (None, False))
             if w.grad is None:
                 continue
             s = self._row_shard(t)
             if b_rows is None and s.push_reads_b():  # no cache: recompute B_r (P_in gathered again)
                 b_rows = s.b_rows(None if t.p_in is None else t.p_in.full_tensor().detach())
-            grads = s.push(w.grad.to_local(), b_rows, comm)
+            grads = s.push(w.grad.to_local(), b_rows, comm, whole=whole)
             del b_rows
             w.grad = None
             for name, g in grads.items():  # each already this rank's rows
@@ -386,19 +391,34 @@ class RowShard:
             b = t._mm(self.w.to(t.operand_dtype()), p_in, out)
         return b.to(torch.bfloat16) if t.precision == "bf16" and self.p_out is not None else b
 
-    def _b_full(self, b_rows: torch.Tensor, comm) -> torch.Tensor:
-        """B gathered from every rank's B_r, as an operand of the products."""
+    def _b_full(self, b_rows: torch.Tensor, comm, gathered: Optional[list] = None) -> torch.Tensor:
+        """B gathered from every rank's B_r, as an operand of the products (what was gathered, before
+        a cast to the products' dtype, appended to `gathered`)."""
         b = comm.gather(b_rows, self.n_out)
+        if gathered is not None:
+            gathered.append(b)
+        return self._operand(b)
+
+    def _operand(self, b: torch.Tensor) -> torch.Tensor:
         return b.to(self.t.operand_dtype()) if self.t.p_in is None else b
 
-    def materialise(self, p_in: Optional[torch.Tensor], comm, out: torch.Tensor) -> torch.Tensor:
-        """Write this rank's rows of W_c into `out`; returns B_r."""
+    def b_is_w(self) -> bool:
+        """Is B the base itself gathered (P_out trained, no input side: o_proj under PC)? Then the
+        push's B is the one `materialise` gathered, kept whole (`materialise(keep_whole=True)`)."""
+        return self.p_out is not None and self.t.p_in is None and self.t.idx_in is None
+
+    def materialise(self, p_in: Optional[torch.Tensor], comm, out: torch.Tensor,
+                    keep_whole: bool = False) -> torch.Tensor:
+        """Write this rank's rows of W_c into `out`; returns what the push reads: B_r, or with
+        `keep_whole` where `b_is_w()` the gathered B (W, in the base's dtype), so that W is
+        gathered once per step."""
         t = self.t
+        kept: list = []
         if not self._out_side():  # W_c's rows are B_r (then P_in is trained)
             b_rows = w = self.b_rows(p_in, out)
         else:
             b_rows = self.b_rows(p_in)
-            b = self._b_full(b_rows, comm)
+            b = self._b_full(b_rows, comm, kept if keep_whole and self.b_is_w() else None)
             with t.precision_scope():
                 w = t._mm(self.p_out, b, out) if self.p_out is not None else b.index_select(0, self.idx_out)
             del b
@@ -407,18 +427,20 @@ class RowShard:
         del w
         if self.residual is not None:
             out.add_(self.residual)
-        return b_rows
+        return kept[0] if kept else b_rows
 
-    def push(self, grad: torch.Tensor, b_rows: Optional[torch.Tensor], comm) -> dict[str, torch.Tensor]:
+    def push(self, grad: torch.Tensor, b_rows: Optional[torch.Tensor], comm,
+             whole: bool = False) -> dict[str, torch.Tensor]:
         """This rank's rows of dL/dP_out, dL/dP_in and dL/dR (by parameter name) for this rank's
-        rows `grad` of dL/dW_c; `b_rows` is B_r (needed with P_out)."""
+        rows `grad` of dL/dW_c; `b_rows` is B_r (needed with P_out), or B itself when `whole` (what
+        `materialise(keep_whole=True)` returned: nothing gathered)."""
         t = self.t
         g = grad.to(t._param_dtype())
         mm = t._mm
         out: dict[str, torch.Tensor] = {}
         with t.precision_scope():
             if self.p_out is not None:
-                b = self._b_full(b_rows, comm)
+                b = self._operand(b_rows) if whole else self._b_full(b_rows, comm)
                 out["p_out"] = mm(g, b.t())
                 del b
             if t.p_in is not None:
