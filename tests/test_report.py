@@ -620,3 +620,17 @@ def test_cli_status_and_dry_run_tables(capsys):
     header = next(line for line in out.splitlines() if " action " in line)
     assert header.split()[0] == "run" and re.search(r"^\s*compress-[0-9a-f]{10} ", out, re.M)
     assert "NaN" not in out and "e+0" not in out
+
+
+def test_table_csvs_do_not_carry_a_fits_last_bits():
+    """Two builds of a float that differ in their last bits (a BLAS build or CPU apart: the scaling
+    report's claims.csv did) write the same CSV; integral floats stay floats, text and ints as they were."""
+    import pandas as pd
+
+    from pcbench.report import _portable
+
+    a = pd.DataFrame({"slope": [-0.0006790084392366268, 1150080.0], "n": [3, 4], "what": ["x", 0.1 + 0.2]})
+    b = pd.DataFrame({"slope": [-0.0006790084392366306, 1150080.0], "n": [3, 4], "what": ["x", 0.30000000000000004]})
+    assert a.to_csv(index=False) != b.to_csv(index=False)
+    assert _portable(a).to_csv(index=False) == _portable(b).to_csv(index=False)
+    assert _portable(a).to_csv(index=False).splitlines()[1:] == ["-0.000679008439237,3,x", "1150080.0,4,0.3"]

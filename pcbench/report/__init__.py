@@ -60,11 +60,24 @@ def _build(study, out: Path, say: Callable[[str], None]) -> None:
     write_text(out / "REPORT.md", markdown.report(inp, built))
 
 
+CSV_DIGITS = 12
+
+
+def _portable(df):
+    """`df` with every float rounded to `CSV_DIGITS` significant digits (still written as floats):
+    a fit's last bits differ between BLAS builds and CPUs (the scaling report's claims.csv did
+    between an Intel and an AMD VM); the regenerated report must not."""
+    def cut(v):
+        return float(f"{v:.{CSV_DIGITS}g}") if isinstance(v, float) else v
+
+    return df.apply(lambda col: col.map(cut) if col.dtype.kind in "fO" else col)
+
+
 def _write_table(d: Path, t, formats: tuple[str, ...]) -> None:
     if "md" in formats:
         write_text(d / f"{t.name}.md", f"# {t.title}\n\n{t.markdown.rstrip()}\n" + "".join(f"\n_{n}_\n" for n in t.notes))
     if "csv" in formats:
-        write_text(d / f"{t.name}.csv", t.data.to_csv(index=False))
+        write_text(d / f"{t.name}.csv", _portable(t.data).to_csv(index=False))
 
 
 def _draw(inp, figures: list, d: Path, say: Callable[[str], None]) -> list[tuple[str, str]]:
