@@ -362,6 +362,28 @@ def test_sbatch_refusals_submit_nothing(tmp_path, slurm_cluster, monkeypatch, wh
 
 
 @pytest.mark.slurm
+@pytest.mark.parametrize("where", ["cli", "grid"])
+def test_cuda_runs_asking_for_no_gpu_submit_nothing(tmp_path, slurm_cluster, monkeypatch, where):
+    """Runs on cuda (train.device) with 0 GPUs (--gpus 0, or the stage's resources) would each fail
+    on a node without one: one line naming the field, before anything is submitted."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+    def edit(g):
+        g["defaults"]["train"]["device"] = "cuda"
+        if where == "grid":
+            g["stages"]["compress"].setdefault("resources", {})["gpus_per_node"] = 0
+
+    grid = write_grid(tmp_path, edit, name=f"gpu{os.getpid()}")
+    extra = ["--gpus", "0"] if where == "cli" else []
+    for dry in (["--dry-run"], []):
+        rc, _, err = cli("run", grid, "--executor", "slurm", "--results", tmp_path / "r",
+                         "--work", tmp_path / "w", *extra, *dry)
+        refused(rc, err, "gpus_per_node", "train.device: cuda")
+        assert rc == 2 and len(err.strip().splitlines()) <= 2, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.slurm
 def test_sbatch_accepts_a_good_request(tmp_path, slurm_cluster):
     """The same check passes a request the cluster can run (partition debug, 1 CPU)."""
     grid = write_grid(tmp_path)

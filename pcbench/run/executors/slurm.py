@@ -99,6 +99,14 @@ class SlurmExecutor(SubmititExecutor):
                     problems.append(e)
                     continue
                 key = (run.stage, json.dumps(res.__dict__, sort_keys=True, default=str))
+                device = getattr(getattr(run.spec, "train", run.spec), "device", None)
+                if res.gpus_per_node == 0 and device == "cuda":  # the job could not see a GPU
+                    if key not in done:
+                        where = "train.device" if hasattr(run.spec, "train") else "device"
+                        problems.append(SpecError(f"{field}.gpus_per_node", f"0 GPUs asked (or --gpus 0) for "
+                                                  f"stage {run.stage!r}, whose runs set {where}: cuda"))
+                    done.add(key)
+                    continue
                 if key in done:
                     continue
                 done.add(key)
