@@ -627,10 +627,10 @@ def test_table_csvs_do_not_carry_a_fits_last_bits():
     report's claims.csv did) write the same CSV; integral floats stay floats, text and ints as they were."""
     import pandas as pd
 
-    from pcbench.report import _portable
+    from pcbench.report import csv_text
 
     a = pd.DataFrame({"slope": [-0.0006790084392366268, 1150080.0], "n": [3, 4], "what": ["x", 0.1 + 0.2]})
     b = pd.DataFrame({"slope": [-0.0006790084392366306, 1150080.0], "n": [3, 4], "what": ["x", 0.30000000000000004]})
     assert a.to_csv(index=False) != b.to_csv(index=False)
-    assert _portable(a).to_csv(index=False) == _portable(b).to_csv(index=False)
-    assert _portable(a).to_csv(index=False).splitlines()[1:] == ["-0.000679008439237,3,x", "1150080.0,4,0.3"]
+    assert csv_text(a) == csv_text(b)
+    assert csv_text(a).splitlines()[1:] == ["-0.000679008439237,3,x", "1150080.0,4,0.3"]

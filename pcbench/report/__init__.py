@@ -73,11 +73,16 @@ def _portable(df):
     return df.apply(lambda col: col.map(cut) if col.dtype.kind in "fO" else col)
 
 
+def csv_text(df) -> str:
+    """A table's CSV as a report writes it (floats to `CSV_DIGITS` significant digits)."""
+    return _portable(df).to_csv(index=False)
+
+
 def _write_table(d: Path, t, formats: tuple[str, ...]) -> None:
     if "md" in formats:
         write_text(d / f"{t.name}.md", f"# {t.title}\n\n{t.markdown.rstrip()}\n" + "".join(f"\n_{n}_\n" for n in t.notes))
     if "csv" in formats:
-        write_text(d / f"{t.name}.csv", _portable(t.data).to_csv(index=False))
+        write_text(d / f"{t.name}.csv", csv_text(t.data))
 
 
 def _draw(inp, figures: list, d: Path, say: Callable[[str], None]) -> list[tuple[str, str]]:
