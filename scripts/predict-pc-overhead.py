@@ -23,6 +23,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--compression", type=float, default=0.5)
     a = ap.parse_args()
+    if not 0 < a.compression < 1:
+        ap.error(f"--compression must be in (0, 1), got {a.compression}")
     s = gpu_check.FULL
     base, plan = gpu_check.base_and_plan(ModelSpec(name=s.model), s.vocab, s.seq, a.compression, 0, align=s.align)
     cpu = torch.device("cpu")

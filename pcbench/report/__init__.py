@@ -63,19 +63,14 @@ def _build(study, out: Path, say: Callable[[str], None]) -> None:
 CSV_DIGITS = 12
 
 
-def _portable(df):
-    """`df` with every float rounded to `CSV_DIGITS` significant digits (still written as floats):
-    a fit's last bits differ between BLAS builds and CPUs (the scaling report's claims.csv did
-    between an Intel and an AMD VM); the regenerated report must not."""
+def csv_text(df) -> str:
+    """A table's CSV as a report writes it: every float to `CSV_DIGITS` significant digits (still
+    written as a float), since a fit's last bits differ between BLAS builds and CPUs (the scaling
+    report's claims.csv did between an Intel and an AMD VM) and the regenerated report must not."""
     def cut(v):
         return float(f"{v:.{CSV_DIGITS}g}") if isinstance(v, float) else v
 
-    return df.apply(lambda col: col.map(cut) if col.dtype.kind in "fO" else col)
-
-
-def csv_text(df) -> str:
-    """A table's CSV as a report writes it (floats to `CSV_DIGITS` significant digits)."""
-    return _portable(df).to_csv(index=False)
+    return df.apply(lambda col: col.map(cut) if col.dtype.kind in "fO" else col).to_csv(index=False)
 
 
 def _write_table(d: Path, t, formats: tuple[str, ...]) -> None:

@@ -22,10 +22,10 @@ dim-0 chunking) and rows W_r of the base, and W is never gathered (`RowShard`, o
   as H = P_out[a:b]^T G_r (or G_r added at rows idx_out[a:b]) reduce-scattered to H[W_r's rows], then
   W_r^T H[rows] reduce-scattered to the rank's rows of dP_in (without an output side W_r^T G_r).
 Per tensor and step: one gather of P_in, two of B (out x k_in; one where B is W), two reduce-scatters.
-Without the step cache (`Projected(cache=False)`) nothing is kept: B_r is made again and B (W for o_proj) gathered
-again in the push. The products run at the tensor's fixed
-precision (`ProjectedTensor._mm`, `precision_scope`, `operand_dtype`): the one-process step's
-products cut by rows, summed in another order.
+Without the step cache (`Projected(cache=False)`) nothing is kept: B_r is made again and B (W for
+o_proj) gathered again in the push. The products run at the tensor's fixed precision
+(`ProjectedTensor._mm`, `precision_scope`, `operand_dtype`): the one-process step's products cut by
+rows, summed in another order.
 """
 
 from __future__ import annotations
@@ -391,13 +391,9 @@ class RowShard:
             b = t._mm(self.w.to(t.operand_dtype()), p_in, out)
         return b.to(torch.bfloat16) if t.precision == "bf16" and self.p_out is not None else b
 
-    def _b_full(self, b_rows: torch.Tensor, comm, gathered: Optional[list] = None) -> torch.Tensor:
-        """B gathered from every rank's B_r, as an operand of the products (what was gathered, before
-        a cast to the products' dtype, appended to `gathered`)."""
-        b = comm.gather(b_rows, self.n_out)
-        if gathered is not None:
-            gathered.append(b)
-        return self._operand(b)
+    def _b_full(self, b_rows: torch.Tensor, comm) -> torch.Tensor:
+        """B gathered from every rank's B_r, as an operand of the products."""
+        return self._operand(comm.gather(b_rows, self.n_out))
 
     def _operand(self, b: torch.Tensor) -> torch.Tensor:
         return b.to(self.t.operand_dtype()) if self.t.p_in is None else b
@@ -413,21 +409,24 @@ class RowShard:
         `keep_whole` where `b_is_w()` the gathered B (W, in the base's dtype), so that W is
         gathered once per step."""
         t = self.t
-        kept: list = []
+        kept = None
         if not self._out_side():  # W_c's rows are B_r (then P_in is trained)
             b_rows = w = self.b_rows(p_in, out)
         else:
             b_rows = self.b_rows(p_in)
-            b = self._b_full(b_rows, comm, kept if keep_whole and self.b_is_w() else None)
+            gathered = comm.gather(b_rows, self.n_out)
+            b = self._operand(gathered)
             with t.precision_scope():
                 w = t._mm(self.p_out, b, out) if self.p_out is not None else b.index_select(0, self.idx_out)
-            del b
+            if keep_whole and self.b_is_w():
+                kept = gathered
+            del b, gathered
         if w is not out:
             out.copy_(w)
         del w
         if self.residual is not None:
             out.add_(self.residual)
-        return kept[0] if kept else b_rows
+        return b_rows if kept is None else kept
 
     def push(self, grad: torch.Tensor, b_rows: Optional[torch.Tensor], comm,
              whole: bool = False) -> dict[str, torch.Tensor]:
