@@ -610,9 +610,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     quiet.third_party_bars()  # before any library is imported: the processes it starts inherit it
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from pcbench.util import allocator
+    from pcbench.util import allocator, crashes
 
     allocator.tune()  # for the commands that train or score in this process (no effect on the rest)
+    crashes.enable()  # a native crash (a heap error, a segfault) leaves each thread's Python stack
     try:
         return args.fn(args)
     except Problems as e:

@@ -9,6 +9,13 @@ so a repetition takes a fraction of the whole test.
                       # environment also means pcbench leaves glibc's parameters alone
   ... --stress 2      # two busy-looping processes beside the ranks (more preemption, other timings)
   ... --code DIR      # the pcbench to run (its PYTHONPATH), e.g. an older checkout
+  ... --check asan    # every double or invalid free in the ranks reported (AddressSanitizer preloaded:
+                      # freed blocks are quarantined, so a second free is caught even after glibc
+                      # would have handed the block out again, which glibc's own checks miss)
+  ... --check glibc   # glibc's debug malloc (MALLOC_CHECK_=3): also a write past a block's end,
+                      # from any library, caught at the block's free
+  ... --inject        # the positive control: each rank frees a block twice (the kind glibc misses)
+                      # before it exits; with --check asan every repetition must count as a crash
 
 Each repetition is one of: ok (rc 0 and the losses of the 1-process run to rtol 1e-5, as the
 test asserts), crash (a rank died of a signal or glibc printed a heap error), fail (anything else,
@@ -32,7 +39,38 @@ from pathlib import Path
 
 HEAP = re.compile(r"double free|corruption|free\(\): invalid|malloc\(\)|munmap_chunk|malloc_consolidate|"
                   r"Fatal Python error|Segmentation fault|SIGABRT|SIGSEGV|SIGBUS|Signal 6|Signal 11|"
-                  r"exitcode\s*:\s*-\d+|core dumped|exit status 1[2-9]\d")
+                  r"exitcode\s*:\s*-\d+|core dumped|exit status 1[2-9]\d|AddressSanitizer")
+
+# What each --check preloads into the ranks (Debian/Ubuntu paths; gcc finds its libasan).
+CHECKS = {"none": {}, "glibc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
+                                "GLIBC_TUNABLES": "glibc.malloc.check=3"}}
+ASAN_OPTIONS = "detect_leaks=0:halt_on_error=1:alloc_dealloc_mismatch=0"
+
+# The positive control (--inject): imported by every rank through PYTHONPATH.
+INJECT = """
+import atexit, ctypes, os
+def _stale_double_free():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    a = libc.malloc(48); libc.free(a)
+    b = libc.malloc(48)  # glibc hands a's block out again
+    libc.free(a)         # a second free of a: b's block freed under it, no glibc message
+if "LOCAL_RANK" in os.environ:  # the ranks, not torchrun's agent
+    atexit.register(_stale_double_free)
+"""
+
+
+def check_env(check: str) -> dict[str, str]:
+    """The variables that put `check` into the ranks."""
+    if check != "asan":
+        return dict(CHECKS[check])
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    stdcpp = subprocess.run(["gcc", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+    if not asan or not os.path.exists(asan):
+        sys.exit("--check asan: gcc's libasan.so not found (apt-get install gcc)")
+    # libstdc++ preloaded too: ASan's __cxa_throw interceptor needs it resolved at start (torch throws
+    # through activation checkpointing's early stop)
+    return {"LD_PRELOAD": f"{asan}:{stdcpp}", "ASAN_OPTIONS": ASAN_OPTIONS}
 
 
 def spec(base: Path | None, method: str) -> dict:
@@ -86,11 +124,19 @@ def main() -> int:
     ap.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
                     help="the pcbench checkout the ranks run (PYTHONPATH)")
     ap.add_argument("--stress", type=int, default=0, help="busy-looping processes beside the ranks")
+    ap.add_argument("--check", choices=["none", "asan", "glibc"], default="none",
+                    help="a heap checker in the ranks (module docstring)")
+    ap.add_argument("--inject", action="store_true", help="the positive control: a double free in each rank")
     ap.add_argument("--timeout", type=float, default=400, help="seconds before a repetition counts as hung (its ranks' stacks are logged)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     spec_file, ref = prepare(a.out / "prep", a.method)
-    env = {**os.environ, "PYTHONPATH": str(a.code.resolve()), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(a.code.resolve()), "OMP_NUM_THREADS": "1", **check_env(a.check)}
+    if a.inject:
+        site = a.out / "inject"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(INJECT)
+        env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
     for k in a.unset:
         env.pop(k, None)
     env.update(kv.split("=", 1) for kv in a.env)
@@ -145,7 +191,8 @@ def main() -> int:
     finally:
         for h in hogs:
             h.kill()
-    summary = {**counts, "n": a.n, "env": a.env, "unset": a.unset, "stress": a.stress, "code": str(a.code),
+    summary = {**counts, "n": a.n, "method": a.method, "check": a.check, "inject": a.inject, "env": a.env,
+               "unset": a.unset, "stress": a.stress, "code": str(a.code),
                "median_s": sorted(secs)[len(secs) // 2] if secs else None}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary), flush=True)

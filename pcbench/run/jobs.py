@@ -21,7 +21,7 @@ from typing import Any, Optional
 import submitit
 
 from pcbench import tracking
-from pcbench.util import allocator, quiet
+from pcbench.util import allocator, crashes, quiet
 
 from pcbench.train import interrupts
 from pcbench.spec.config import RunSpec, SpecError, from_dict
@@ -121,6 +121,7 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         allocator.tune()
+        crashes.enable()  # a native crash leaves each thread's Python stack in the job's log
         quiet.third_party_bars()
         with interrupts.graceful():
             out = self._call()

@@ -1,0 +1,75 @@
+"""A native crash of a process pcbench starts names where it happened (pcbench/util/crashes.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A glibc heap error in the main thread while another thread waits: what issue 23's crash looked like.
+DOUBLE_FREE = textwrap.dedent("""
+    import ctypes, threading
+    from pcbench.util import crashes
+    assert crashes.enable()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    done = threading.Event()
+    threading.Thread(target=done.wait, name="waiter", daemon=True).start()
+
+    def a_step_that_frees_twice():
+        p = libc.malloc(48)
+        libc.free(p)
+        libc.free(p)
+
+    a_step_that_frees_twice()
+    print("survived")
+""")
+
+ENABLED_BY = {
+    "cli": "import pcbench.cli as c; c.main(['train', '/nonexistent/spec.yaml', '--out', '/nonexistent/out'])",
+    "job": "from pcbench.run.jobs import RunJob; j = RunJob.__new__(RunJob); j._call = dict; j()",
+}
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONFAULTHANDLER", "PYTHONDEVMODE")}
+    return {**env, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap checks")
+def test_a_heap_error_leaves_every_threads_python_stack():
+    r = subprocess.run([sys.executable, "-c", DOUBLE_FREE], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGABRT, (r.returncode, r.stderr[-2000:])
+    assert "survived" not in r.stdout
+    assert "double free" in r.stderr  # glibc's own line
+    assert "Fatal Python error: Aborted" in r.stderr
+    assert "in a_step_that_frees_twice" in r.stderr  # where, in the crashing thread
+    assert "Current thread 0x" in r.stderr  # the crashing thread
+    assert "\nThread 0x" in r.stderr and "in wait" in r.stderr  # and every other thread (the waiter)
+
+
+@pytest.mark.parametrize("entry", sorted(ENABLED_BY))
+def test_processes_pcbench_runs_have_the_stacks_on(entry):
+    code = ENABLED_BY[entry] + "\nimport faulthandler; print('enabled', faulthandler.is_enabled())"
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert "enabled True" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+def test_a_stream_the_user_chose_is_kept(tmp_path):
+    code = textwrap.dedent(f"""
+        import faulthandler
+        f = open({str(tmp_path / 'faults.log')!r}, 'w')
+        faulthandler.enable(file=f)
+        from pcbench.util import crashes
+        assert crashes.enable()
+        import ctypes; ctypes.string_at(0)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in (tmp_path / "faults.log").read_text()
+    assert "Fatal Python error" not in r.stderr
