@@ -14,8 +14,9 @@ so a repetition takes a fraction of the whole test.
                       # would have handed the block out again, which glibc's own checks miss)
   ... --check glibc   # glibc's debug malloc (MALLOC_CHECK_=3): also a write past a block's end,
                       # from any library, caught at the block's free
-  ... --inject        # the positive control: each rank frees a block twice (the kind glibc misses)
-                      # before it exits; with --check asan every repetition must count as a crash
+  ... --inject double-free  # the positive controls, in each rank before it exits: a block freed
+                      # twice, the kind glibc misses (--check asan must count every repetition a crash)
+  ... --inject overrun      # a byte written past a tensor's end (--check glibc must)
 
 Each repetition is one of: ok (rc 0 and the losses of the 1-process run to rtol 1e-5, as the
 test asserts), crash (a rank died of a signal or glibc printed a heap error), fail (anything else,
@@ -55,8 +56,13 @@ def _stale_double_free():
     a = libc.malloc(48); libc.free(a)
     b = libc.malloc(48)  # glibc hands a's block out again
     libc.free(a)         # a second free of a: b's block freed under it, no glibc message
+def _overrun():
+    import torch
+    t = torch.empty(100, dtype=torch.uint8)
+    ctypes.memset(t.data_ptr() + 100, 0x5A, 1)  # one byte past the tensor's end
+    del t
 if "LOCAL_RANK" in os.environ:  # the ranks, not torchrun's agent
-    atexit.register(_stale_double_free)
+    atexit.register(_overrun if os.environ.get("REPEAT_FSDP_INJECT") == "overrun" else _stale_double_free)
 """
 
 
@@ -126,7 +132,7 @@ def main() -> int:
     ap.add_argument("--stress", type=int, default=0, help="busy-looping processes beside the ranks")
     ap.add_argument("--check", choices=["none", "asan", "glibc"], default="none",
                     help="a heap checker in the ranks (module docstring)")
-    ap.add_argument("--inject", action="store_true", help="the positive control: a double free in each rank")
+    ap.add_argument("--inject", choices=["double-free", "overrun"], help="a positive control in each rank")
     ap.add_argument("--timeout", type=float, default=400, help="seconds before a repetition counts as hung (its ranks' stacks are logged)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,7 @@ def main() -> int:
         site = a.out / "inject"
         site.mkdir(exist_ok=True)
         (site / "sitecustomize.py").write_text(INJECT)
+        env["REPEAT_FSDP_INJECT"] = a.inject
         env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
     for k in a.unset:
         env.pop(k, None)

@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Issue 23's native crash ("double free or corruption (fasttop)", SIGABRT in rank 1 of the 2-process
+FSDP `[pc-lean]` test): the hypotheses put to experiment, one JSON under results/bench/.
+
+  PYTHONPATH=. python scripts/crash-study.py [--mallopt-seconds 45] [--exit-pairs 150] \\
+      [--repeat DIR ...]     # summary.json of scripts/repeat-fsdp.py runs to include
+
+Parts:
+  mallopt  scripts/mallopt-race.c: 4 threads malloc and free (16 B to 4 MiB, contents checked before
+           each free) while the main thread calls mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD) with
+           alternating values, as pcbench's allocator did before c905f9b, under four glibc tunings
+           (tcache on/off, one arena or many). A heap corruption ends it with a glibc abort or exit 3.
+  threads  how many threads the training rank of the code before c905f9b had when it called mallopt
+           (`pcbench.cli.main` builds its parser, then tunes): needs `--old DIR`, a checkout of it.
+  exit     two gloo ranks train a small FSDP2 model (bf16 parameters) for 4 steps, then exit with
+           and without `destroy_process_group` (c905f9b added it), alternating, `--exit-pairs` each.
+  gloo     two gloo ranks run `--gloo-iterations` rounds of the collectives the test's FSDP step uses,
+           in bf16 and fp32, random odd shapes, every result checked against the sum computed
+           locally: all_gather_into_tensor and reduce_scatter_tensor (two in flight at once), a
+           DTensor Shard(0) of uneven rows gathered, a Partial redistributed to Shard(0) (pcbench's
+           MeshComm); plain, under glibc's debug malloc (a write past a block's end is caught when the
+           block is freed) and under AddressSanitizer (every double free).
+  repeat   the repetitions of the test itself, from repeat-fsdp's summary.json files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TUNINGS = ["", "glibc.malloc.tcache_count=0", "glibc.malloc.arena_max=1",
+           "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=1"]
+
+RANK = r'''
+import os, sys
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)) for _ in range(4)])
+mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+for block in model:
+    fully_shard(block, mesh=mesh, mp_policy=mp)
+fully_shard(model, mesh=mesh, mp_policy=mp)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+for _ in range(4):
+    model(torch.randn(32, 256)).float().pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+t = torch.ones(1000)
+dist.all_reduce(t)
+if sys.argv[1] == "destroy":
+    dist.destroy_process_group()
+'''
+
+
+GLOO = r'''
+import sys, time
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Shard
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+mesh = init_device_mesh("cpu", (world,))
+iters = int(sys.argv[1])
+bad = 0
+
+def data(r, i, shape, dtype):
+    g = torch.Generator().manual_seed(1000 * i + r)
+    return (torch.randn(shape, generator=g) * 4).to(dtype)
+
+t0 = time.time()
+for i in range(iters):
+    g = torch.Generator().manual_seed(i)
+    dtype = [torch.bfloat16, torch.float32][i % 2]
+    rows = int(torch.randint(1, 67, (1,), generator=g)); cols = int(torch.randint(1, 133, (1,), generator=g))
+    # all_gather_into_tensor
+    mine = data(rank, i, (rows, cols), dtype)
+    out = torch.empty(world * rows, cols, dtype=dtype)
+    works = [dist.all_gather_into_tensor(out, mine, async_op=True)]
+    # reduce_scatter_tensor (sum) on [world*rows, cols]
+    full = data(rank, i + 7, (world * rows, cols), dtype)
+    rs = torch.empty(rows, cols, dtype=dtype)
+    works.append(dist.reduce_scatter_tensor(rs, full, async_op=True))
+    for w in works:
+        w.wait()
+    want = torch.cat([data(r, i, (rows, cols), dtype) for r in range(world)])
+    bad += not torch.equal(out, want)
+    want_rs = sum(data(r, i + 7, (world * rows, cols), dtype).float() for r in range(world)).to(dtype)[rank * rows:(rank + 1) * rows]
+    bad += not torch.allclose(rs.float(), want_rs.float(), rtol=1e-2, atol=1e-2)
+    # DTensor: uneven Shard(0) gathered, Partial -> Shard(0) redistributed (pcbench's MeshComm)
+    n = rows * world + (i % world)
+    whole = data(99, i, (n, cols), dtype)
+    piece = torch.chunk(whole, world)[rank] if rank < len(torch.chunk(whole, world)) else whole[:0]
+    shape = (n, cols)
+    got = DTensor.from_local(piece, mesh, [Shard(0)], run_check=False, shape=shape, stride=whole.stride()).full_tensor()
+    bad += not torch.equal(got, whole)
+    part = data(rank, i + 13, (n, cols), dtype)
+    red = DTensor.from_local(part, mesh, [Partial()]).redistribute(mesh, [Shard(0)]).to_local()
+    tot = sum(data(r, i + 13, (n, cols), dtype).float() for r in range(world)).to(dtype)
+    want_red = torch.chunk(tot, world)[rank]
+    bad += not (red.shape == want_red.shape and torch.allclose(red.float(), want_red.float(), rtol=1e-2, atol=1e-2))
+if sys.argv[2:] == ["destroy"]:
+    dist.destroy_process_group()
+print(f"rank {rank}: {iters} iterations, {bad} wrong results, {time.time() - t0:.1f}s", flush=True)
+sys.exit(3 if bad else 0)
+'''
+
+
+def mallopt_part(seconds: float, work: Path) -> list[dict]:
+    exe = work / "mallopt-race"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(ROOT / "scripts" / "mallopt-race.c")], check=True)
+    out = []
+    for tun in TUNINGS:
+        r = subprocess.run([str(exe), "4", str(seconds)], env={**os.environ, "GLIBC_TUNABLES": tun},
+                           capture_output=True, text=True)
+        row = {"glibc_tunables": tun, "rc": r.returncode, "stderr": r.stderr.strip()[-300:]}
+        if r.returncode == 0:
+            row.update(json.loads(r.stdout))
+        print("mallopt", json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def threads_part(old: Path) -> dict:
+    code = ("import os, sys\nimport pcbench.cli as c\nc.build_parser()\n"
+            "print(len(os.listdir('/proc/self/task')), 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(old), "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, check=True)
+    n, torch_loaded = r.stdout.split()
+    row = {"code": _commit(str(old)), "threads_at_mallopt": int(n),
+           "torch_imported": torch_loaded == "True"}
+    print("threads", json.dumps(row), flush=True)
+    return row
+
+
+def exit_part(pairs: int, work: Path) -> dict:
+    import socket
+
+    rank = work / "rank.py"
+    rank.write_text(RANK)
+    counts = {arm: {"ok": 0, "bad": 0} for arm in ("no_destroy", "destroy")}
+    bad = []
+    for i in range(pairs):
+        for arm in counts:
+            with socket.socket() as s:  # the store's port: rank 0 binds it at once
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                   "OMP_NUM_THREADS": "1"}
+            procs = [subprocess.Popen([sys.executable, str(rank), "destroy" if arm == "destroy" else "exit"],
+                                      env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+            outs = [p.communicate(timeout=300)[0] for p in procs]
+            rcs = [p.returncode for p in procs]
+            ok = rcs == [0, 0]
+            counts[arm]["ok" if ok else "bad"] += 1
+            if not ok:
+                bad.append({"arm": arm, "pair": i, "rcs": rcs, "tail": [o[-1500:] for o in outs]})
+        if (i + 1) % 10 == 0:
+            print(f"exit: {i + 1}/{pairs} pairs", json.dumps(counts), flush=True)
+    return {"pairs": pairs, "counts": counts, "not_ok": bad}
+
+
+def _commit(path: str) -> str:
+    r = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or Path(path).name
+
+
+def _repeat_summary(d: Path) -> dict:
+    """A repeat-fsdp summary with the checkout as its commit and this machine's paths left out."""
+    s = json.loads((d / "summary.json").read_text())
+    s["code"] = _commit(s["code"])
+    env = [kv.split("=", 1) for kv in s.get("env", [])]
+    preload = " ".join(v for k, v in env if k == "LD_PRELOAD")
+    s["env"] = [f"{k}={':'.join(Path(p).name for p in v.split(':')) if k == 'LD_PRELOAD' else v.split(':log_path=')[0]}"
+                for k, v in env]
+    if "check" not in s:  # a run from before --check, its checker given by --env
+        s["check"] = "asan" if "libasan" in preload else "glibc" if "malloc_debug" in preload else "none"
+    return {"dir": d.name, **s}
+
+
+def _checks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repeat_fsdp", ROOT / "scripts" / "repeat-fsdp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.check_env
+
+
+def gloo_part(iterations: int, checks: list[str], work: Path) -> list[dict]:
+    import socket
+
+    rank = work / "gloo_rank.py"
+    rank.write_text(GLOO)
+    check_env, out = _checks(), []
+    for check in checks:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **check_env(check)}
+        t0 = time.time()
+        procs = [subprocess.Popen([sys.executable, str(rank), str(iterations), "destroy"],
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+        outs = [p.communicate(timeout=3600)[0] for p in procs]
+        row = {"check": check, "iterations": iterations, "rcs": [p.returncode for p in procs],
+               "lines": [o.strip().splitlines()[-1][-300:] if o.strip() else "" for o in outs],
+               "seconds": round(time.time() - t0, 1)}
+        print("gloo", json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mallopt-seconds", type=float, default=45)
+    ap.add_argument("--exit-pairs", type=int, default=150)
+    ap.add_argument("--gloo-iterations", type=int, default=10000)
+    ap.add_argument("--gloo-checks", default="none,glibc,asan")
+    ap.add_argument("--old", type=Path, help="a checkout of c905f9b~1 (the threads part)")
+    ap.add_argument("--repeat", type=Path, nargs="*", default=[], help="repeat-fsdp output folders")
+    ap.add_argument("--parts", default="mallopt,threads,gloo,exit,repeat")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    a = ap.parse_args()
+    from pcbench.bench.machine import finish, machine_info
+
+    parts = set(a.parts.split(","))
+    info = machine_info()
+    t0 = time.time()
+    result: dict = {"what": "issue 23: hypotheses for the native crash, by experiment", "machine": info,
+                    "glibc": os.confstr("CS_GNU_LIBC_VERSION")}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "mallopt" in parts:
+            result["mallopt_race"] = mallopt_part(a.mallopt_seconds, Path(tmp))
+        if "threads" in parts and a.old:
+            result["old_rank_threads"] = threads_part(a.old)
+        if "gloo" in parts and a.gloo_iterations:
+            result["gloo_collectives"] = gloo_part(a.gloo_iterations, a.gloo_checks.split(","), Path(tmp))
+        if "exit" in parts and a.exit_pairs:
+            result["exit_without_destroy"] = exit_part(a.exit_pairs, Path(tmp))
+    if "repeat" in parts:
+        result["repeat_fsdp"] = [_repeat_summary(d) for d in a.repeat]
+    result["seconds"] = round(time.time() - t0, 1)
+    finish(info)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"crash-study-{info['hostname']}-{stamp}.json"
+    tmp_path = path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp_path, path)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
