@@ -178,6 +178,8 @@ def exit_part(pairs: int, work: Path) -> dict:
 
 
 def _commit(path: str) -> str:
+    if not Path(path).is_dir():  # already a commit (a summary relabelled by hand)
+        return path
     r = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip() or Path(path).name
 
@@ -190,7 +192,7 @@ def _repeat_summary(d: Path) -> dict:
     preload = " ".join(v for k, v in env if k == "LD_PRELOAD")
     s["env"] = [f"{k}={':'.join(Path(p).name for p in v.split(':')) if k == 'LD_PRELOAD' else v.split(':log_path=')[0]}"
                 for k, v in env]
-    if "check" not in s:  # a run from before --check, its checker given by --env
+    if s.get("check", "none") == "none" and preload:  # the checker given by --env instead of --check
         s["check"] = "asan" if "libasan" in preload else "glibc" if "malloc_debug" in preload else "none"
     return {"dir": d.name, **s}
 
@@ -229,6 +231,16 @@ def gloo_part(iterations: int, checks: list[str], work: Path) -> list[dict]:
     return out
 
 
+def _scrub(obj):
+    """The other processes' command lines with paths shortened to file names (no path of this machine)."""
+    if isinstance(obj, dict):
+        return {k: " ".join(Path(t).name if t.startswith("/") else t for t in v.split()) if k == "cmd" and isinstance(v, str)
+                else _scrub(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub(v) for v in obj]
+    return obj
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mallopt-seconds", type=float, default=45)
@@ -239,6 +251,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=Path, nargs="*", default=[], help="repeat-fsdp output folders")
     ap.add_argument("--parts", default="mallopt,threads,gloo,exit,repeat")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    ap.add_argument("--into", type=Path, help="a study's JSON to add these parts to (rewritten in place)")
     a = ap.parse_args()
     from pcbench.bench.machine import finish, machine_info
 
@@ -260,11 +273,17 @@ def main() -> int:
         result["repeat_fsdp"] = [_repeat_summary(d) for d in a.repeat]
     result["seconds"] = round(time.time() - t0, 1)
     finish(info)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"crash-study-{info['hostname']}-{stamp}.json"
+    if a.into:  # the earlier parts kept, these added; each part's machine and time kept with it
+        earlier = json.loads(a.into.read_text())
+        added = {k: v for k, v in result.items() if k not in ("what", "glibc", "machine", "seconds")}
+        earlier.setdefault("added", []).append({"parts": sorted(added), "machine": info, "seconds": result["seconds"]})
+        result, path = {**earlier, **added}, a.into
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        a.out.mkdir(parents=True, exist_ok=True)
+        path = a.out / f"crash-study-{info['hostname']}-{stamp}.json"
     tmp_path = path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(result, indent=1) + "\n")
+    tmp_path.write_text(json.dumps(_scrub(result), indent=1) + "\n")
     os.replace(tmp_path, path)
     print(path)
     return 0
