@@ -231,16 +231,6 @@ def gloo_part(iterations: int, checks: list[str], work: Path) -> list[dict]:
     return out
 
 
-def _scrub(obj):
-    """The other processes' command lines with paths shortened to file names (no path of this machine)."""
-    if isinstance(obj, dict):
-        return {k: " ".join(Path(t).name if t.startswith("/") else t for t in v.split()) if k == "cmd" and isinstance(v, str)
-                else _scrub(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_scrub(v) for v in obj]
-    return obj
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mallopt-seconds", type=float, default=45)
@@ -283,7 +273,7 @@ def main() -> int:
         a.out.mkdir(parents=True, exist_ok=True)
         path = a.out / f"crash-study-{info['hostname']}-{stamp}.json"
     tmp_path = path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(_scrub(result), indent=1) + "\n")
+    tmp_path.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp_path, path)
     print(path)
     return 0

@@ -120,9 +120,15 @@ def busy_processes(interval: float = 0.5, top: int = 5, exclude_self: bool = Tru
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if cpu >= 1.0:
-            cmd = " ".join(p.info.get("cmdline") or [p.info.get("name") or "?"])
+            cmd = short_command(p.info.get("cmdline") or [p.info.get("name") or "?"])
             rows.append({"pid": p.pid, "cpu_percent": round(cpu, 1), "cmd": cmd[:120]})
     return sorted(rows, key=lambda r: -r["cpu_percent"])[:top]
+
+
+def short_command(argv: list[str]) -> str:
+    """A command line with each absolute path cut to its file name: what ran, without the paths of
+    this machine (the JSON is committed)."""
+    return " ".join(os.path.basename(a.rstrip("/")) or a if a.startswith("/") else a for a in argv)
 
 
 def git_commit(repo: Path = REPO) -> Optional[dict]:
