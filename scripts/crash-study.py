@@ -149,25 +149,29 @@ def threads_part(old: Path) -> dict:
     return row
 
 
-def exit_part(pairs: int, work: Path) -> dict:
+def two_ranks(script: Path, args: list[str], timeout: float, **env: str) -> tuple[list[int], list[str]]:
+    """Run `script` as ranks 0 and 1 of a gloo group on this machine: their exit statuses and outputs."""
     import socket
 
+    with socket.socket() as s:  # the store's port: rank 0 binds it at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+              "OMP_NUM_THREADS": "1", **env}
+    procs = [subprocess.Popen([sys.executable, str(script), *args], env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def exit_part(pairs: int, work: Path) -> dict:
     rank = work / "rank.py"
     rank.write_text(RANK)
     counts = {arm: {"ok": 0, "bad": 0} for arm in ("no_destroy", "destroy")}
     bad = []
     for i in range(pairs):
         for arm in counts:
-            with socket.socket() as s:  # the store's port: rank 0 binds it at once
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-                   "OMP_NUM_THREADS": "1"}
-            procs = [subprocess.Popen([sys.executable, str(rank), "destroy" if arm == "destroy" else "exit"],
-                                      env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-            outs = [p.communicate(timeout=300)[0] for p in procs]
-            rcs = [p.returncode for p in procs]
+            rcs, outs = two_ranks(rank, ["destroy" if arm == "destroy" else "exit"], 300)
             ok = rcs == [0, 0]
             counts[arm]["ok" if ok else "bad"] += 1
             if not ok:
@@ -207,23 +211,13 @@ def _checks():
 
 
 def gloo_part(iterations: int, checks: list[str], work: Path) -> list[dict]:
-    import socket
-
     rank = work / "gloo_rank.py"
     rank.write_text(GLOO)
     check_env, out = _checks(), []
     for check in checks:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **check_env(check)}
         t0 = time.time()
-        procs = [subprocess.Popen([sys.executable, str(rank), str(iterations), "destroy"],
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-        outs = [p.communicate(timeout=3600)[0] for p in procs]
-        row = {"check": check, "iterations": iterations, "rcs": [p.returncode for p in procs],
+        rcs, outs = two_ranks(rank, [str(iterations), "destroy"], 3600, PYTHONWARNINGS="ignore", **check_env(check))
+        row = {"check": check, "iterations": iterations, "rcs": rcs,
                "lines": [o.strip().splitlines()[-1][-300:] if o.strip() else "" for o in outs],
                "seconds": round(time.time() - t0, 1)}
         print("gloo", json.dumps(row), flush=True)
