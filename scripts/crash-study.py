@@ -239,6 +239,19 @@ def main() -> int:
     a = ap.parse_args()
     from pcbench.bench.machine import finish, machine_info
 
+    if a.into is not None:  # only a study's own JSON is rewritten, checked before any work
+        try:
+            ok = json.loads(a.into.read_text()).get("what", "").startswith("issue 23")
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            print(f"crash-study: error: --into {a.into}: not a JSON this script wrote", file=sys.stderr)
+            return 2
+    for d in a.repeat:
+        if not (d / "summary.json").is_file():
+            print(f"crash-study: error: --repeat {d}: no summary.json (an output folder of repeat-fsdp.py)",
+                  file=sys.stderr)
+            return 2
     parts = set(a.parts.split(","))
     info = machine_info()
     t0 = time.time()
