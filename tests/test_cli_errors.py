@@ -308,6 +308,29 @@ def test_duplicate_yaml_keys(tmp_path, text, key, line):
         refused(rc, err, f"duplicate key {key!r}", f"line {line}", f"{p}:{line}")
 
 
+@pytest.mark.parametrize("text,number,line", [
+    ("name: a\nstages: {base: {spec: {train: {steps: 010}}}}\n", "010", 2),  # octal: 8
+    ("name: a\nstages: {base: {spec: {optim: {lr: 0x10}}}}\n", "0x10", 2),
+    ("name: a\nstages: {base: {spec: {train: {seed: 0b11}}}}\n", "0b11", 2),
+    ("name: a\nresources:\n  timeout_min: 1:30:00\nstages: {}\n", "1:30:00", 3),  # base 60: 5400
+    ("name: a\nstages: {base: {spec: {optim: {lr: 1:30.5}}}}\n", "1:30.5", 2),
+])
+def test_numbers_yaml_1_1_reads_otherwise_refused(tmp_path, text, number, line):
+    """YAML 1.1 reads these as other numbers than the digits say: refused, never trained on."""
+    p = tmp_path / "g.yaml"
+    p.write_text(text)
+    for cmd in (["run", p, "--dry-run"], ["train", p, "--out", tmp_path / "o"]):
+        rc, _, err = cli(*cmd)
+        refused(rc, err, f"ambiguous number {number!r}", f"{p}:{line}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_padded_decimals_that_read_the_same_are_numbers():
+    from pcbench.spec.config import _Loader
+    assert yaml.load("a: 007\nb: 00\nc: 1_000\nd: '010'\ne: =\n", Loader=_Loader) == \
+        {"a": 7, "b": 0, "c": 1000, "d": "010", "e": "="}
+
+
 @pytest.mark.parametrize("flag,value", [("--gpus", "-1"), ("--cpus", "0"), ("--cpus", "-3"), ("--time", "0"),
                                         ("--time", "-5"), ("--nodes", "0"), ("--mem", "-1"), ("--mem", "0"),
                                         ("--mem", "nan"), ("--gpus", "one")])

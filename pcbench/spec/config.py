@@ -336,6 +336,38 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
+# YAML 1.1 (PyYAML) reads `010` as octal 8, `0x10` as 16, `0b11` as 3 and `1:30` as 90 (base 60):
+# numbers a user typed as something else. An integer is read only where its decimal reading is the
+# same number (`007` is 7 both ways); the others are refused, naming both readings' source.
+_DIGITS = re.compile(r"^[-+]?[0-9][0-9_]*$")
+
+
+def _ambiguous(node: yaml.ScalarNode, reads_as: Any) -> yaml.constructor.ConstructorError:
+    text = node.value
+    return yaml.constructor.ConstructorError(
+        None, None, f"ambiguous number {text!r}: YAML 1.1 reads it as {reads_as!r} "
+        f"(write a plain decimal, or quote it for a string)", node.start_mark)
+
+
+def _strict_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    value = yaml.SafeLoader.construct_yaml_int(loader, node)
+    if not (_DIGITS.match(node.value) and int(node.value.replace("_", ""), 10) == value):
+        raise _ambiguous(node, value)
+    return value
+
+
+def _strict_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    if ":" in node.value:  # base 60
+        raise _ambiguous(node, value)
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _strict_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _strict_float)
+# A lone `=` (YAML 1.1's "value" key) is the string "=", not an unreadable tag.
+_Loader.add_constructor("tag:yaml.org,2002:value", yaml.SafeLoader.construct_yaml_str)
+
 
 def load_yaml(path: str | Path) -> Any:
     """Read a YAML file (numbers in scientific notation are floats); errors name the file."""
