@@ -42,6 +42,8 @@ HEAP = re.compile(r"double free|corruption|free\(\): invalid|malloc\(\)|munmap_c
                   r"Fatal Python error|Segmentation fault|SIGABRT|SIGSEGV|SIGBUS|Signal 6|Signal 11|"
                   r"exitcode\s*:\s*-\d+|core dumped|exit status 1[2-9]\d|AddressSanitizer")
 
+MARKER = ".repeat-fsdp"  # in each --out folder the script made
+
 # What each --check preloads into the ranks (Debian/Ubuntu paths; gcc finds its libasan).
 CHECKS = {"none": {}, "glibc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
                                 "GLIBC_TUNABLES": "glibc.malloc.check=3"}}
@@ -135,7 +137,13 @@ def main() -> int:
     ap.add_argument("--inject", choices=["double-free", "overrun"], help="a positive control in each rank")
     ap.add_argument("--timeout", type=float, default=400, help="seconds before a repetition counts as hung (its ranks' stacks are logged)")
     a = ap.parse_args()
+    mine = a.out / MARKER  # a folder this script made: its runNNN files may be replaced
+    if a.out.exists() and (not a.out.is_dir() or (any(a.out.iterdir()) and not mine.exists())):
+        print(f"repeat-fsdp: error: --out {a.out} is a file or a folder of other files: "
+              "give a new or empty folder (or one repeat-fsdp made)", file=sys.stderr)
+        return 2
     a.out.mkdir(parents=True, exist_ok=True)
+    mine.touch()
     spec_file, ref = prepare(a.out / "prep", a.method)
     env = {**os.environ, "PYTHONPATH": str(a.code.resolve()), "OMP_NUM_THREADS": "1", **check_env(a.check)}
     if a.inject:

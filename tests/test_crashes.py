@@ -73,3 +73,17 @@ def test_a_stream_the_user_chose_is_kept(tmp_path):
     assert r.returncode == -signal.SIGSEGV
     assert "Fatal Python error: Segmentation fault" in (tmp_path / "faults.log").read_text()
     assert "Fatal Python error" not in r.stderr
+
+
+def test_repeat_fsdp_keeps_a_users_files(tmp_path):
+    """The repetition script (the tool to rerun a crash with) writes runNNN files only into a new,
+    empty or its own folder: a folder holding other files is refused before any work."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "run000.log").write_text("the user's")
+    for out in (user, user / "run000.log"):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "repeat-fsdp.py"), "--n", "0", "--out", str(out)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and str(out) in r.stderr
+    assert (user / "run000.log").read_text() == "the user's" and sorted(p.name for p in user.iterdir()) == ["run000.log"]
