@@ -95,11 +95,7 @@ def cmd_run(args) -> int:
             if args.wait:
                 ex.wait(out, store)
         except interrupts.Interrupted as e:
-            try:  # after SIGHUP the terminal may be gone
-                print(f"pcbench: interrupted by {e.name}: {ex.interrupted(e)}; run the same command again to resume",
-                      file=sys.stderr, flush=True)
-            except OSError:
-                pass
+            _say(f"pcbench: interrupted by {e.name}: {ex.interrupted(e)}; run the same command again to resume")
             return e.exit_code
     print(f"{len(out.submitted)} run(s) {ex.verb}, "
           f"{len(out.skipped)} skipped, {len(out.failed)} failed, {len(out.blocked)} blocked"
@@ -109,6 +105,14 @@ def cmd_run(args) -> int:
               "(to run the grid yourself, give another store: --results DIR)")
     print(status_table(grid, store, args.only))
     return 1 if out.failed or out.blocked or out.interrupted else 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr, if it can still be written (after SIGHUP the terminal may be gone)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _track_grid(grid, track: list[str]) -> None:
@@ -234,11 +238,18 @@ def cmd_train(args) -> int:
 
     prepare_spec(spec)  # the prepare stage of this one run: training only reads
     rid = run_id("train", "train", spec, None)  # as a grid's stage `train` would name it
-    rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"),
-                tracked=tracking.RunInfo(rid, "train", out / "work"))
-    from pcbench.train import distributed
+    from pcbench.train import interrupts
 
-    distributed.teardown()  # gloo/NCCL threads joined before the interpreter exits (every rank passed the last barrier)
+    with interrupts.graceful():  # SIGINT/SIGTERM/SIGHUP: every rank stops after the same step
+        try:
+            with interrupts.group_closed_at_an_agreed_end():
+                rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"),
+                            tracked=tracking.RunInfo(rid, "train", out / "work"))
+        except interrupts.Interrupted as e:
+            kept = "its checkpoints are kept, the same command resumes it" if spec.train.ckpt_every else \
+                "no checkpoint (train.ckpt_every: 0), the same command starts again"
+            _say(f"pcbench: {e}; {kept}")
+            return e.exit_code
     print(json.dumps({k: rec[k] for k in ("train_loss_last100", "heldout_loss", "export_path") if k in rec}))
     return 0
 

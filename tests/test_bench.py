@@ -157,26 +157,36 @@ def test_bad_bench_arguments_are_one_line_before_any_work(argv, field, tmp_path,
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
 
 
-def test_cpu_snapshots_count_descendants_a_pool_started():
+def test_cpu_snapshots_count_descendants_a_pool_started(tmp_path):
     """Workers a pool or fork server started (grandchildren, waited by their own parent) are this
-    benchmark's CPU, not "other processes" (a busy-looping grandchild counted while it runs)."""
+    benchmark's CPU, not "other processes" (a busy-looping grandchild counted while it runs). The
+    grandchild spins for CPU seconds, not wall seconds, so a loaded machine gives the same count."""
     import subprocess
     import sys
     import time
 
     from pcbench.bench import machine
 
-    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    started, spun = tmp_path / "started", tmp_path / "spun"
+    spin = (f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\nt = time.process_time()\n"
+            f"while time.process_time() - t < 1.5: pass\npathlib.Path({str(spun)!r}).touch()\ntime.sleep(1)")
     outer = subprocess.Popen([sys.executable, "-c",
                               f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"])
+
+    def wait_for(p):
+        deadline = time.time() + 120
+        while not p.exists():
+            assert time.time() < deadline and outer.poll() is None, f"{p.name} never came"
+            time.sleep(0.02)
+
     try:
-        time.sleep(0.5)
+        wait_for(started)
         a = machine.cpu_snapshot()
-        time.sleep(1.5)
+        wait_for(spun)
         b = machine.cpu_snapshot()
     finally:
         outer.wait()
-    assert b["own"] - a["own"] > 0.6  # the grandchild's busy second and a half, seen as ours
+    assert b["own"] - a["own"] > 0.6  # the grandchild's busy 1.5 CPU seconds, seen as ours
     assert machine.steal_cores(a, b) is not None and machine.steal_cores(a, b) >= 0
 
 

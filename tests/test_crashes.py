@@ -1,5 +1,6 @@
 """A native crash of a process pcbench starts names where it happened (pcbench/util/crashes.py)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -87,3 +88,28 @@ def test_repeat_fsdp_keeps_a_users_files(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().count("\n") == 0 and str(out) in r.stderr
     assert (user / "run000.log").read_text() == "the user's" and sorted(p.name for p in user.iterdir()) == ["run000.log"]
+
+
+@pytest.mark.parametrize("end,closed", [("returns", True), ("agreed stop", True),
+                                        ("signal mid-step", False), ("error", False)])
+def test_the_process_group_is_closed_at_an_agreed_end_only(end, closed):
+    """Completed, or stopped by a signal after the step every rank agreed on: the group is closed
+    (its gloo threads joined) before the process exits. A signal outside that point or an error
+    leaves it: a peer may be inside a collective, and closing would wait for it."""
+    import torch.distributed as dist
+
+    from pcbench.train import interrupts
+
+    raised = {"returns": None, "agreed stop": interrupts.Interrupted(signal.SIGTERM, step=3),
+              "signal mid-step": interrupts.Interrupted(signal.SIGTERM), "error": OSError("disk full")}[end]
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        with contextlib.suppress(type(raised) if raised else ()):
+            with interrupts.group_closed_at_an_agreed_end():
+                dist.barrier()
+                if raised is not None:
+                    raise raised
+        assert dist.is_initialized() is not closed
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

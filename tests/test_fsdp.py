@@ -146,6 +146,53 @@ def test_fsdp_sigkill_then_resume(base, tmp_path):
     assert_same_runs(ref, out, rtol=1e-5)
 
 
+@pytest.mark.slow  # CI time (issue 23): a 2-process run of this class runs by default
+@pytest.mark.distributed
+def test_fsdp_sigterm_to_every_rank_stops_them_at_one_step_then_resumes(base, tmp_path):
+    """SIGTERM to both ranks (scancel, a preemption): each checkpoints the same step, prints one
+    line and exits 143 with its process group closed (no gloo thread left to abort the exit); the
+    same command resumes to the uninterrupted losses."""
+    import socket
+
+    d = spec_dict(base, "pc", train={"steps": 60, "ckpt_every": 1000, "parallel": "fsdp", "log_every": 1})
+    spec_file = tmp_path / "stopped.yaml"
+    spec_file.write_text(yaml.safe_dump(d))
+    out = tmp_path / "stopped"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, "-m", "pcbench.cli", "train", str(spec_file), "--out", str(out)],
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(r),
+                                   "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    metrics = out / "record" / "metrics.jsonl"
+    deadline = time.time() + 400
+    while time.time() < deadline and all(p.poll() is None for p in ranks) and \
+            (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    for p in ranks:
+        p.send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in ranks]
+    errs = [e for _, e in outs]
+    assert [p.returncode for p in ranks] == [143, 143], errs
+    for err in errs:
+        assert "Traceback" not in err and "terminate called" not in err and "Fatal Python error" not in err, err
+    stops = [[ln for ln in err.splitlines() if "interrupted by SIGTERM" in ln] for err in errs]
+    assert all(len(s) == 1 for s in stops), errs
+    step = int(stops[0][0].split("at step ")[1].split(";")[0])
+    assert stops[0] == stops[1] and 0 < step < 60  # the same step in both ranks
+    assert int(checkpoint.list_checkpoints(out / "work" / "ckpt")[-1].name.split("_")[1]) == step
+    r = torchrun(d, out, tmp_path)  # the same command resumes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert final(out)["resumed_from"] == step
+    d["train"]["parallel"] = "ddp"
+    ref = tmp_path / "ref"
+    one_process(d, ref)  # never stopped, one process
+    assert [m["step"] for m in read_jsonl(metrics)] == list(range(1, 61))
+    assert_same_runs(ref, out, rtol=1e-5)
+
+
 def test_blockwise_step_equals_one_optimiser(base, tmp_path):
     d = spec_dict(base, "pc", optim={"grad_clip": 0.0})
     one_process(d, tmp_path / "all")

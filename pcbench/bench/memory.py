@@ -77,7 +77,7 @@ def probe(cfg: dict) -> dict:
     """One rank of one cell: build, step, measure (bytes)."""
     import torch
 
-    from pcbench.train import distributed, parallel
+    from pcbench.train import distributed, interrupts, parallel
 
     from pcbench.spec import methods
 
@@ -135,7 +135,7 @@ def probe(cfg: dict) -> dict:
     # persistent: after the build (AdamW's states come at the first step)
     out = {"rank": env.rank, "baseline": start, "persistent": built - start, "peak": peak - start}
     distributed.barrier(env)
-    distributed.teardown()
+    interrupts.close_process_group()
     return out
 
 

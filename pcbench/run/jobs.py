@@ -123,13 +123,8 @@ class RunJob(submitit.helpers.Checkpointable):
         allocator.tune()
         crashes.enable()  # a native crash leaves each thread's Python stack in the job's log
         quiet.third_party_bars()
-        with interrupts.graceful():
-            out = self._call()
-        if "torch.distributed" in sys.modules:  # a process group this job joined: its threads joined before exit
-            from pcbench.train import distributed
-
-            distributed.teardown()
-        return out
+        with interrupts.graceful(), interrupts.group_closed_at_an_agreed_end():
+            return self._call()
 
     def _call(self) -> dict:
         if os.environ.get("HF_HUB_OFFLINE") == "1":  # the prepare stage fetched everything: stay offline

@@ -83,7 +83,3 @@ def barrier(env: DistEnv) -> None:
     if env.world > 1:
         dist.barrier()
 
-
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

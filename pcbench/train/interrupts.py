@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Iterator, Optional
 
@@ -84,3 +85,32 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _state["defer"] -= 1
+
+
+def close_process_group() -> None:
+    """Destroy this process's torch.distributed group, if it has one: gloo/NCCL threads joined."""
+    if "torch.distributed" not in sys.modules:  # never imported: no group (and no torch import now)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def group_closed_at_an_agreed_end() -> Iterator[None]:
+    """Close the process group before the process exits when every rank ends at the same point:
+    the block returned, or raised `Interrupted` with a step (the loop stops all ranks after the same
+    step, so no collective is in flight). A gloo thread alive at interpreter exit aborts the
+    process (SIGABRT, "terminate called without an active exception") when it drops the last
+    reference of a finished collective's tensors: that needs the GIL, which Python's finalisation
+    no longer gives (pytorch/pytorch#190489); closing the group first joins those threads. Any
+    other exception leaves the group alone: a rank may be inside a collective that its peers never
+    join, and closing would wait for it."""
+    try:
+        yield
+    except Interrupted as e:
+        if e.step is not None:
+            close_process_group()
+        raise
+    close_process_group()
