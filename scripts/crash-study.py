@@ -3,6 +3,7 @@
 FSDP `[pc-lean]` test): the hypotheses put to experiment, one JSON under results/bench/.
 
   PYTHONPATH=. python scripts/crash-study.py [--mallopt-seconds 45] [--exit-pairs 150] \\
+      [--finalize-pairs 100] [--parts finalize,...] [--into JSON] \\
       [--repeat DIR ...]     # summary.json of scripts/repeat-fsdp.py runs to include
 
 Parts:
@@ -20,7 +21,13 @@ Parts:
            DTensor Shard(0) of uneven rows gathered, a Partial redistributed to Shard(0) (pcbench's
            MeshComm); plain, under glibc's debug malloc (a write past a block's end is caught when the
            block is freed) and under AddressSanitizer (every double free).
-  repeat   the repetitions of the test itself, from repeat-fsdp's summary.json files.
+  finalize two gloo ranks run a few synchronous all-gathers whose tensors Python drops at once, then
+           exit with and without `destroy_process_group`, alternating, `--finalize-pairs` each: a
+           gloo worker thread that still holds a finished collective drops its tensors' Python objects
+           during interpreter exit, which needs the GIL (pytorch/pytorch#190489). Also the native
+           stack of one such abort, rank 1 under gdb (up to 12 tries).
+  repeat   the repetitions of the test itself, from repeat-fsdp's summary.json files (with
+           --sigterm-after: both ranks SIGTERM'd mid-run, the graceful stop's exit).
 """
 
 from __future__ import annotations
@@ -149,6 +156,82 @@ def threads_part(old: Path) -> dict:
     return row
 
 
+FINALIZE = r'''
+import sys
+import torch, torch.distributed as dist
+
+dist.init_process_group("gloo")
+for _ in range(3):
+    out, t = torch.empty(2 << 14), torch.ones(1 << 14)
+    dist.all_gather_into_tensor(out, t)
+    del out, t  # the Python objects go; a gloo thread may still hold the finished work
+if sys.argv[1] == "destroy":
+    dist.destroy_process_group()
+'''
+
+ABORTS = {"terminate": "terminate called without an active exception", "double_free": "double free",
+          "heap": "corrupt", "segfault": "Segmentation fault"}
+
+
+def _abort_kind(out: str) -> str:
+    return next((k for k, v in ABORTS.items() if v in out), "other")
+
+
+def torchrun_pair(script: Path, args: list[str], rank1: list[str] | None = None) -> tuple[int, str]:
+    """`script` as two ranks under torchrun, as pcbench's ranks start (rank 1 wrapped in `rank1`,
+    e.g. gdb): torchrun's exit status and everything printed."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    if rank1 is None:
+        cmd = [*launch, str(script), *args]
+    else:
+        py = f'"{sys.executable}" "{script}" {" ".join(args)}'
+        # rank 1's wrapper ignores torchrun's SIGTERM (sent when rank 0 fails) so that gdb finishes
+        cmd = [*launch, "--no-python", "bash", "-c",
+               f'if [ "$RANK" = 1 ]; then trap "" TERM; exec {" ".join(rank1)} {py}; else exec {py}; fi']
+    r = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
+                       timeout=600)
+    return r.returncode, r.stdout + r.stderr
+
+
+def finalize_part(pairs: int, work: Path) -> dict:
+    rank = work / "finalize_rank.py"
+    rank.write_text(FINALIZE)
+    counts = {arm: {"ok": 0, "aborted": 0, "messages": {}} for arm in ("no_destroy", "destroy")}
+    for i in range(pairs):
+        for arm, c in counts.items():
+            rc, out = torchrun_pair(rank, ["destroy" if arm == "destroy" else "exit"])
+            c["ok" if rc == 0 else "aborted"] += 1
+            if rc != 0:
+                kind = _abort_kind(out)
+                c["messages"][kind] = c["messages"].get(kind, 0) + 1
+        if (i + 1) % 10 == 0:
+            print(f"finalize: {i + 1}/{pairs} pairs", json.dumps(counts), flush=True)
+    return {"pairs": pairs, "launcher": "torchrun --standalone, 2 processes", "counts": counts,
+            "stack": finalize_stack(rank)}
+
+
+def finalize_stack(rank: Path, tries: int = 12) -> dict:
+    """The aborting thread's frames (function names), rank 1 under gdb, from the first try it aborts."""
+    import re
+    import shutil
+
+    if not shutil.which("gdb"):
+        return {"skipped": "gdb not installed"}
+    gdb = ["gdb", "-q", "-batch", "-ex", "'set pagination off'", "-ex", "run", "-ex", "'bt 30'", "--args"]
+    for attempt in range(1, tries + 1):
+        _, out = torchrun_pair(rank, ["exit"], rank1=gdb)
+        thread = re.search(r'Thread \d+ "([^"]+)" received signal SIGABRT', out)
+        if not thread:
+            continue
+        bt = out[thread.end():]
+        frames = [re.sub(r" \(.*", "", m.group(1))
+                  for m in re.finditer(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\S.*)$", bt, re.M)]
+        if not frames or frames[-1] != "clone3":  # cut short: try again
+            continue
+        return {"attempt": attempt, "thread": thread.group(1), "message": _abort_kind(out), "frames": frames}
+    return {"attempts": tries, "aborted": False}
+
+
 def two_ranks(script: Path, args: list[str], timeout: float, **env: str) -> tuple[list[int], list[str]]:
     """Run `script` as ranks 0 and 1 of a gloo group on this machine: their exit statuses and outputs."""
     import socket
@@ -230,10 +313,11 @@ def main() -> int:
     ap.add_argument("--mallopt-seconds", type=float, default=45)
     ap.add_argument("--exit-pairs", type=int, default=150)
     ap.add_argument("--gloo-iterations", type=int, default=10000)
+    ap.add_argument("--finalize-pairs", type=int, default=100)
     ap.add_argument("--gloo-checks", default="none,glibc,asan")
     ap.add_argument("--old", type=Path, help="a checkout of c905f9b~1 (the threads part)")
     ap.add_argument("--repeat", type=Path, nargs="*", default=[], help="repeat-fsdp output folders")
-    ap.add_argument("--parts", default="mallopt,threads,gloo,exit,repeat")
+    ap.add_argument("--parts", default="mallopt,threads,gloo,exit,finalize,repeat")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     ap.add_argument("--into", type=Path, help="a study's JSON to add these parts to (rewritten in place)")
     a = ap.parse_args()
@@ -266,6 +350,8 @@ def main() -> int:
             result["gloo_collectives"] = gloo_part(a.gloo_iterations, a.gloo_checks.split(","), Path(tmp))
         if "exit" in parts and a.exit_pairs:
             result["exit_without_destroy"] = exit_part(a.exit_pairs, Path(tmp))
+        if "finalize" in parts and a.finalize_pairs:
+            result["exit_during_a_collective_release"] = finalize_part(a.finalize_pairs, Path(tmp))
     if "repeat" in parts:
         result["repeat_fsdp"] = [_repeat_summary(d) for d in a.repeat]
     result["seconds"] = round(time.time() - t0, 1)
@@ -274,6 +360,9 @@ def main() -> int:
         earlier = json.loads(a.into.read_text())
         added = {k: v for k, v in result.items() if k not in ("what", "glibc", "machine", "seconds")}
         earlier.setdefault("added", []).append({"parts": sorted(added), "machine": info, "seconds": result["seconds"]})
+        if "repeat_fsdp" in added and earlier.get("repeat_fsdp"):  # more repetitions join the earlier ones
+            new_dirs = {r["dir"] for r in added["repeat_fsdp"]}
+            added["repeat_fsdp"] = [r for r in earlier["repeat_fsdp"] if r["dir"] not in new_dirs] + added["repeat_fsdp"]
         result, path = {**earlier, **added}, a.into
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -17,9 +17,11 @@ so a repetition takes a fraction of the whole test.
   ... --inject double-free  # the positive controls, in each rank before it exits: a block freed
                       # twice, the kind glibc misses (--check asan must count every repetition a crash)
   ... --inject overrun      # a byte written past a tensor's end (--check glibc must)
+  ... --sigterm-after 3     # SIGTERM both ranks once 3 steps are logged (scancel, a preemption), in
+                      # a 400-step run: ok when each rank checkpoints the same step and exits 143
 
 Each repetition is one of: ok (rc 0 and the losses of the 1-process run to rtol 1e-5, as the
-test asserts), crash (a rank died of a signal or glibc printed a heap error), fail (anything else,
+test asserts; with --sigterm-after, both ranks stopped at one step with exit status 143), crash (a rank died of a signal or glibc printed a heap error), fail (anything else,
 e.g. hung past --timeout: the stacks of the ranks left are logged); the logs of every repetition
 that is not ok are kept (each rank's output, its exit status). One line per repetition, a summary
 at the end (also as summary.json). Exit 1 when any repetition crashed or failed.
@@ -119,7 +121,29 @@ def prepare(out: Path, method: str) -> tuple[Path, list[float]]:
     d["train"]["parallel"] = "fsdp"
     spec_file = out / "two.yaml"
     spec_file.write_text(yaml.safe_dump(d))
+    d["train"].update(steps=400, ckpt_every=1000, log_every=1)  # --sigterm-after: stopped long before the end
+    (out / "stop.yaml").write_text(yaml.safe_dump(d))
     return spec_file, ref
+
+
+def stop_ranks(run: Path, spec_file: Path, proc: subprocess.Popen, after: int, timeout: float) -> None:
+    """SIGTERM both ranks (not torchrun) once `after` steps are in the run's metrics."""
+    metrics, deadline = run / "record" / "metrics.jsonl", time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and \
+            (not metrics.exists() or len(metrics.read_text().splitlines()) < after):
+        time.sleep(0.05)
+    ranks = subprocess.run(["pgrep", "-f", f"pcbench.cli train {spec_file} --out {run}$"],
+                           capture_output=True, text=True).stdout.split()
+    for pid in map(int, ranks):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 15)
+
+
+def stopped_together(log: str) -> bool:
+    """Both ranks exited 143 after printing that they stopped at one and the same step."""
+    status = dict(re.findall(r"\[rank (\d)\] exit status (\d+)", log))
+    steps = set(re.findall(r"interrupted by SIGTERM at step (\d+)", log))
+    return status == {"0": "143", "1": "143"} and len(steps) == 1
 
 
 def main() -> int:
@@ -135,6 +159,8 @@ def main() -> int:
     ap.add_argument("--check", choices=["none", "asan", "glibc"], default="none",
                     help="a heap checker in the ranks (module docstring)")
     ap.add_argument("--inject", choices=["double-free", "overrun"], help="a positive control in each rank")
+    ap.add_argument("--sigterm-after", type=int, metavar="STEPS",
+                    help="SIGTERM both ranks once STEPS steps are logged (module docstring)")
     ap.add_argument("--timeout", type=float, default=400, help="seconds before a repetition counts as hung (its ranks' stacks are logged)")
     a = ap.parse_args()
     mine = a.out / MARKER  # a folder this script made: its runNNN files may be replaced
@@ -145,6 +171,8 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     mine.touch()
     spec_file, ref = prepare(a.out / "prep", a.method)
+    if a.sigterm_after:
+        spec_file = spec_file.with_name("stop.yaml")
     env = {**os.environ, "PYTHONPATH": str(a.code.resolve()), "OMP_NUM_THREADS": "1", **check_env(a.check)}
     if a.inject:
         site = a.out / "inject"
@@ -164,15 +192,21 @@ def main() -> int:
         for i in range(a.n):
             run = a.out / f"run{i:03d}"
             logs = a.out / f"run{i:03d}.ranks"
+            subprocess.run(["rm", "-rf", str(run), str(logs)])  # an earlier invocation's, in this folder of ours
             # Each rank through a shell that logs its exit status (a rank that ends with 0 early
             # leaves torchrun waiting for the other), its output in files under `logs`.
+            # With --sigterm-after the shell outlives torchrun's SIGTERM (sent once a rank exits 143), so
+            # the other rank's own exit status is logged too.
+            trap = 'trap ":" TERM; ' if a.sigterm_after else ""
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                    "--log-dir", str(logs), "--redirects", "3", "--no-python", "bash", "-c",
-                   f'"{sys.executable}" -u -m pcbench.cli "$@"; rc=$?; echo "[rank $RANK] exit status $rc" >&2; exit $rc',
+                   f'{trap}"{sys.executable}" -u -m pcbench.cli "$@"; rc=$?; echo "[rank $RANK] exit status $rc" >&2; exit $rc',
                    "rank", "train", str(spec_file), "--out", str(run)]
             t0 = time.time()
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
+            if a.sigterm_after:
+                stop_ranks(run, spec_file, proc, a.sigterm_after, a.timeout)
             try:
                 out, _ = proc.communicate(timeout=a.timeout)
                 rc = proc.returncode
@@ -196,8 +230,12 @@ def main() -> int:
             if metrics.exists():
                 got = [json.loads(ln)["loss"] for ln in metrics.read_text().splitlines() if ln.strip()]
             same = got is not None and len(got) == len(ref) and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(got, ref))
-            heap = HEAP.search(log)
-            kind = "ok" if rc == 0 and same and not heap else "crash" if heap else "fail"
+            if a.sigterm_after:  # exit status 143 is the expected end here, any other signal a crash
+                heap = HEAP.search(re.sub(r"exit status 143|exitcode\s*:\s*-15|exitcode: 143|exitcode\s*:\s*143", "", log))
+                kind = "ok" if stopped_together(log) and not heap else "crash" if heap else "fail"
+            else:
+                heap = HEAP.search(log)
+                kind = "ok" if rc == 0 and same and not heap else "crash" if heap else "fail"
             counts[kind] += 1
             (a.out / f"run{i:03d}.log").write_text(log) if kind != "ok" else None
             sig = heap.group(0) if heap else ""
@@ -206,7 +244,8 @@ def main() -> int:
     finally:
         for h in hogs:
             h.kill()
-    summary = {**counts, "n": a.n, "method": a.method, "check": a.check, "inject": a.inject, "env": a.env,
+    summary = {**counts, "n": a.n, "method": a.method, "check": a.check, "inject": a.inject,
+               "sigterm_after": a.sigterm_after, "env": a.env,
                "unset": a.unset, "stress": a.stress, "code": str(a.code),
                "median_s": sorted(secs)[len(secs) // 2] if secs else None}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
