@@ -124,6 +124,35 @@ def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_sigterm_stops_train_at_a_step_boundary_then_the_same_command_resumes(tmp_path):
+    """`pcbench train` stops like a run job: SIGTERM (scancel, a preemption) gives a checkpoint of
+    the step it stopped after, one line naming it and exit 143 (not death by the signal)."""
+    spec_file = tmp_path / "spec.yaml"
+    long = json.loads(json.dumps(BASE_SPEC))
+    long["train"].update(steps=400, ckpt_every=1000, log_every=1)  # the stop's is the only checkpoint
+    spec_file.write_text(yaml.safe_dump(long))
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pcbench.cli", "train", str(spec_file), "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "record" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if "interrupted by SIGTERM at step" in ln]
+    assert len(lines) == 1 and "resumes it" in lines[0], err
+    step = int(lines[0].split("at step ")[1].split(";")[0])
+    ckpts = checkpoint.list_checkpoints(out / "work" / "ckpt")
+    assert 0 < step < 400 and [int(c.name.split("_")[1]) for c in ckpts] == [step]
+    rec = train(load_run_spec(long), RunPaths(record=out / "record", work=out / "work", export=out / "model"),
+                progress=False)
+    assert rec["resumed_from"] == step
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, 401))
+
+
 def test_resume_skips_a_corrupt_checkpoint(reference_run, tmp_path):
     ref_paths, ref = reference_run
     spec = spec_of()
