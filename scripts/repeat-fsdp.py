@@ -231,7 +231,7 @@ def main() -> int:
                 got = [json.loads(ln)["loss"] for ln in metrics.read_text().splitlines() if ln.strip()]
             same = got is not None and len(got) == len(ref) and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(got, ref))
             if a.sigterm_after:  # exit status 143 is the expected end here, any other signal a crash
-                heap = HEAP.search(re.sub(r"exit status 143|exitcode\s*:\s*-15|exitcode: 143|exitcode\s*:\s*143", "", log))
+                heap = HEAP.search(re.sub(r"exit status 143|exitcode\s*:\s*(?:-15|143)", "", log))
                 kind = "ok" if stopped_together(log) and not heap else "crash" if heap else "fail"
             else:
                 heap = HEAP.search(log)

@@ -338,14 +338,13 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping
 
 # YAML 1.1 (PyYAML) reads `010` as octal 8, `0x10` as 16, `0b11` as 3 and `1:30` as 90 (base 60):
 # numbers a user typed as something else. An integer is read only where its decimal reading is the
-# same number (`007` is 7 both ways); the others are refused, naming both readings' source.
+# same number (`007` is 7 both ways); the others are refused with the line they are on.
 _DIGITS = re.compile(r"^[-+]?[0-9][0-9_]*$")
 
 
 def _ambiguous(node: yaml.ScalarNode, reads_as: Any) -> yaml.constructor.ConstructorError:
-    text = node.value
     return yaml.constructor.ConstructorError(
-        None, None, f"ambiguous number {text!r}: YAML 1.1 reads it as {reads_as!r} "
+        None, None, f"ambiguous number {node.value!r}: YAML 1.1 reads it as {reads_as!r} "
         f"(write a plain decimal, or quote it for a string)", node.start_mark)
 
 
