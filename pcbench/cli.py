@@ -212,12 +212,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pcbench.spec.config import load_run_spec
-    from pcbench.train.loop import RunPaths, train
-
-    from pcbench.util import outputs
-
     from pcbench.run import preflight
+    from pcbench.spec.config import load_run_spec
+    from pcbench.util import outputs
 
     spec = load_run_spec(args.spec)
     if args.track is not None:
@@ -235,6 +232,7 @@ def cmd_train(args) -> int:
     from pcbench import tracking
     from pcbench.grid.expansion import run_id
     from pcbench.run.prepare import prepare_spec
+    from pcbench.train.loop import RunPaths, train
 
     prepare_spec(spec)  # the prepare stage of this one run: training only reads
     rid = run_id("train", "train", spec, None)  # as a grid's stage `train` would name it
@@ -270,24 +268,23 @@ def _spec_from_flags(cls: type, args, where: str, fields: dict):
 
 
 def cmd_compress(args) -> int:
-    from pcbench import models
-    from pcbench.util import outputs
     from pcbench.run import preflight
     from pcbench.spec.config import RunSpec
-    from pcbench.train.loop import RunPaths, train
+    from pcbench.spec.presets import PRESETS
+    from pcbench.util import outputs
 
     out = Path(args.out).resolve()
     outputs.claim(out, "model", "--out", replace=args.force)
     work = outputs.claim(out.with_name(out.name + ".pcbench"), "compress-work", "--out (its state dir)")
-    if args.base in models.PRESETS and models.PRESETS[args.base].weights not in (None, "path"):
+    if args.base in PRESETS and PRESETS[args.base].weights not in (None, "path"):
         model = {"model.name": args.base}
     elif Path(args.base).exists():
         preflight.check_model_dir(args.base, "--base", hub_ok=False, tokenizer=args.tokenizer == "model")
         model = {"model.name": "hf", "model.path": str(Path(args.base).resolve())}
     else:
         raise SpecError("--base", f"{args.base!r} is neither a checkpoint directory nor a preset "
-                        f"({', '.join(n for n, p in models.PRESETS.items() if p.weights and p.weights != 'path')})"
-                        + ("" if args.base in models.PRESETS else ": no such path, it does not exist"))
+                        f"({', '.join(n for n, p in PRESETS.items() if p.weights and p.weights != 'path')})"
+                        + ("" if args.base in PRESETS else ": no such path, it does not exist"))
     spec = _spec_from_flags(RunSpec, args, "compress", {**model, "compress.method": args.method})
     config = preflight.base_config(spec.model, spec.data.tokenizer, spec.data.seq_len)
     if config is not None:
@@ -296,6 +293,7 @@ def cmd_compress(args) -> int:
     from pcbench import tracking
     from pcbench.grid.expansion import run_id
     from pcbench.run.prepare import prepare_spec
+    from pcbench.train.loop import RunPaths, train
 
     prepare_spec(spec)  # the prepare stage of this one run: training only reads
     rid = run_id("compress", "train", spec, None)  # as a grid's stage `compress` would name it
@@ -331,10 +329,11 @@ def _fresh_compress_state(work: Path, spec) -> None:
 
 
 def cmd_eval(args) -> int:
+    from pcbench.run import preflight
     from pcbench.spec.config import EvalSpec
-    from pcbench.evaluate import lm_eval_scores
 
     spec = _spec_from_flags(EvalSpec, args, "eval", {"model": args.model})
+    preflight.check_model_dir(args.model, "model", hub_ok=False, tokenizer=True)  # before torch is imported
     if Path(args.model).is_dir():  # a pcbench model: its files as recorded, by sha256
         from pcbench.util.outputs import verify_output
         from pcbench.util.verify import Damaged
@@ -343,6 +342,8 @@ def cmd_eval(args) -> int:
             verify_output(args.model, "model")
         except Damaged as e:  # the model named on the command line: bad input (rc 2)
             raise SpecError("eval", str(e)) from None
+    from pcbench.evaluate import lm_eval_scores
+
     try:
         scores = lm_eval_scores(spec)
     except RuntimeError as e:  # e.g. a hub task whose dataset cannot be fetched offline

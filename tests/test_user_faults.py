@@ -375,3 +375,28 @@ def test_a_dry_run_of_known_shapes_imports_neither_torch_nor_transformers(tmp_pa
     assert "heavy: []" in again.stdout, again.stdout
     assert first.stdout.replace("heavy: ['torch', 'transformers']", "") == again.stdout.replace("heavy: []", "")
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
+COMPRESS = ["compress", "--method", "pc", "--steps", "1", "--out", "{tmp}/o", "--base"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "{tmp}/missing.yaml", "--out", "{tmp}/o"], "missing.yaml: file not found"),
+    (["train", "{tmp}/broken.yaml", "--out", "{tmp}/o"], "broken.yaml:2: invalid YAML"),
+    ([*COMPRESS, "{tmp}/nope", "--compression", "0.5"], "--base: "),
+    ([*COMPRESS, "{tmp}", "--compression", "0.5"], "holds no model"),
+    ([*COMPRESS, "smollm2-135m", "--compression", "1.5"], "--compression: "),
+    (["eval", "{tmp}/nope"], "model: "),
+    (["eval", "{tmp}/broken.yaml"], "is a file, not a checkpoint directory"),
+])
+def test_bad_input_is_refused_before_torch_is_imported(tmp_path, args, needle):
+    """A command given bad input says so in one line, rc 2, in a fraction of a second: its checks
+    run before the imports of torch and transformers (seconds each), and create nothing."""
+    (tmp_path / "broken.yaml").write_text("x: [\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = subprocess.run([sys.executable, "-c", DRY_RUN_IMPORTS, *argv], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert "heavy: []" in r.stdout, r.stdout
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.pcbench").exists()
