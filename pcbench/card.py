@@ -178,8 +178,11 @@ def add_scores(model_dir: str | Path, scores: dict) -> Optional[Path]:
     text = _SCORES.sub("", card.text)
     at = text.find("\n## Run spec")
     text = text[:at] + table + text[at:] if at >= 0 else text + table
-    new = ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}")
-    atomic.write_text(d / NAME, str(new))
+    new = str(ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}"))
+    from pcbench.util.verify import sha256_bytes
+
+    outputs.record_rewrite(d, NAME, sha256_bytes(new.encode("utf-8")))  # its marker knows the new card first
+    atomic.write_text(d / NAME, new)
     return d / NAME
 
 

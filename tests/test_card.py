@@ -106,6 +106,40 @@ def test_scores_are_added_to_a_pcbench_models_card(tmp_path):
     assert card.add_scores(other, scores) is None and (other / card.NAME).read_text() == "# mine\n"
 
 
+def test_a_scored_card_still_verifies_and_keeps_the_exports_digest(tmp_path):
+    """`pcbench eval DIR` rewrites the card of a pcbench model: the model still verifies (a second
+    eval, `export`, the runs that load it), its recorded digest (what a run's final record names) is
+    unchanged, a card killed before its rewrite still verifies, and other damage is still named."""
+    from pcbench.util.verify import Damaged, sha256_bytes
+
+    spec = {"model": {"name": "gpt2-nano"}, "train": {"seed": 0}}
+    final = {"kind": "pretrain", "steps": 3, "tokens": 96, "train_loss_last100": 5.5, "heldout_loss": 5.75}
+    model = tmp_path / "model"
+    with outputs.staging(model) as tmp:
+        card.write(tmp, spec, final, "base-0123456789")
+        (tmp / "config.json").write_text("{}")
+        outputs.install(tmp, model, "model", "test")
+    digest = outputs.output_digest(outputs.verify_output(model))
+    before = (model / card.NAME).read_bytes()
+    scores = {"tasks": {"pcb_cloze": {"acc": 0.5}}, "primary": {"pcb_cloze": "acc"}, "average": 0.5,
+              "num_fewshot": 0, "limit": 4, "lm_eval_version": "0.4.13"}
+    for _ in range(2):
+        assert card.add_scores(model, scores) == model / card.NAME
+        assert outputs.output_digest(outputs.verify_output(model)) == digest  # a second eval, export, a run
+    assert (model / card.NAME).read_bytes() != before
+    (model / card.NAME).write_bytes(before)  # killed between the marker and the card: the old card
+    outputs.verify_output(model)
+    outputs.record_rewrite(model, card.NAME, sha256_bytes(b"other"))
+    outputs.verify_output(model)
+    (model / card.NAME).write_bytes(before.replace(b"pcbench", b"pcbench!", 1))
+    with pytest.raises(Damaged, match="README.md"):
+        outputs.verify_output(model)
+    (model / card.NAME).write_bytes(before)
+    (model / "config.json").write_text("{} ")
+    with pytest.raises(Damaged, match="config.json"):
+        outputs.verify_output(model)
+
+
 def test_a_users_readme_in_a_pcbench_model_is_kept(tmp_path):
     """A README.md the user wrote into a pcbench model is theirs: a new export keeps it (no card)."""
     staged, target = tmp_path / "staged", tmp_path / "model"

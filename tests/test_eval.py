@@ -134,6 +134,37 @@ def test_concurrent_builds_agree(private_cache, tmp_path):
     assert not [p for p in outs[0].iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_suite_writer_killed_midway_leaves_nothing_that_blocks_the_next(private_cache, tmp_path):
+    """`pcbench tasks --out DIR` SIGKILLed while writing: DIR is the whole suite or absent, and the
+    next build succeeds and leaves no temp dir; a suite an older pcbench was killed writing in place
+    (its `.lock` inside, no suite.json) is rebuilt, not refused."""
+    out = tmp_path / "killed"
+    code = ("import os, signal, sys\n"
+            "from pcbench.data import tasks\n"
+            "real, n = tasks.write_bytes, []\n"
+            "def dying(path, data):\n"
+            "    n.append(path)\n"
+            "    if len(n) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    real(path, data)\n"
+            "tasks.write_bytes = dying\n"
+            "tasks.build_tasks(__import__('pathlib').Path(sys.argv[1]))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    assert not out.exists()
+    assert tasks.build_tasks(out) == out.resolve() and read_json(out / "suite.json")["examples"] == tasks.EXAMPLES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ".lock").touch()
+    (old / "pcb_cloze.jsonl").write_text("half")
+    r = subprocess.run([sys.executable, "-m", "pcbench.cli", "tasks", "--out", str(old)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert read_json(old / "suite.json")["examples"] == tasks.EXAMPLES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "old"]
+
+
 def test_cloze_examples_are_well_formed(suite, addresses):
     rows = list(tasks.iter_examples(suite, "pcb_cloze"))
     assert len(rows) == tasks.EXAMPLES["pcb_cloze"] == 1000

@@ -128,6 +128,27 @@ def test_a_damaged_shard_is_named_and_redone(mirror, capsys):
     assert f"pcbench: warning: token store damaged: {b} (sha256 mismatch); rebuilding it" in err, err
 
 
+def test_a_reader_hashes_a_shard_never_hashed_here(mirror):
+    """`run --no-prepare` (no prepare stage hashed the shards) with the verified-cache cleared: a
+    shard damaged with its size kept is still named, not trained on."""
+    import shutil
+
+    from pcbench.util import verify
+    from pcbench.util.paths import cache_dir
+
+    p = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
+    b = p.path / "shards" / "00002.bin"
+    b.write_bytes(bytes(b.stat().st_size))  # zeros, the same size
+    shutil.rmtree(cache_dir() / "verified")
+    verify._memo.clear()
+    with pytest.raises(Damaged, match=f"token store damaged: {b} \\(sha256 mismatch"):
+        shards.open_store(C4)
+    shards.prepare_store(C4, need=10**9, workers=1, **QUIET)  # redone
+    verify._memo.clear()
+    shutil.rmtree(cache_dir() / "verified")
+    assert len(shards.open_store(C4)) == p.manifest["n_tokens"]  # intact shards: hashed once, opened
+
+
 def test_packaged_books_store_is_todays_token_stream_and_batches(prepared_stores):
     """The default study's corpus: the sharded store (prepared with 2 workers) is the one-process
     store's tokens, and the first batches of the default study's sampler are the same."""

@@ -292,3 +292,45 @@ def test_bad_spec_file_through_the_cli(tmp_path):
     r = run_cli(["pcbench.cli", "train", str(bad), "--out", str(tmp_path / "o")])
     assert r.returncode == 2 and "train.batch_sise" in r.stderr and "did you mean 'batch_size'" in r.stderr
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_work_identity_names_a_base_without_a_marker_by_its_files(tmp_path):
+    """A base checkpoint pcbench did not write (no marker) replaced in place: the run's work state
+    made from the old one no longer belongs to it (`work_identity` differs), so it is not resumed."""
+    from types import SimpleNamespace
+
+    from pcbench.train.loop import work_identity
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "arcee"}')
+    (base / "model.safetensors").write_bytes(b"A" * 64)
+    spec = spec_of(model={"name": "hf", "path": str(base)})
+    store = SimpleNamespace(path=tmp_path / "store-key", meta={"tokens_sha256": "0" * 64})
+    first = work_identity(spec, store, "lin")
+    assert first["base"] is not None and work_identity(spec, store, "lin") == first
+    (base / ".cache").mkdir()  # hidden files are not the model
+    (base / ".cache" / "x").write_text("x")
+    assert work_identity(spec, store, "lin") == first
+    (base / "model.safetensors").write_bytes(b"B" * 64)  # same size, other weights
+    assert work_identity(spec, store, "lin")["base"] != first["base"]
+
+
+def test_checkpoints_ahead_of_the_records_are_not_resumed(tmp_path, capfd):
+    """Records restored from an earlier copy (or deleted) while the work state went on: resuming
+    from a checkpoint past the records' last line would leave a gap in metrics.jsonl. Those
+    checkpoints are set aside with one line; the curve and losses are an uninterrupted run's."""
+    spec = spec_of()
+    p = paths(tmp_path, "a")
+    train(spec, p, progress=False)
+    full = losses(p)
+    lines = p.metrics.read_text().splitlines(keepends=True)
+    p.metrics.write_text("".join(lines[:8]))  # the records as an earlier copy had them: step 8
+    p.final.unlink()
+    capfd.readouterr()
+    train(spec, p, progress=False)
+    assert "ahead of the run's records" in capfd.readouterr().err
+    assert [r["step"] for r in read_jsonl(p.metrics)] == list(range(1, 25))
+    assert losses(p) == full
+    train(spec, p, progress=False)  # its own checkpoints: resumed, without a word
+    assert "ahead" not in capfd.readouterr().err and losses(p) == full

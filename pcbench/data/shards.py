@@ -43,7 +43,7 @@ from pcbench.data import corpora
 from pcbench.util.atomic import read_json, write_bytes, write_json
 from pcbench.util.errors import SpecError
 from pcbench.util.paths import cache_dir
-from pcbench.util.verify import Damaged, changed_since_hashed, record_digest, sha256_file, verify_file, warn
+from pcbench.util.verify import Damaged, hashed_as_is, record_digest, sha256_file, verify_file, warn
 
 FORMAT = "pcbench-shards/1"
 DOCS_PER_CALL = 1000  # documents per encode_batch call (as tokens.prepare_tokens)
@@ -248,7 +248,7 @@ def build_shard(ref: StoreRef, root: Path, i: int, files: list[corpora.SourceFil
     rec = {"shard": i, "files": [f.key for f in files], "sources": [_stamp(f) for f in files],
            "n_tokens": n_tokens, "n_documents": n_docs, "dtype": dtype.name, "sha256": h_bin.hexdigest(),
            "idx_sha256": h_idx.hexdigest(), "seconds": round(time.time() - t0, 3)}
-    record_digest(bin_, rec["sha256"])  # readers re-hash it only once it changes (`changed_since_hashed`)
+    record_digest(bin_, rec["sha256"])  # readers re-hash it only once it changes (`hashed_as_is`)
     record_digest(idx, rec["idx_sha256"])
     write_json(rec_path, rec)
     return rec
@@ -598,8 +598,9 @@ class ShardedStore:
                 raise SpecError("data", f"the token store {self.path} lost or truncated {bin_.name}: run "
                                 "`pcbench prepare GRID` again (it redoes the damaged shard)")
             # A shard this reader reads that changed since the prepare stage hashed it (which every
-            # run and train does first) is hashed again: its bytes must still be those recorded.
-            if start < n and changed_since_hashed(bin_):
+            # run and train does first), or that was never hashed here (`run --no-prepare`, a cleared
+            # verified-cache), is hashed now: its bytes must still be those recorded.
+            if start < n and not hashed_as_is(bin_):
                 try:
                     verify_file(bin_, s["sha256"], what="token store")
                 except Damaged as e:

@@ -337,8 +337,51 @@ def work_identity(spec: RunSpec, train_store, lineage: Optional[str]) -> dict:
     ident = {"lineage": lineage, "spec": sha256_json(to_dict(spec)), "data": train_store.path.name,
              "data_sha256": train_store.meta.get("tokens_sha256")}
     if spec.model.path and Path(spec.model.path).is_dir():
-        ident["base"] = outputs.output_digest(outputs.read_marker(spec.model.path))
+        base = outputs.output_digest(outputs.read_marker(spec.model.path))
+        if base is None:  # a checkpoint pcbench did not write: its files' own sha256 (cached per version)
+            base = sha256_json(_dir_files_sha256(Path(spec.model.path)))
+        ident["base"] = base
     return ident
+
+
+def _dir_files_sha256(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a model directory (hidden files and folders left
+    out): what names a base checkpoint that carries no pcbench marker, so one replaced in place
+    never resumes state made from the old one."""
+    from pcbench.util.verify import digest_files
+
+    rels = [str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return digest_files(root, rels)
+
+
+def _set_aside_checkpoints_ahead(paths: RunPaths, log_every: int) -> None:
+    """Checkpoints ahead of the run's records (records restored from an earlier copy, or deleted
+    while the work state was kept) are moved aside to `<work>/.stale/<when>/`, with one warning line:
+    resuming from one would leave the steps between the records' last line and it out of
+    `metrics.jsonl`. A checkpoint of step s is behind the records when their last line is at or
+    past s's last logging step (lines are appended before the checkpoint of the same step)."""
+    import secrets
+
+    ckpts = checkpoint.list_checkpoints(paths.ckpt)
+    if not ckpts:
+        return
+    last = max((r.get("step", 0) for r in read_jsonl(paths.metrics)), default=0) if paths.metrics.exists() else 0
+
+    def step_of(p: Path) -> int:
+        return int(p.name.split("_")[-1])
+
+    ahead = [p for p in ckpts if step_of(p) - step_of(p) % max(log_every, 1) > last]
+    if not ahead:
+        return
+    moved = paths.work / ".stale" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()) / secrets.token_hex(3) / "ckpt"
+    moved.mkdir(parents=True)
+    for p in ahead:
+        os.replace(p, moved / p.name)
+    left = [step_of(p) for p in ckpts if p not in ahead]
+    warn(f"{paths.ckpt}: checkpoints of step {', '.join(str(step_of(p)) for p in ahead)} are ahead of the run's "
+         f"records ({paths.metrics.name} ends at step {last}): moved aside to {moved}; "
+         + (f"resuming from step {max(left)}" if left else "training from the start"))
 
 
 def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name: Optional[str] = None,
@@ -398,6 +441,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     owner = sha256_json(ident)[:16]
     if env.main:
         claim_work(paths, ident, adopt=adopt or lineage is None, say=warn)
+        _set_aside_checkpoints_ahead(paths, tc.log_every)
     distributed.barrier(env)
     trainable, tokenizer, teacher, info = build_trainable(spec, paths, env.device, calibration)
     vocab = trainable.model.config.vocab_size

@@ -30,6 +30,9 @@ from pcbench.util.errors import SpecError
 MARKER = ".pcbench.json"
 KINDS = ("model", "report", "results", "work", "train", "compress-work", "tasks")
 HASHED = ("model",)  # kinds whose marker records the sha256 of every file (`verify_output`)
+REWRITABLE = ("README.md",)  # files of a hashed output pcbench may rewrite later (the card: `record_rewrite`)
+RESCORED = "rewritten"  # the marker key of their digests since
+_SUITE_FILE = re.compile(r"pcb_[a-z0-9_]+\.(?:jsonl|yaml)|pcbench_local\.yaml")
 _RUN_ID = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*-[0-9a-f]{10}")
 
 
@@ -102,6 +105,8 @@ def _legacy_kind(d: Path) -> Optional[str]:
         return "report"
     if (d / "suite.json").is_file():
         return "tasks"
+    if ".lock" in names and all(n == ".lock" or _SUITE_FILE.fullmatch(n) for n in names):
+        return "tasks"  # a suite an older pcbench was killed while writing in place (its lock inside)
     if (d / "runs").is_dir() or "events.jsonl" in names:
         return "results"
     visible = {n for n in names if not n.startswith(".")}
@@ -294,12 +299,35 @@ def verify_output(d: str | os.PathLike, what: str = "") -> Optional[dict]:
     """Check a pcbench output read back: every file its marker lists with a sha256 is intact
     (`verify.Damaged` names the first that is not). Returns the marker (None: no marker, nothing
     recorded to check against, e.g. a checkpoint pcbench did not write)."""
-    from pcbench.util.verify import verify_files
+    from pcbench.util.verify import Damaged, verify_file
 
     m = read_marker(d)
     if m is not None and isinstance(m.get("sha256"), dict):
-        verify_files(d, m["sha256"], what=what)
+        later = m.get(RESCORED) if isinstance(m.get(RESCORED), dict) else {}
+        for rel, digest in sorted(m["sha256"].items()):
+            try:
+                verify_file(Path(d) / rel, digest, what=what)
+            except Damaged:
+                if rel not in REWRITABLE or not isinstance(later.get(rel), str):
+                    raise
+                verify_file(Path(d) / rel, later[rel], what=what)  # as `record_rewrite` recorded it
     return m
+
+
+def record_rewrite(d: str | os.PathLike, rel: str, digest: str) -> None:
+    """Record that pcbench is about to rewrite `rel` (a `REWRITABLE` file: the model card, which
+    `pcbench eval DIR` gives its scores) in the output `d` as bytes of sha256 `digest`. Called
+    before the file is replaced, so a writer killed in between leaves a file that matches either
+    digest. The written table (`sha256`, what a run's record names by `output_digest`) is kept."""
+    from pcbench.util.atomic import write_json
+
+    assert rel in REWRITABLE, rel
+    m = read_marker(d)
+    if m is None or rel not in (m.get("sha256") or {}):
+        return
+    later = dict(m.get(RESCORED) or {})
+    later[rel] = digest
+    write_json(Path(d) / MARKER, {**m, RESCORED: later})
 
 
 def output_digest(marker: Optional[dict]) -> Optional[str]:

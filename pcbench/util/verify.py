@@ -153,17 +153,14 @@ def record_digest(path: str | os.PathLike, sha256: str) -> None:
     _remember(path, _version(path.stat()), sha256)
 
 
-def changed_since_hashed(path: str | os.PathLike) -> bool:
-    """Whether `path` was hashed here (a verified-cache entry) as another version of the file (size,
-    mtime or ctime since): a cheap test for a hot path whose files a slower stage verified."""
+def hashed_as_is(path: str | os.PathLike) -> bool:
+    """Whether this version of the file at `path` was hashed here before (this process, or an entry
+    of the verified-cache): a reader that finds it was not must hash it (`verify_file`), as the
+    stage that should have (e.g. `pcbench prepare`) may not have run, or its entries were cleared."""
     path = Path(os.path.abspath(path))
-    entry = _entry(path)
-    if entry is None:
-        return False
     try:
-        rec = read_sealed_json(entry)
-        return rec.get("path") == str(path) and rec.get("version") != list(_version(path.stat()))
-    except (OSError, ValueError, AttributeError, Damaged):
+        return _cached(path, _version(path.stat())) is not None
+    except OSError:
         return False
 
 

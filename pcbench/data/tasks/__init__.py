@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from pcbench.data import corpora
+from pcbench.util import outputs
 from pcbench.util.atomic import file_lock, write_bytes, write_json
 from pcbench.util.paths import cache_dir
 from pcbench.util.verify import Damaged, verify_files, warn
@@ -326,7 +327,9 @@ def build_tasks(out: Optional[Path] = None) -> Path:
     out = Path(out if out is not None else cache_dir() / "lm_eval_tasks" / key).resolve()
     if _complete(out, key, say=True):
         return out
-    with file_lock(out / ".lock"):
+    locks = cache_dir() / "lm_eval_tasks"  # not inside `out` (a writer killed would leave it there)
+    locks.mkdir(parents=True, exist_ok=True)
+    with file_lock(locks / f".{_sha(str(out).encode('utf-8'))[:16]}.lock"):
         if _complete(out, key):
             return out
         files = _render(out)
@@ -334,10 +337,12 @@ def build_tasks(out: Optional[Path] = None) -> Path:
         for t, n in counts.items():
             if n != EXAMPLES[t]:
                 raise RuntimeError(f"task {t}: the sotu corpus gave {n} examples, want {EXAMPLES[t]}")
-        for name, data in files.items():
-            write_bytes(out / name, data)
-        write_json(out / "suite.json", {"format": FORMAT, "key": key, "source": "sotu/test",
-                                        "examples": counts, "files": {n: _sha(d) for n, d in files.items()}})
+        with outputs.staging(out) as tmp:  # built beside and swapped in whole (`util.outputs`)
+            for name, data in files.items():
+                write_bytes(tmp / name, data)
+            write_json(tmp / "suite.json", {"format": FORMAT, "key": key, "source": "sotu/test",
+                                            "examples": counts, "files": {n: _sha(d) for n, d in files.items()}})
+            outputs.install(tmp, out, "tasks", "task suite")
     return out
 
 
