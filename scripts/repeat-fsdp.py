@@ -14,6 +14,10 @@ so a repetition takes a fraction of the whole test.
                       # would have handed the block out again, which glibc's own checks miss)
   ... --check glibc   # glibc's debug malloc (MALLOC_CHECK_=3): also a write past a block's end,
                       # from any library, caught at the block's free
+  ... --check valgrind  # each rank under valgrind's memcheck (a different, serialised thread
+                      # schedule; PYTHONMALLOC=malloc): every free of a block not allocated or
+                      # already freed, and every read or write into a freed block, counted as a crash
+                      # (ld.so's known over-reads are not); about 100x slower (--timeout 3600)
   ... --inject double-free  # the positive controls, in each rank before it exits: a block freed
                       # twice, the kind glibc misses (--check asan must count every repetition a crash)
   ... --inject overrun      # a byte written past a tensor's end (--check glibc must)
@@ -50,6 +54,24 @@ MARKER = ".repeat-fsdp"  # in each --out folder the script made
 CHECKS = {"none": {}, "glibc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
                                 "GLIBC_TUNABLES": "glibc.malloc.check=3"}}
 ASAN_OPTIONS = "detect_leaks=0:halt_on_error=1:alloc_dealloc_mismatch=0"
+VALGRIND = ["valgrind", "--tool=memcheck", "--undef-value-errors=no", "--leak-check=no", "--fair-sched=yes",
+            "--error-limit=no", "--num-callers=30"]
+
+
+def valgrind_errors(text: str) -> list[str]:
+    """memcheck's reports of a heap misuse in `text`: an invalid or double free, or a read or write
+    inside a freed block (one string each; an error of ld.so's string functions is not one)."""
+    errors, block = [], []
+    for line in text.splitlines() + [""]:
+        m = re.match(r"==\d+== ?(.*)", line)
+        if m and m.group(1).strip():
+            block.append(m.group(1))
+            continue
+        if block and (re.match(r"Invalid free|Mismatched free", block[0])
+                      or (block[0].startswith("Invalid ") and any("free'd" in b for b in block))):
+            errors.append("\n".join(block))
+        block = []
+    return errors
 
 # The positive control (--inject): imported by every rank through PYTHONPATH.
 INJECT = """
@@ -156,7 +178,7 @@ def main() -> int:
     ap.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
                     help="the pcbench checkout the ranks run (PYTHONPATH)")
     ap.add_argument("--stress", type=int, default=0, help="busy-looping processes beside the ranks")
-    ap.add_argument("--check", choices=["none", "asan", "glibc"], default="none",
+    ap.add_argument("--check", choices=["none", "asan", "glibc", "valgrind"], default="none",
                     help="a heap checker in the ranks (module docstring)")
     ap.add_argument("--inject", choices=["double-free", "overrun"], help="a positive control in each rank")
     ap.add_argument("--sigterm-after", type=int, metavar="STEPS",
@@ -173,7 +195,8 @@ def main() -> int:
     spec_file, ref = prepare(a.out / "prep", a.method)
     if a.sigterm_after:
         spec_file = spec_file.with_name("stop.yaml")
-    env = {**os.environ, "PYTHONPATH": str(a.code.resolve()), "OMP_NUM_THREADS": "1", **check_env(a.check)}
+    env = {**os.environ, "PYTHONPATH": str(a.code.resolve()), "OMP_NUM_THREADS": "1",
+           **(check_env(a.check) if a.check != "valgrind" else {"PYTHONMALLOC": "malloc"})}
     if a.inject:
         site = a.out / "inject"
         site.mkdir(exist_ok=True)
@@ -198,9 +221,10 @@ def main() -> int:
             # With --sigterm-after the shell outlives torchrun's SIGTERM (sent once a rank exits 143), so
             # the other rank's own exit status is logged too.
             trap = 'trap ":" TERM; ' if a.sigterm_after else ""
+            under = " ".join(VALGRIND + [f"--log-file={logs}/valgrind.%p.log"]) + " " if a.check == "valgrind" else ""
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                    "--log-dir", str(logs), "--redirects", "3", "--no-python", "bash", "-c",
-                   f'{trap}"{sys.executable}" -u -m pcbench.cli "$@"; rc=$?; echo "[rank $RANK] exit status $rc" >&2; exit $rc',
+                   f'{trap}{under}"{sys.executable}" -u -m pcbench.cli "$@"; rc=$?; echo "[rank $RANK] exit status $rc" >&2; exit $rc',
                    "rank", "train", str(spec_file), "--out", str(run)]
             t0 = time.time()
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -230,11 +254,13 @@ def main() -> int:
             if metrics.exists():
                 got = [json.loads(ln)["loss"] for ln in metrics.read_text().splitlines() if ln.strip()]
             same = got is not None and len(got) == len(ref) and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(got, ref))
+            heap = HEAP.search(re.sub(r"exit status 143|exitcode\s*:\s*(?:-15|143)", "", log) if a.sigterm_after else log)
+            if a.check == "valgrind" and not heap:
+                misuse = valgrind_errors(log)
+                heap = re.search(re.escape(misuse[0].splitlines()[0]), log) if misuse else None
             if a.sigterm_after:  # exit status 143 is the expected end here, any other signal a crash
-                heap = HEAP.search(re.sub(r"exit status 143|exitcode\s*:\s*(?:-15|143)", "", log))
                 kind = "ok" if stopped_together(log) and not heap else "crash" if heap else "fail"
             else:
-                heap = HEAP.search(log)
                 kind = "ok" if rc == 0 and same and not heap else "crash" if heap else "fail"
             counts[kind] += 1
             (a.out / f"run{i:03d}.log").write_text(log) if kind != "ok" else None
