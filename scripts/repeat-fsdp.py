@@ -117,6 +117,11 @@ def spec(base: Path | None, method: str) -> dict:
     return spec_dict(base, method) if base else spec_dict(train={"steps": 16})
 
 
+def _commit(code: Path) -> str | None:
+    r = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
 def busy() -> None:  # pragma: no cover - a stress process
     x = 0
     while True:
@@ -185,6 +190,7 @@ def main() -> int:
                     help="SIGTERM both ranks once STEPS steps are logged (module docstring)")
     ap.add_argument("--timeout", type=float, default=400, help="seconds before a repetition counts as hung (its ranks' stacks are logged)")
     a = ap.parse_args()
+    a.out, a.code = a.out.resolve(), a.code.resolve()
     mine = a.out / MARKER  # a folder this script made: its runNNN files may be replaced
     if a.out.exists() and (not a.out.is_dir() or (any(a.out.iterdir()) and not mine.exists())):
         print(f"repeat-fsdp: error: --out {a.out} is a file or a folder of other files: "
@@ -210,6 +216,7 @@ def main() -> int:
     for h in hogs:
         h.start()
     counts = {"ok": 0, "crash": 0, "fail": 0}
+    imported: set[str] = set()  # where the ranks' pcbench came from (must be --code's)
     secs = []
     try:
         for i in range(a.n):
@@ -224,11 +231,14 @@ def main() -> int:
             under = " ".join(VALGRIND + [f"--log-file={logs}/valgrind.%p.log"]) + " " if a.check == "valgrind" else ""
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                    "--log-dir", str(logs), "--redirects", "3", "--no-python", "bash", "-c",
-                   f'{trap}{under}"{sys.executable}" -u -m pcbench.cli "$@"; rc=$?; echo "[rank $RANK] exit status $rc" >&2; exit $rc',
+                   f'{trap}"{sys.executable}" -c "import pcbench; print(\'[rank $RANK] pcbench from\', pcbench.__file__)" >&2; '
+                   f'{under}"{sys.executable}" -u -m pcbench.cli "$@"; rc=$?; echo "[rank $RANK] exit status $rc" >&2; exit $rc',
                    "rank", "train", str(spec_file), "--out", str(run)]
             t0 = time.time()
+            # In the checkout: `python -m` puts the working directory first on sys.path, before
+            # PYTHONPATH, so ranks started elsewhere (e.g. in this tree) would import that pcbench.
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True)
+                                    start_new_session=True, cwd=a.code)
             if a.sigterm_after:
                 stop_ranks(run, spec_file, proc, a.sigterm_after, a.timeout)
             try:
@@ -263,6 +273,11 @@ def main() -> int:
             else:
                 kind = "ok" if rc == 0 and same and not heap else "crash" if heap else "fail"
             counts[kind] += 1
+            imported.update(re.findall(r"pcbench from (\S+)", log))
+            if any(not f.startswith(f"{a.code}/") for f in imported):
+                print(f"repeat-fsdp: error: the ranks imported pcbench from {sorted(imported)}, not --code {a.code}",
+                      file=sys.stderr)
+                return 2
             (a.out / f"run{i:03d}.log").write_text(log) if kind != "ok" else None
             sig = heap.group(0) if heap else ""
             print(f"{i:3d} {kind:5s} rc={rc} {secs[-1]:.1f}s {sig}", flush=True)
@@ -272,7 +287,8 @@ def main() -> int:
             h.kill()
     summary = {**counts, "n": a.n, "method": a.method, "check": a.check, "inject": a.inject,
                "sigterm_after": a.sigterm_after, "env": a.env,
-               "unset": a.unset, "stress": a.stress, "code": str(a.code),
+               "unset": a.unset, "stress": a.stress, "code": str(a.code), "commit": _commit(a.code),
+               "ranks_imported": sorted(imported),
                "median_s": sorted(secs)[len(secs) // 2] if secs else None}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary), flush=True)
