@@ -248,8 +248,24 @@ def cmd_train(args) -> int:
                 "no checkpoint (train.ckpt_every: 0), the same command starts again"
             _say(f"pcbench: {e}; {kept}")
             return e.exit_code
-    print(json.dumps({k: rec[k] for k in ("train_loss_last100", "heldout_loss", "export_path") if k in rec}))
+    if _main_rank():  # the other ranks' records lack the export and its held-out loss (NaN there)
+        print(json.dumps({k: _finite_or_none(rec[k]) for k in ("train_loss_last100", "heldout_loss", "export_path")
+                          if k in rec}))
     return 0
+
+
+def _main_rank() -> bool:
+    """Whether this process is rank 0 (or alone): the one that prints a command's result."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _finite_or_none(v):
+    """`v`, or None for a NaN/inf float (JSON has neither: a summary line stays valid JSON)."""
+    import math
+
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _spec_from_flags(cls: type, args, where: str, fields: dict):

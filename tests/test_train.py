@@ -334,3 +334,28 @@ def test_checkpoints_ahead_of_the_records_are_not_resumed(tmp_path, capfd):
     assert losses(p) == full
     train(spec, p, progress=False)  # its own checkpoints: resumed, without a word
     assert "ahead" not in capfd.readouterr().err and losses(p) == full
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_train_summary_line_only_from_the_main_rank(rank, tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank runs `pcbench train`; only rank 0 has the export and the held-out
+    loss (NaN elsewhere), so only it prints the summary line, and that line is valid JSON."""
+    import math
+
+    from pcbench import cli
+    from pcbench.run import prepare
+    from pcbench.train import loop
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(BASE_SPEC))
+    rec = {"train_loss_last100": 5.0, "heldout_loss": math.nan} | ({"export_path": "m"} if rank == "0" else {})
+    monkeypatch.setattr(prepare, "prepare_spec", lambda spec: [])
+    monkeypatch.setattr(loop, "train", lambda *a, **k: rec)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["train", str(spec), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    if rank == "1":
+        assert out == ""
+    else:
+        assert json.loads(out) == {"train_loss_last100": 5.0, "heldout_loss": None, "export_path": "m"}
