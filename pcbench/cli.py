@@ -222,7 +222,7 @@ def cmd_train(args) -> int:
 
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, track=args.track))
     if spec.model.path:
-        preflight.check_model_dir(spec.model.path, "model.path", tokenizer=spec.data.tokenizer == "model")
+        _check_model(spec.model.path, "model.path", tokenizer=spec.data.tokenizer == "model")
     if spec.compress is not None:
         config = preflight.base_config(spec.model, spec.data.tokenizer, spec.data.seq_len)
         if config is not None:
@@ -295,7 +295,7 @@ def cmd_compress(args) -> int:
     if args.base in PRESETS and PRESETS[args.base].weights not in (None, "path"):
         model = {"model.name": args.base}
     elif Path(args.base).exists():
-        preflight.check_model_dir(args.base, "--base", hub_ok=False, tokenizer=args.tokenizer == "model")
+        _check_model(args.base, "--base", hub_ok=False, tokenizer=args.tokenizer == "model")
         model = {"model.name": "hf", "model.path": str(Path(args.base).resolve())}
     else:
         raise SpecError("--base", f"{args.base!r} is neither a checkpoint directory nor a preset "
@@ -344,20 +344,27 @@ def _fresh_compress_state(work: Path, spec) -> None:
     outputs.write_marker(work, "compress-work", spec=key)
 
 
-def cmd_eval(args) -> int:
+def _check_model(path: str, field: str, **kw) -> None:
+    """A checkpoint named on the command line or in a spec (`field`) is whole (`check_model_dir`,
+    `kw` its options) and, a pcbench model, has the files its marker recorded: a damaged one is bad
+    input (`SpecError`, rc 2), refused before torch is imported."""
     from pcbench.run import preflight
+    from pcbench.util.outputs import verify_output
+    from pcbench.util.verify import Damaged
+
+    preflight.check_model_dir(path, field, **kw)
+    if Path(path).is_dir():
+        try:
+            verify_output(path, "model")
+        except Damaged as e:
+            raise SpecError(field, str(e)) from None
+
+
+def cmd_eval(args) -> int:
     from pcbench.spec.config import EvalSpec
 
     spec = _spec_from_flags(EvalSpec, args, "eval", {"model": args.model})
-    preflight.check_model_dir(args.model, "model", hub_ok=False, tokenizer=True)  # before torch is imported
-    if Path(args.model).is_dir():  # a pcbench model: its files as recorded, by sha256
-        from pcbench.util.outputs import verify_output
-        from pcbench.util.verify import Damaged
-
-        try:
-            verify_output(args.model, "model")
-        except Damaged as e:  # the model named on the command line: bad input (rc 2)
-            raise SpecError("eval", str(e)) from None
+    _check_model(args.model, "model", hub_ok=False, tokenizer=True)  # before torch is imported
     from pcbench.evaluate import lm_eval_scores
 
     try:

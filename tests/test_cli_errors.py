@@ -412,3 +412,28 @@ def test_sbatch_accepts_a_good_request(tmp_path, slurm_cluster):
     grid = write_grid(tmp_path)
     rc, out, err = cli("run", grid, "--executor", "slurm", "--dry-run", "--results", tmp_path / "r")
     assert rc == 0 and "checks before the first job: ok" in out, err
+
+
+@pytest.mark.parametrize("cmd", ["eval", "compress", "train"])
+def test_damaged_pcbench_model_named_as_input_is_bad_input(tmp_path, base_model, cmd):
+    """A flipped byte in a pcbench model (whole otherwise: same size, valid header) named on the
+    command line or in a train spec: refused before any work as bad input (exit 2), naming the file."""
+    model = tmp_path / "model"
+    shutil.copytree(base_model, model)
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    if cmd == "eval":
+        rc, out, err = cli("eval", model, "--limit", "2")
+    elif cmd == "compress":
+        rc, out, err = cli(*compress_args(model, tmp_path / "out"))
+    else:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"model": {"name": "hf", "path": str(model)}, "data": {"tokenizer": "model"},
+                                        "train": {"steps": 2}}))
+        rc, out, err = cli("train", spec, "--out", tmp_path / "out")
+    assert rc == 2, err
+    refused(rc, err, f"{weights} (sha256 mismatch)")
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
