@@ -23,7 +23,8 @@ exported model): `parse_ref` is its only parser, `Store.resolve_ref` turns it in
 
 Every file is written atomically; appends are locked, so many array tasks can write at once.
 Reports read this store and nothing else. Reading is tolerant: an unreadable (truncated, empty) record
-is logged once with its path, read as absent, and `health` never calls such a run completed.
+is named once in a warning line (`pcbench: warning: damaged record PATH: why`), read as absent, and
+`health` never calls such a run completed.
 
 May import: `spec`, `util` (torch-free). Imported by `grid`, `report`, `evaluate`, `train`, `run`.
 """
@@ -31,7 +32,6 @@ May import: `spec`, `util` (torch-free). Imported by `grid`, `report`, `evaluate
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import socket
@@ -44,9 +44,7 @@ from typing import Any, Optional
 from pcbench.util.atomic import OwnerLock, append_jsonl, lock_holder, read_jsonl, try_owner_lock, write_json
 from pcbench.spec.config import SpecError
 from pcbench.util.outputs import output_digest, verify_output
-from pcbench.util.verify import Damaged
-
-log = logging.getLogger(__name__)
+from pcbench.util.verify import Damaged, warn
 
 # Every state of a run, in the order reports list them. `damaged` and `lost` are never written: readers
 # derive them (`Store.health`: unreadable records; `liveness.Liveness`: its process or job is gone).
@@ -143,7 +141,7 @@ def claim_work(paths: RunPaths, ident: dict, *, adopt: bool = False, say=None) -
 
 def read_record(path: str | os.PathLike, problems: Optional[list[str]] = None) -> Optional[dict]:
     """A JSON record, or None when it is absent or unreadable; an unreadable one is described in
-    `problems` ("PATH: why") and logged once per process (per file version)."""
+    `problems` ("PATH: why") and named in one warning line once per process (per file version)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -165,7 +163,7 @@ def read_record(path: str | os.PathLike, problems: Optional[list[str]] = None) -
 
 
 def read_lines(path: str | os.PathLike, problems: Optional[list[str]] = None) -> list[dict]:
-    """A JSON-lines record; unreadable lines are skipped, described in `problems` and logged once."""
+    """A JSON-lines record; unreadable lines are skipped, described in `problems` and named once."""
     found: list[str] = []
     out = read_jsonl(path, found)
     for why in found:
@@ -190,7 +188,7 @@ def _damaged(path: Path, why: str, problems: Optional[list[str]]) -> None:
         key = (str(path), why)
     if key not in _warned:
         _warned.add(key)
-        log.warning("damaged record %s", msg)
+        warn(f"damaged record {msg}")
 
 
 class Store:
