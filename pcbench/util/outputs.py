@@ -5,9 +5,11 @@ Kinds: `model` (an exported HF checkpoint: `train.export_model`, `pcbench compre
 (`<work>/<grid>/`), `train` (`pcbench train --out`), `compress-work` (the scratch state of
 `pcbench compress`, `<out>.pcbench/`) and `tasks` (the lm-eval suite, `pcbench tasks --out`).
 
-An output carries a marker, `.pcbench.json` = {"kind", "files"} (`files`: the relative paths
-pcbench wrote there, when it replaces them as a set), or is recognisable from what older
-versions wrote (a report's REPORT.md heading, a store's `runs/`, a suite's `suite.json`).
+An output carries a marker, `.pcbench.json` = {"kind", "files", "marker_sha256"} (`files`: the
+relative paths pcbench wrote there, when it replaces them as a set; `marker_sha256`: the marker's
+own seal, so a damaged marker is named as itself, not as a file it lists), or is recognisable
+from what older versions wrote (a report's REPORT.md heading, a store's `runs/`, a suite's
+`suite.json`).
 
 The rule, for every command that writes: a target that does not exist or is an empty directory
 may be written; a pcbench output of the same kind may be written into (its own files replaced,
@@ -32,6 +34,7 @@ KINDS = ("model", "report", "results", "work", "train", "compress-work", "tasks"
 HASHED = ("model",)  # kinds whose marker records the sha256 of every file (`verify_output`)
 REWRITABLE = ("README.md",)  # files of a hashed output pcbench may rewrite later (the card: `record_rewrite`)
 RESCORED = "rewritten"  # the marker key of their digests since
+SEAL = "marker_sha256"  # the marker key of the sha256 of the marker itself (`verify_output` checks it)
 _SUITE_FILE = re.compile(r"pcb_[a-z0-9_]+\.(?:jsonl|yaml)|pcbench_local\.yaml")
 _RUN_ID = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*-[0-9a-f]{10}")
 
@@ -60,7 +63,8 @@ def check_dir_path(path: str | os.PathLike, what: str) -> Path:
 
 
 def read_marker(d: str | os.PathLike) -> Optional[dict]:
-    """The marker of output directory `d`, or None (missing or unreadable)."""
+    """The marker of output directory `d`, or None (missing or unreadable; `verify_output` names
+    a damaged one)."""
     try:
         m = json.loads((Path(d) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -68,16 +72,30 @@ def read_marker(d: str | os.PathLike) -> Optional[dict]:
     return m if isinstance(m, dict) and m.get("kind") in KINDS else None
 
 
+def _seal(rec: dict) -> str:
+    """The sha256 of a marker's content (all but its seal, canonical JSON)."""
+    from pcbench.util.verify import sha256_json
+
+    return sha256_json({k: v for k, v in rec.items() if k != SEAL})
+
+
+def _write_sealed(d: str | os.PathLike, rec: dict) -> None:
+    """Write marker `rec` into `d` atomically, sealed with its own sha256 (`SEAL`)."""
+    from pcbench.util.atomic import write_json
+
+    rec = {k: v for k, v in rec.items() if k != SEAL}
+    write_json(Path(d) / MARKER, {**rec, SEAL: _seal(rec)})
+
+
 def write_marker(d: str | os.PathLike, kind: str, files: Optional[list[str]] = None, **extra) -> None:
     """Mark `d` as a pcbench output of `kind` that holds `files` (relative paths)."""
     from pcbench import __version__
-    from pcbench.util.atomic import write_json
 
     assert kind in KINDS, kind
     rec = {"kind": kind, "pcbench": __version__, **extra}
     if files is not None:
         rec["files"] = sorted(files)
-    write_json(Path(d) / MARKER, rec)
+    _write_sealed(d, rec)
 
 
 def _report_legacy_files(d: Path) -> Optional[list[str]]:
@@ -295,13 +313,36 @@ def _install_files(staged: Path, target: Path, files: list[str], what: str) -> P
     return target
 
 
+def _checked_marker(d: str | os.PathLike, what: str) -> Optional[dict]:
+    """The marker of `d` (None: there is none), `verify.Damaged` naming the marker when it is not
+    valid JSON, not a pcbench marker, or no longer matches its seal (markers written before seals:
+    read as they are)."""
+    from pcbench.util.verify import Damaged
+
+    path = Path(d) / MARKER
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        m = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        raise Damaged(path, "not valid JSON", what) from None
+    if not isinstance(m, dict) or m.get("kind") not in KINDS:
+        raise Damaged(path, "not a pcbench marker", what)
+    if SEAL in m and m[SEAL] != _seal(m):
+        raise Damaged(path, "sha256 mismatch", what)
+    return m
+
+
 def verify_output(d: str | os.PathLike, what: str = "") -> Optional[dict]:
-    """Check a pcbench output read back: every file its marker lists with a sha256 is intact
-    (`verify.Damaged` names the first that is not). Returns the marker (None: no marker, nothing
-    recorded to check against, e.g. a checkpoint pcbench did not write)."""
+    """Check a pcbench output read back: its marker is intact (sealed) and every file it lists with
+    a sha256 is too (`verify.Damaged` names the marker, or the first file, that is not). Returns the
+    marker (None: no marker, nothing recorded to check against, e.g. a checkpoint pcbench did not
+    write)."""
     from pcbench.util.verify import Damaged, verify_file
 
-    m = read_marker(d)
+    m = _checked_marker(d, what)
     if m is not None and isinstance(m.get("sha256"), dict):
         later = m.get(RESCORED) if isinstance(m.get(RESCORED), dict) else {}
         for rel, digest in sorted(m["sha256"].items()):
@@ -318,16 +359,15 @@ def record_rewrite(d: str | os.PathLike, rel: str, digest: str) -> None:
     """Record that pcbench is about to rewrite `rel` (a `REWRITABLE` file: the model card, which
     `pcbench eval DIR` gives its scores) in the output `d` as bytes of sha256 `digest`. Called
     before the file is replaced, so a writer killed in between leaves a file that matches either
-    digest. The written table (`sha256`, what a run's record names by `output_digest`) is kept."""
-    from pcbench.util.atomic import write_json
-
+    digest. The written table (`sha256`, what a run's record names by `output_digest`) is kept,
+    and the marker sealed again."""
     assert rel in REWRITABLE, rel
     m = read_marker(d)
     if m is None or rel not in (m.get("sha256") or {}):
         return
     later = dict(m.get(RESCORED) or {})
     later[rel] = digest
-    write_json(Path(d) / MARKER, {**m, RESCORED: later})
+    _write_sealed(d, {**m, RESCORED: later})
 
 
 def output_digest(marker: Optional[dict]) -> Optional[str]:
