@@ -359,3 +359,24 @@ def test_train_summary_line_only_from_the_main_rank(rank, tmp_path, monkeypatch,
         assert out == ""
     else:
         assert json.loads(out) == {"train_loss_last100": 5.0, "heldout_loss": None, "export_path": "m"}
+
+
+@pytest.mark.parametrize("ckpt_every", [0, 2])
+def test_a_run_that_starts_over_moves_the_earlier_records_aside(tmp_path, ckpt_every, capfd):
+    """`train A --out t` completes, then `train B --out t` (another spec, which diverges): B starts
+    over, and A's final record and metric lines are moved aside with A's state, so the records
+    never hold A's final loss beside B's curve (with or without checkpoints to move)."""
+    a = spec_of(train={"steps": 4, "ckpt_every": ckpt_every})
+    b = spec_of(optim={"lr": 1e30, "warmup": 0, "grad_clip": 0.0}, train={"steps": 40, "ckpt_every": ckpt_every})
+    t = tmp_path / "t"  # as `pcbench train --out t` lays it out (the export outside the work state)
+    p = RunPaths(record=t / "record", work=t / "work", export=t / "model")
+    rec_a = train(a, p, progress=False)
+    capfd.readouterr()
+    with pytest.raises(NonFiniteLoss):
+        train(b, p, progress=False)
+    assert not p.final.exists()  # no final record: B failed, A's is not B's
+    aside = list((p.work / ".stale").glob("*/*/record/final.json"))
+    assert len(aside) == 1 and json.loads(aside[0].read_text())["train_loss_last100"] == rec_a["train_loss_last100"]
+    assert len(read_jsonl(aside[0].parent / "metrics.jsonl")) == 4  # A's curve, whole
+    err = capfd.readouterr().err
+    assert err.count("records of the earlier run") == 1 and "pcbench: warning:" in err, err

@@ -355,6 +355,24 @@ def _dir_files_sha256(root: Path) -> dict[str, str]:
     return digest_files(root, rels)
 
 
+def _set_aside_records(paths: RunPaths, moved: Optional[Path]) -> None:
+    """A run that starts over (its work state belonged to another spec, data or lineage: moved aside
+    to `moved`, or there was none to move) moves the records that state left (the final record,
+    metric and recovery lines) aside beside it, with one warning line: the records never mix two runs."""
+    import secrets
+
+    old = [p for p in (paths.final, paths.metrics, paths.recovery) if p.exists()]
+    if not old:
+        return
+    if moved is None:
+        moved = paths.work / ".stale" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()) / secrets.token_hex(3)
+    (moved / "record").mkdir(parents=True, exist_ok=True)
+    for p in old:
+        os.replace(p, moved / "record" / p.name)
+    warn(f"{paths.record}: records of the earlier run ({', '.join(p.name for p in old)}) moved aside to "
+         f"{moved / 'record'}; this run starts over")
+
+
 def _set_aside_checkpoints_ahead(paths: RunPaths, log_every: int) -> None:
     """Checkpoints ahead of the run's records (records restored from an earlier copy, or deleted
     while the work state was kept) are moved aside to `<work>/.stale/<when>/`, with one warning line:
@@ -434,13 +452,16 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         cal = Batches(train_store, dc.seq_len, seed=spec.compress.importance_seed + 7919)
         return [cal.get(i, micro)[:, :-1] for i in range(spec.compress.calibration_batches)]
 
-    from pcbench.store import claim_work
+    from pcbench.store import claim_work, read_record
     from pcbench.util.verify import sha256_json
 
     ident = work_identity(spec, train_store, lineage)
     owner = sha256_json(ident)[:16]
     if env.main:
-        claim_work(paths, ident, adopt=adopt or lineage is None, say=warn)
+        prior = read_record(paths.owner) if paths.owner.exists() else None
+        moved = claim_work(paths, ident, adopt=adopt or lineage is None, say=warn)
+        if moved is not None or (prior is not None and prior != ident):  # the run starts over
+            _set_aside_records(paths, moved)
         _set_aside_checkpoints_ahead(paths, tc.log_every)
     distributed.barrier(env)
     trainable, tokenizer, teacher, info = build_trainable(spec, paths, env.device, calibration)
