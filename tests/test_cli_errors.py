@@ -437,3 +437,19 @@ def test_damaged_pcbench_model_named_as_input_is_bad_input(tmp_path, base_model,
     refused(rc, err, f"{weights} (sha256 mismatch)")
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_creates_no_work_directory(tmp_path, monkeypatch):
+    """`run --dry-run` touches nothing: $PCBENCH_WORK (missing) is checked, not created; a work root
+    that could not be created is still named."""
+    grid = write_grid(tmp_path)
+    work = tmp_path / "deep" / "work"
+    monkeypatch.setenv("PCBENCH_WORK", str(work))
+    rc, out, err = cli("run", grid, "--dry-run", "--results", tmp_path / "results")
+    assert rc == 0, err
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "results").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    monkeypatch.setenv("PCBENCH_WORK", str(afile / "work"))
+    rc, out, err = cli("run", grid, "--dry-run", "--results", tmp_path / "results")
+    refused(rc, err, "PCBENCH_WORK", "lies under a file")
