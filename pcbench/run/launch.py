@@ -20,6 +20,7 @@ own export paths).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -79,10 +80,31 @@ def plan_submission(grid: Grid, store: Store, only: Optional[str] = None,
                       "lost": f"lost ({detail}): resume",
                       "damaged": f"damaged {brief(detail)}: rerun (resumes from its checkpoint if its records own it)",
                       }.get(state, f"{state}: resume")
+            if reason.endswith("resume") and _state_elsewhere(store, run.id):
+                reason = f"{state}: starts over (its work state is under another results path)"
             out.append(Decision(run, "submit", reason))
     _rerun_lost_exports(out, store)
     sweep.hold(out, sweep.waiting_runs(grid, lines))
     return out
+
+
+def _state_elsewhere(store: Store, run_id: str) -> bool:
+    """A run to resume with no work state here, whose records' lineage owns state in the work dir of
+    another results path (the results dir was moved or copied: the work key hashes its path): it
+    starts over, said in one warning line (by `run` and its `--dry-run` alike)."""
+    from pcbench.store import read_record
+    from pcbench.util.verify import warn
+
+    here = store.paths(run_id).work
+    lineage = store.status(run_id).get("lineage")
+    if store.work is None or lineage is None or here.exists():
+        return False
+    for owner in sorted(store.work.parent.glob(f"{glob.escape(store.root.name)}-*/{glob.escape(run_id)}/owner.json")):
+        if (read_record(owner) or {}).get("lineage") == lineage:
+            warn(f"{run_id}: its work state is at {owner.parent}, made for another results path "
+                 f"(the work dir is keyed by the results path), not at {here}: the run starts over from step 0")
+            return True
+    return False
 
 
 def _export_missing(store: Store, run_id: str) -> Optional[str]:
