@@ -329,6 +329,27 @@ def test_non_finite_numbers_in_a_grid_are_refused(tmp_path, field, value):
     assert not results.exists()
 
 
+@pytest.mark.parametrize("field,value", [("optim.eps", "-1"), ("optim.eps", "0"), ("optim.eps", "1e-400"),
+                                         ("train.seed", "-1"), ("train.seed", "4294967296"),
+                                         ("train.data_seed", "-1"), ("compress.importance_seed", "-1")])
+def test_numbers_the_job_would_refuse_are_refused_before_it(tmp_path, field, value):
+    """An AdamW eps <= 0 (torch refuses < 0; 0 gives a NaN loss at step 1) or a seed numpy refuses
+    failed inside each job, after `--dry-run` said the checks were ok."""
+    section, key = field.split(".")
+    path = write_grid(tmp_path)
+    g = yaml.safe_load(path.read_text())
+    if section == "compress":
+        g["stages"]["compress"]["spec"]["compress"][key] = "@@"
+    else:
+        g["defaults"].setdefault(section, {})[key] = "@@"
+    path.write_text(yaml.safe_dump(g, sort_keys=False).replace("'@@'", value))
+    results = tmp_path / "results"
+    rc, out, err = cli("run", path, "--dry-run", "--results", results)
+    assert rc == 2, (field, value, out, err)
+    one_error_line(err, key)
+    assert not results.exists()
+
+
 @pytest.mark.parametrize("args", [["--lr", "inf"], ["--lr", "nan"], ["--distill", "inf"], ["--compression", "inf"]])
 def test_non_finite_numbers_on_the_command_line_are_refused(tmp_path, base_model, args):
     base = ["compress", "--base", base_model, "--method", "hpr", "--compression", "0.5", "--steps", "0",

@@ -25,6 +25,11 @@ from pcbench.util.errors import SpecError
 from pcbench.util.suggest import did_you_mean
 
 
+# Seeds reach numpy's legacy seeding (`np.random.seed`: 0 to 2**32 - 1) and `np.random.default_rng`
+# (non-negative): a seed outside this range would fail only inside the job.
+MAX_SEED = 2**32 - 1
+
+
 def require(cond: bool, path: str, reason: str) -> None:
     """Raise `SpecError(path, reason)` unless `cond`."""
     if not cond:
@@ -142,6 +147,7 @@ class OptimSpec:
         require(self.lr > 0, f"{path}.lr", f"must be positive, got {self.lr}")
         require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{path}.beta1", "betas must be in [0, 1)")
+        require(self.eps > 0, f"{path}.eps", f"must be positive, got {self.eps}")
         require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0 (0 disables clipping)")
         require(self.warmup >= 0, f"{path}.warmup", "must be >= 0")
         require(0 < self.warmup_start <= 1, f"{path}.warmup_start", "must be in (0, 1]")
@@ -188,6 +194,9 @@ class TrainSpec:
         require(self.device in ("auto", "cpu", "cuda"), f"{path}.device", "auto, cpu or cuda")
         require(self.threads is None or self.threads > 0, f"{path}.threads", "must be positive")
         require(self.last_k > 0, f"{path}.last_k", "must be positive")
+        for f in ("seed", "data_seed"):
+            v = getattr(self, f)
+            require(v is None or 0 <= v <= MAX_SEED, f"{path}.{f}", f"must be in [0, {MAX_SEED}], got {v}")
         for i, name in enumerate(self.track):
             require(name in tracking.TRACKERS, f"{path}.track[{i}]",
                     f"unknown tracker {name!r}; choose from {', '.join(tracking.TRACKERS)}")
@@ -233,6 +242,8 @@ class CompressSpec:
         require(self.align >= 1, f"{path}.align", "must be >= 1")
         require(self.calibration_batches >= 1, f"{path}.calibration_batches", "must be >= 1")
         require(self.recovery_every >= 0, f"{path}.recovery_every", "must be >= 0")
+        require(0 <= self.importance_seed <= MAX_SEED, f"{path}.importance_seed",
+                f"must be in [0, {MAX_SEED}], got {self.importance_seed}")
 
 
 @dataclass
