@@ -26,6 +26,12 @@ Reports read this store and nothing else. Reading is tolerant: an unreadable (tr
 is named once in a warning line (`pcbench: warning: damaged record PATH: why`), read as absent, and
 `health` never calls such a run completed.
 
+Records are sealed: `run.json` and `status.json` carry `seal`, the sha256 of the rest of the record
+(`sealed`), and a completed run's `status.json` keeps the sha256 of each record the run wrote
+(`records`: final.json, eval.json, metrics.jsonl, ...). A record whose seal or recorded sha256 does
+not match is damaged (named with its path), never read as data. Records of an older pcbench, with
+no seal, are read as they are (legacy); a `state` not in `STATES` is damage too.
+
 May import: `spec`, `util` (torch-free). Imported by `grid`, `report`, `evaluate`, `train`, `run`.
 """
 
@@ -44,7 +50,7 @@ from typing import Any, Optional
 from pcbench.util.atomic import OwnerLock, append_jsonl, lock_holder, read_jsonl, try_owner_lock, write_json
 from pcbench.spec.config import SpecError
 from pcbench.util.outputs import output_digest, verify_output
-from pcbench.util.verify import Damaged, warn
+from pcbench.util.verify import Damaged, sha256_bytes, sha256_file, sha256_json, warn
 
 # Every state of a run, in the order reports list them. `damaged` and `lost` are never written: readers
 # derive them (`Store.health`: unreadable records; `liveness.Liveness`: its process or job is gone).
@@ -56,6 +62,8 @@ RESUMABLE = ("pending", "submitted", "running", "interrupted", "cancelled", "dam
 _warned: set[tuple] = set()
 
 REF_PREFIX = "run:"
+SEAL = "seal"  # a sealed record's own sha256 (of its canonical JSON without this key)
+RECORDS = ("run.json", "final.json", "eval.json", "metrics.jsonl", "recovery.jsonl")  # digests kept on completion
 
 
 def parse_ref(ref: Any) -> Optional[str]:
@@ -139,9 +147,18 @@ def claim_work(paths: RunPaths, ident: dict, *, adopt: bool = False, say=None) -
     return moved
 
 
-def read_record(path: str | os.PathLike, problems: Optional[list[str]] = None) -> Optional[dict]:
+def sealed(rec: dict) -> dict:
+    """`rec` as it will read back, with its `seal` (see the module)."""
+    rec = json.loads(json.dumps({k: v for k, v in rec.items() if k != SEAL}, default=str))
+    return {**rec, SEAL: sha256_json(rec)}
+
+
+def read_record(path: str | os.PathLike, problems: Optional[list[str]] = None,
+                sha256: Optional[str] = None) -> Optional[dict]:
     """A JSON record, or None when it is absent or unreadable; an unreadable one is described in
-    `problems` ("PATH: why") and named in one warning line once per process (per file version)."""
+    `problems` ("PATH: why") and named in one warning line once per process (per file version). A sealed record whose
+    seal fails, or one whose bytes are not the `sha256` recorded for it, is unreadable; an unsealed
+    one (an older pcbench's) is read as it is. The seal is not part of the record returned."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -153,22 +170,40 @@ def read_record(path: str | os.PathLike, problems: Optional[list[str]] = None) -
     else:
         try:
             rec = json.loads(data.decode("utf-8"))
-            if isinstance(rec, dict):
+            if sha256 is not None and sha256_bytes(data) != sha256:
+                why = "sha256 mismatch: not the record written when the run completed"
+            elif not isinstance(rec, dict):
+                why = "not a JSON object"
+            elif SEAL in rec and rec.pop(SEAL) != sha256_json(rec):
+                why = "sha256 mismatch: changed since pcbench wrote it"
+            else:
                 return rec
-            why = "not a JSON object"
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             why = "empty" if not data.strip() else f"truncated or invalid JSON ({getattr(e, 'msg', e)})"
     _damaged(path, why, problems)
     return None
 
 
-def read_lines(path: str | os.PathLike, problems: Optional[list[str]] = None) -> list[dict]:
-    """A JSON-lines record; unreadable lines are skipped, described in `problems` and named once."""
+def read_lines(path: str | os.PathLike, problems: Optional[list[str]] = None,
+               sha256: Optional[str] = None) -> list[dict]:
+    """A JSON-lines record; unreadable lines are skipped, described in `problems` and named once.
+    A file that is not the `sha256` recorded for it reads as no lines (and is described)."""
+    if sha256 is not None and _digest(Path(path)) != sha256:
+        _damaged(Path(path), "sha256 mismatch: not the record written when the run completed", problems)
+        return []
     found: list[str] = []
     out = read_jsonl(path, found)
     for why in found:
         _damaged(Path(path), why, problems)
     return out
+
+
+def _digest(path: Path) -> Optional[str]:
+    """The sha256 of a small record (None: absent or unreadable)."""
+    try:
+        return sha256_file(path, cache=False)
+    except OSError:
+        return None
 
 
 def brief(problem: Optional[str]) -> str:
@@ -216,24 +251,38 @@ class Store:
         return sorted(p.name for p in d.iterdir() if (p / "run.json").exists()) if d.exists() else []
 
     def write_run(self, run: dict) -> None:
-        """Record what a run is (idempotent: same content, same bytes)."""
-        write_json(self.run_dir(run["id"]) / "run.json", run)
+        """Record what a run is, sealed (idempotent: same content, same bytes)."""
+        write_json(self.run_dir(run["id"]) / "run.json", sealed(run))
 
     def run(self, run_id: str) -> dict:
         p = self.run_dir(run_id) / "run.json"
-        rec = read_record(p)
+        rec = read_record(p, sha256=self._recorded(run_id, "run.json"))
         if rec is None:
             raise FileNotFoundError(f"{p}: missing or damaged run record (rerun `pcbench run` to rewrite it)")
         return rec
 
     def status(self, run_id: str) -> dict:
-        """The run's status; a damaged status.json reads as state `damaged` with `problem`."""
+        """The run's status; a damaged status.json (unreadable, its seal broken, a state not in
+        `STATES`) reads as state `damaged` with `problem`."""
         p = self.run_dir(run_id) / "status.json"
         problems: list[str] = []
         st = read_record(p, problems)
         if st is None:
             return {"state": "damaged", "problem": problems[0]} if problems else {"state": "pending"}
+        if st.get("state", "pending") not in STATES:
+            _damaged(p, f"unknown state {st.get('state')!r}", problems)
+            return {"state": "damaged", "problem": problems[0]}
         return st
+
+    def _recorded(self, run_id: str, name: str) -> Optional[str]:
+        """The sha256 of record `name` kept when the run completed (None: none kept, e.g. legacy)."""
+        records = self.status(run_id).get("records")
+        return records.get(name) if isinstance(records, dict) else None
+
+    def _digests(self, run_id: str) -> dict[str, str]:
+        """{record name: sha256} of the records the run has now (`RECORDS`)."""
+        d = self.run_dir(run_id)
+        return {n: h for n in RECORDS if (h := _digest(d / n)) is not None}
 
     def state(self, run_id: str) -> str:
         return self.status(run_id).get("state", "pending")
@@ -250,7 +299,9 @@ class Store:
         for keep in ("job_id", "started", "executor", "lineage"):
             if keep in old and keep not in status:
                 status[keep] = old[keep]
-        write_json(self.run_dir(run_id) / "status.json", status)
+        if state == "completed":  # what the run wrote, checked whenever it is read back
+            status["records"] = self._digests(run_id)
+        write_json(self.run_dir(run_id) / "status.json", sealed(status))
         append_jsonl(self.events, {"run": run_id, "state": state, "time": status["time"],
                                    **{k: v for k, v in fields.items() if k in ("job_id", "error")}})
         return status
@@ -262,16 +313,16 @@ class Store:
                                traceback=tb[-4000:], **fields)
 
     def final(self, run_id: str, problems: Optional[list[str]] = None) -> Optional[dict]:
-        return read_record(self.paths(run_id).final, problems)
+        return read_record(self.paths(run_id).final, problems, self._recorded(run_id, "final.json"))
 
     def eval_result(self, run_id: str, problems: Optional[list[str]] = None) -> Optional[dict]:
-        return read_record(self.run_dir(run_id) / "eval.json", problems)
+        return read_record(self.run_dir(run_id) / "eval.json", problems, self._recorded(run_id, "eval.json"))
 
-    def metrics(self, run_id: str) -> list[dict]:
-        return read_lines(self.paths(run_id).metrics)
+    def metrics(self, run_id: str, problems: Optional[list[str]] = None) -> list[dict]:
+        return read_lines(self.paths(run_id).metrics, problems, self._recorded(run_id, "metrics.jsonl"))
 
-    def recovery(self, run_id: str) -> list[dict]:
-        return read_lines(self.paths(run_id).recovery)
+    def recovery(self, run_id: str, problems: Optional[list[str]] = None) -> list[dict]:
+        return read_lines(self.paths(run_id).recovery, problems, self._recorded(run_id, "recovery.jsonl"))
 
     def resolve_ref(self, ref: str, field: str) -> str:
         """`run:<id>` -> the export directory of that (completed) run; anything else unchanged.
@@ -329,17 +380,24 @@ class Store:
         state = st.get("state", "pending")
         if state == "damaged":
             return state, st.get("problem")
-        if state != "completed":
-            return state, None
         problems: list[str] = []
-        final, ev = self.final(run_id, problems), self.eval_result(run_id, problems)
+        run = read_record(self.run_dir(run_id) / "run.json", problems, self._recorded(run_id, "run.json"))
         if problems:
             return "damaged", problems[0]
-        if kind is None:
-            kind = (read_record(self.run_dir(run_id) / "run.json") or {}).get("kind")
+        if state != "completed":
+            return state, None
+        final, ev = self.final(run_id, problems), self.eval_result(run_id, problems)
+        lines = self.metrics(run_id, problems)
+        self.recovery(run_id, problems)
+        if problems:
+            return "damaged", problems[0]
+        kind = kind or (run or {}).get("kind")
         need = {"train": (final, "final.json"), "eval": (ev, "eval.json")}.get(kind or "")
         if need is not None and need[0] is None:
             return "damaged", f"{self.run_dir(run_id) / need[1]}: missing for a completed run"
+        metrics = self.paths(run_id).metrics
+        if kind == "train" and (final or {}).get("steps") and metrics.exists() and not lines:
+            return "damaged", f"{metrics}: no metrics for a completed run of {final['steps']} steps"
         return "completed", None
 
     # -- the lock of the process that trains a run -------------------------------------------
@@ -355,12 +413,20 @@ class Store:
         return lock_holder(self.lock_path(run_id))
 
     def records(self) -> list[dict]:
-        """Every run with its status and final record (what a report starts from)."""
+        """Every run with its status and final record (what a report starts from). The status is
+        `Store.health`'s: a damaged run (its `problem` named with the path) has state `damaged`, its
+        records not read as data; one whose run.json is damaged is `{"id", "damaged": True, ...}`."""
         out = []
         for rid in self.run_ids():
-            run = read_record(self.run_dir(rid) / "run.json")
+            state, problem = self.health(rid)
+            status = self.status(rid)
+            if state == "damaged":
+                status = {**status, "state": "damaged", "problem": problem}
+            run = read_record(self.run_dir(rid) / "run.json", None, self._recorded(rid, "run.json"))
             if run is None:
-                continue  # damaged: logged with its path
-            out.append({**run, "status": self.status(rid), "final": self.final(rid),
-                        "eval": self.eval_result(rid)})
+                out.append({"id": rid, "damaged": True, "status": status, "final": None, "eval": None})
+                continue
+            ok = state != "damaged"
+            out.append({**run, "status": status, "final": self.final(rid) if ok else None,
+                        "eval": self.eval_result(rid) if ok else None})
         return out

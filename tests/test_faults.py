@@ -289,7 +289,7 @@ def test_damaged_records_are_reported_never_completed_and_rerun(reference, tmp_p
     dry = g.cli("run", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     no_traceback(dry.stderr)
-    assert str(files["final"]) in dry.stderr and "to submit: 2 runs" in dry.stdout, dry.stdout
+    assert str(files["final"]) in dry.stderr and "to submit: 3 runs" in dry.stdout, dry.stdout
 
     rep = subprocess.run([sys.executable, "-m", "pcbench.cli", "report", str(g.path), "--results", str(g.results),
                           "--out", str(tmp_path / "report")], env=ENV, capture_output=True, text=True, timeout=600)
@@ -298,12 +298,13 @@ def test_damaged_records_are_reported_never_completed_and_rerun(reference, tmp_p
     for key in ("final", "run", "metrics"):
         assert str(files[key]) in rep.stderr, rep.stderr
 
-    # A plain run reruns the two damaged runs (base, hpr), skips pc, and repairs every record.
+    # A plain run reruns the three damaged runs (base, hpr; pc, whose metrics.jsonl is not the one
+    # sealed when it completed) and repairs every record.
     rc, out, err = finish(g.start())
     assert rc == 0, err[-3000:]
     no_traceback(err)
-    assert out.startswith("2 run(s) run, 1 skipped, 0 failed, 0 blocked"), out
-    for key in ("base", "hpr"):
+    assert out.startswith("3 run(s) run, 0 skipped, 0 failed, 0 blocked"), out
+    for key in ("base", "hpr", "pc"):
         rid = g.ids[key]
         assert g.store.health(rid)[0] == "completed"
         assert {k: g.store.final(rid)[k] for k in FINAL_KEYS} == {k: reference.store.final(rid)[k] for k in FINAL_KEYS}

@@ -150,14 +150,15 @@ def stale_spec_changed(g: Grid) -> list[str]:
 def stale_records_from_elsewhere(g: Grid) -> list[str]:
     """Records restored from another clone (their runs of other lineages) over this work dir, and
     pc to be run: the base's export is not the one its record names, so it is trained again."""
-    from pcbench.store import new_lineage
+    from pcbench.store import new_lineage, sealed
 
-    for key, rid in g.ids.items():
+    for key, rid in g.ids.items():  # sealed as that clone's pcbench sealed them
         other = new_lineage()
-        st = json.loads((g.store.run_dir(rid) / "status.json").read_text())
-        (g.store.run_dir(rid) / "status.json").write_text(json.dumps({**st, "lineage": other}))
         final = g.store.paths(rid).final
         final.write_text(json.dumps({**json.loads(final.read_text()), "lineage": other}))
+        st = g.store.status(rid)
+        (g.store.run_dir(rid) / "status.json").write_text(json.dumps(sealed(
+            {**st, "lineage": other, "records": g.store._digests(rid)})))
     shutil.rmtree(g.store.run_dir(g.ids["pc"]))
     return ["base", "pc"]
 

@@ -1,5 +1,6 @@
 """The results store of one grid -> tidy DataFrames. Reads `<results>/<grid>/` and nothing else, through
-`pcbench.store.Store` (which owns the file layout and reads damaged records as absent, logging them).
+`pcbench.store.Store` (which owns the file layout and reads damaged records as absent, logging them):
+a damaged run (even one whose run.json is unreadable) is a row of state `damaged`, its path in `error`.
 
     runs     one row per run (every state): id, stage, kind, state, error, label columns, and the
              standard columns method / compression / importance / tokens / seed / lr_used / base_id
@@ -131,12 +132,14 @@ def load_study(results_root: Path, grid: str) -> Study:
     """Read `<results_root>/<grid>/` into a Study (every frame sorted by run id)."""
     store = Store(Path(results_root) / grid)  # records only: a report never asks for weights
     rows, finals, evals, label_names = [], {}, {}, set()
-    for run in store.records():  # a damaged run.json is logged and left out of the tables
+    for run in store.records():  # a damaged run (records unreadable or not as sealed): state damaged
         rid, status = run["id"], run["status"]
         completed = status.get("state") == "completed"
         final = run["final"] if completed else None
         if completed and run.get("kind", "train") == "train" and final is None:
             status = {**status, "state": "damaged"}  # never counted completed without its record
+        if status.get("state") == "damaged":  # named with its path, in the error column
+            status = {**status, "error": status.get("problem") or status.get("error")}
         row = _run_row(run, status, final)
         label_names |= set((run.get("labels") or {}).keys())
         rows.append(row)

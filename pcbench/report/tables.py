@@ -543,6 +543,18 @@ def recovery_table(study: Study) -> Optional[Table]:
                   "tensors (0 at step 0, when PC equals hard pruning); mean over seeds."])
 
 
+def damaged_table(study: Study) -> Optional[Table]:
+    """Runs whose records are damaged (unreadable, or not what was sealed): left out of every other
+    table, each named with the path at fault. None when there are none."""
+    r = study.runs
+    d = r[r.state == "damaged"] if len(r) else r
+    if not len(d):
+        return None
+    data = d[["id", "stage", "error"]].sort_values("id").reset_index(drop=True)
+    md = pd.DataFrame({"run": data.id, "stage": data.stage, "problem": [fmt.value("error", e) for e in data.error]})
+    return Table("damaged", "Damaged runs (not counted; `pcbench run` reruns them)", fmt.md_table(md), data)
+
+
 def failed_table(study: Study) -> Table:
     r = study.runs
     f = r[r.state == "failed"] if len(r) else r

@@ -139,7 +139,8 @@ def _prepare(store: Store, grid: Grid) -> None:
     for run in grid.runs:
         # A completed run keeps the record it ran with: its id hashes the spec's non-default fields,
         # so a newer pcbench would only add fields at their defaults (and churn committed records).
-        if store.state(run.id) != "completed" or not (store.run_dir(run.id) / "run.json").exists():
+        # A damaged one (e.g. its run.json unreadable or not as sealed) is rerun: rewritten.
+        if store.health(run.id, run.kind)[0] != "completed":
             store.write_run(run.record())
 
 

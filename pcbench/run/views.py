@@ -30,8 +30,9 @@ def status_view(grid, store, only: Optional[str] = None) -> tuple[str, Counter]:
     for run in runs:
         st = store.status(run.id)
         state, detail = live.state(run.id, run.kind)
-        final = store.final(run.id) or {}
-        ev = store.eval_result(run.id) or {}
+        ok = state != "damaged"  # a damaged run's records are never read as data
+        final = (store.final(run.id) if ok else None) or {}
+        ev = (store.eval_result(run.id) if ok else None) or {}
         row = {"run": run.id, **run.labels, "state": state}
         if run.kind == "train":
             loss = final.get("train_loss_last100")

@@ -1,0 +1,117 @@
+"""Run records read back verified: sealed run.json/status.json, the sha256 of every record a run
+wrote kept when it completed; a record that is not what was written is `damaged` (named with its
+path) in `health`, `status`, the report, and never read as data. Records of an older pcbench (no
+seal) stay readable. Store-level, no training: each test takes well under a second."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pcbench.report import build_report
+from pcbench.store import Store
+from pcbench.util.atomic import append_jsonl, write_json
+
+FINAL = {"kind": "hpr", "steps": 10, "tokens": 1000, "train_loss_last100": 3.25, "heldout_loss": 3.5,
+         "model": {"params": {"total": 500}, "d_model": 8, "d_ff": 32}, "base": {"params": {"total": 1000}}}
+
+
+def completed(store: Store, rid: str, loss: float = 3.25) -> Path:
+    """A train run recorded as pcbench records one: run.json, running, metrics, final.json, completed."""
+    store.write_run({"id": rid, "stage": "compress", "kind": "train", "labels": {"seed": 0},
+                     "spec": {"train": {"steps": 10}}, "deps": []})
+    store.set_status(rid, "running")
+    for s in (5, 10):
+        append_jsonl(store.paths(rid).metrics, {"step": s, "loss": loss + 1 / s})
+    write_json(store.paths(rid).final, {**FINAL, "train_loss_last100": loss})
+    store.set_status(rid, "completed")
+    return store.run_dir(rid)
+
+
+def _digit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _damage(d: Path, case: str) -> Path:
+    if case == "final-digit":
+        _digit(d / "final.json", "3.25", "3.15")
+        return d / "final.json"
+    if case == "metrics-empty":
+        (d / "metrics.jsonl").write_text("")
+        return d / "metrics.jsonl"
+    if case == "status-digit":
+        st = json.loads((d / "status.json").read_text())
+        (d / "status.json").write_text(json.dumps({**st, "attempts": 7}))
+        return d / "status.json"
+    if case == "status-state":
+        _digit(d / "status.json", '"completed"', '"compketed"')
+        return d / "status.json"
+    if case == "run-label":
+        _digit(d / "run.json", '"seed": 0', '"seed": 1')
+        return d / "run.json"
+    if case == "run-empty":
+        (d / "run.json").write_text("")
+        return d / "run.json"
+    raise AssertionError(case)
+
+
+CASES = ["final-digit", "metrics-empty", "status-digit", "status-state", "run-label", "run-empty"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_record_changed_after_it_was_written_is_damaged_never_data(tmp_path, case):
+    store = Store(tmp_path / "g")
+    completed(store, "ok")
+    d = completed(store, "r", loss=3.25)
+    assert store.health("r") == ("completed", None)
+    bad = _damage(d, case)
+    state, problem = store.health("r")
+    assert state == "damaged" and problem.startswith(f"{bad}:"), (state, problem)
+    assert store.health("r", "train")[0] == "damaged"  # as the launcher and `status` ask
+    recs = {r["id"]: r for r in store.records()}
+    assert set(recs) == {"ok", "r"}  # never left out
+    assert recs["r"]["status"]["state"] == "damaged" and recs["r"]["final"] is None
+    assert str(bad) in recs["r"]["status"]["problem"]
+    if case in ("final-digit", "metrics-empty"):
+        assert store.final("r") is None if case == "final-digit" else store.metrics("r") == []
+    assert recs["ok"]["status"]["state"] == "completed" and recs["ok"]["final"]["train_loss_last100"] == 3.25
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_report_lists_a_damaged_run_with_its_path(tmp_path, case):
+    store = Store(tmp_path / "results" / "g")
+    completed(store, "ok")
+    bad = _damage(completed(store, "r"), case)
+    out = build_report(tmp_path / "results", "g", tmp_path / "out")
+    md = (out / "REPORT.md").read_text()
+    assert "## Damaged runs" in md and str(bad) in md, md
+    runs = (out / "tables" / "runs.csv").read_text()
+    row = next(line for line in runs.splitlines() if line.startswith("r,"))
+    assert ",damaged," in row and str(bad) in row
+    assert not any("3.15" in p.read_text() for p in (out / "tables").iterdir())  # the edited number: not data
+
+
+def test_unsealed_records_of_an_older_pcbench_stay_readable(tmp_path):
+    d = tmp_path / "g" / "runs" / "r"
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"id": "r", "stage": "s", "kind": "train", "labels": {}, "spec": {}}))
+    (d / "status.json").write_text(json.dumps({"state": "completed"}))
+    (d / "final.json").write_text(json.dumps(FINAL))
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 3.3}) + "\n")
+    store = Store(tmp_path / "g")
+    assert store.health("r") == ("completed", None)
+    assert store.final("r") == FINAL and store.records()[0]["final"] == FINAL
+    (d / "metrics.jsonl").write_text("")  # but a completed run of 10 steps has metrics
+    assert store.health("r")[0] == "damaged"
+
+
+def test_a_rerun_seals_its_new_records(tmp_path):
+    store = Store(tmp_path / "g")
+    completed(store, "r", loss=3.25)
+    completed(store, "r", loss=3.5)  # trained again: new records, new digests
+    assert store.health("r") == ("completed", None) and store.final("r")["train_loss_last100"] == 3.5
+    assert "seal" not in store.status("r") and "seal" not in store.run("r")
