@@ -390,16 +390,19 @@ def cmd_export(args) -> int:
     if final is None or "export_path" not in final:
         raise SpecError("run", f"{args.run} has no exported model (state: {store.state(args.run)})")
     src = Path(final["export_path"])
-    if not (src / "config.json").is_file():
-        raise SpecError("run", f"the export of {args.run} is gone from {src} (run the grid again to rebuild it)")
     problem = store.export_check(args.run, final)  # the files its record names, by sha256
     if problem is not None:
         from pcbench.util.verify import Damaged
 
+        advice = ("run the grid again to rebuild it" if store.export_here(final) else
+                  f"it was made outside this store's work directory {store.work}, and `pcbench run` "
+                  "rebuilds it only for a run that loads it")
         if isinstance(problem, Damaged):
-            problem.args = (f"{problem}; nothing copied (a run of the grid that needs it trains it again)",)
+            problem.args = (f"{problem}; nothing copied ({advice})",)
             raise problem
-        raise SpecError("run", f"the export of {args.run} at {src}: {problem} (run the grid again to rebuild it)")
+        if str(problem).startswith("gone"):
+            raise SpecError("run", f"the export of {args.run} is {problem} ({advice})")
+        raise SpecError("run", f"the export of {args.run} at {src}: {problem} ({advice})")
     with outputs.staging(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(outputs.MARKER))
         from pcbench import card

@@ -352,9 +352,11 @@ class Store:
         if not path:
             return "no exported model recorded"
         p = Path(path)
-        if not (p / "config.json").is_file():
-            return f"gone from {p}"
         what = f"export of run {run_id}"
+        if not (p / "config.json").is_file():
+            if os.path.lexists(p / "config.json"):
+                return Damaged(p / "config.json", "not a file", what)
+            return f"gone from {p}"
         try:
             marker = verify_output(p, what)
         except Damaged as e:
@@ -366,6 +368,14 @@ class Store:
         if lin is not None and have is not None and lin != have:
             return f"written by other records (lineage {have}, its record's {lin})"
         return None
+
+    def export_here(self, final: Optional[dict]) -> bool:
+        """Was the export this final record names made in this store's work directory (so a rerun
+        here rebuilds it)? False for records from elsewhere (git, another clone or results dir)."""
+        path = (final or {}).get("export_path")
+        if not path or self.work is None:
+            return False
+        return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(self.work)))
 
     def export_problem(self, run_id: str, final: Optional[dict] = None) -> Optional[str]:
         """`export_check` as one string (None: the export is intact)."""

@@ -28,6 +28,7 @@ import pytest
 from pcbench.data import assets
 from pcbench.grid import load_grid
 from pcbench.run import launch
+from pcbench.store import sealed
 from pcbench.train import checkpoint
 from test_faults import FINAL_KEYS, no_traceback
 from test_faults import Grid as FaultGrid
@@ -85,9 +86,13 @@ def copy_of(clean: Grid, tmp: Path) -> Grid:
     g = Grid(tmp)
     shutil.copytree(clean.results, g.results)
     shutil.copytree(clean.store.work, g.store.work)
+    from pcbench.store import sealed
+
     for rid in g.ids.values():
         p = g.store.paths(rid).final
         p.write_text(p.read_text().replace(str(clean.store.work), str(g.store.work)))
+        st = g.store.status(rid)  # sealed again, as if written here
+        (g.store.run_dir(rid) / "status.json").write_text(json.dumps(sealed({**st, "records": g.store._digests(rid)})))
     (g.results / "NOTES.md").write_text("the user's own file\n")  # never removed
     return g
 
@@ -348,3 +353,41 @@ def test_run_whose_export_is_gone_is_trained_again_first(clean, tmp_path, case):
     equal_numbers(g, clean)
     again = cli(g, "run")
     assert again.returncode == 0 and again.stdout.startswith("0 run(s) run, 3 skipped"), again.stdout
+
+
+@pytest.mark.parametrize("case", ["deleted", "config-is-a-directory"])
+def test_a_leaf_whose_export_is_gone_is_trained_again_as_export_advises(clean, tmp_path, case):
+    """`export` says to run the grid again; `run` does retrain a completed leaf (pc: nothing loads
+    it) whose export is gone or damaged here. Records from elsewhere (no export here) are kept."""
+    g = copy_of(clean, tmp_path)
+    pc = g.ids["pc"]
+    model = Path(g.store.final(pc)["export_path"])
+    if case == "deleted":
+        shutil.rmtree(model)
+    else:
+        (model / "config.json").unlink()
+        (model / "config.json").mkdir()
+    ex = subprocess.run([sys.executable, "-m", "pcbench.cli", "export", str(g.path), pc, str(tmp_path / "out"),
+                         "--results", str(g.results), "--work", str(g.work)], env=env(), capture_output=True,
+                        text=True, timeout=600)
+    assert ex.returncode != 0 and len(ex.stderr.strip().splitlines()) == 1, ex.stderr
+    assert ("is gone from" if case == "deleted" else "damaged: " + str(model / "config.json")) in ex.stderr
+    assert "run the grid again to rebuild it" in ex.stderr
+    what = "gone" if case == "deleted" else "damaged"
+    dry = cli(g, "run", "--dry-run")
+    assert f"exported model is {what}: rerun" in dry.stdout and "to submit: 1 runs" in dry.stdout, dry.stdout
+    r = cli(g, "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("1 run(s) run, 2 skipped"), r.stdout
+    equal_numbers(g, clean)
+    # records from elsewhere: their export path is not in this work dir, so nothing is retrained
+    final = g.store.paths(pc).final
+    final.write_text(final.read_text().replace(str(g.store.work), str(tmp_path / "elsewhere")))
+    st = g.store.status(pc)
+    (g.store.run_dir(pc) / "status.json").write_text(json.dumps(sealed({**st, "records": g.store._digests(pc)})))
+    again = cli(g, "run")
+    assert again.returncode == 0 and again.stdout.startswith("0 run(s) run, 3 skipped"), again.stdout
+    ex = subprocess.run([sys.executable, "-m", "pcbench.cli", "export", str(g.path), pc, str(tmp_path / "out"),
+                         "--results", str(g.results), "--work", str(g.work)], env=env(), capture_output=True,
+                        text=True, timeout=600)
+    assert ex.returncode != 0 and "made outside this store's work directory" in ex.stderr, ex.stderr

@@ -115,3 +115,4 @@ def test_a_rerun_seals_its_new_records(tmp_path):
     completed(store, "r", loss=3.5)  # trained again: new records, new digests
     assert store.health("r") == ("completed", None) and store.final("r")["train_loss_last100"] == 3.5
     assert "seal" not in store.status("r") and "seal" not in store.run("r")
+

@@ -115,8 +115,18 @@ def _export_missing(store: Store, run_id: str) -> Optional[str]:
 
 def _rerun_lost_exports(decisions: list[Decision], store: Store) -> None:
     """A completed run whose exported model a submitted run loads (`run:<id>`) but which is gone
-    (e.g. records from git, work directory cleared) is run again, and so on up its own inputs."""
+    (e.g. records from git, work directory cleared) is run again, and so on up its own inputs. So
+    is any completed train run (a leaf too) whose export, made in this store's work directory, is
+    gone or damaged there (records from elsewhere, with no export here, are kept as they are)."""
     by_id = {d.run.id: d for d in decisions}
+    for d in decisions:
+        if d.action == "skip" and d.reason == "completed" and d.run.kind == "train":
+            final = store.final(d.run.id)
+            if store.export_here(final):
+                problem = _export_missing(store, d.run.id)
+                if problem is not None:
+                    what = "damaged" if "damaged" in problem else "gone"
+                    d.action, d.reason = "submit", f"completed, but its exported model is {what}: rerun"
     for d in reversed(decisions):  # dependents come after their inputs
         if d.action != "submit":
             continue
