@@ -9,6 +9,7 @@
                                   final.json     the final record (metric, held-out loss, cost, export path)
                                   eval.json      downstream scores (eval runs)
     <results>/<grid>/events.jsonl                append-only log of state changes (locked appends)
+    <results>/<grid>/grid.json                   the run ids the grid has now (sealed; `pcbench run`)
     <work>/<grid>/<run_id>/{ckpt/, model/, plan.json, owner.json}
 
 A run's work state belongs to the records that started it: `status.json` keeps the run's `lineage`
@@ -244,6 +245,31 @@ class Store:
     @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
+
+    @property
+    def grid_file(self) -> Path:
+        return self.root / "grid.json"
+
+    def write_grid_runs(self, run_ids: list[str]) -> None:
+        """Record (sealed, atomically) which runs the grid has now: a report counts only those."""
+        from pcbench.util.verify import write_sealed_json
+
+        write_sealed_json(self.grid_file, {"runs": sorted(run_ids)})
+
+    def grid_runs(self) -> Optional[set[str]]:
+        """The run ids the grid had when `pcbench run` last ran it (None: not recorded, e.g. an older
+        pcbench's store, or grid.json damaged: named in one warning line)."""
+        from pcbench.util.verify import read_sealed_json, warn
+
+        try:
+            rec = read_sealed_json(self.grid_file, "the grid's run list")
+        except FileNotFoundError:
+            return None
+        except (OSError, Damaged) as e:
+            warn(f"{e}; every run in the store is counted")
+            return None
+        runs = rec.get("runs") if isinstance(rec, dict) else None
+        return set(runs) if isinstance(runs, list) else None
 
     # -- records -----------------------------------------------------------------------------
     def run_ids(self) -> list[str]:

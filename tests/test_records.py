@@ -116,3 +116,35 @@ def test_a_rerun_seals_its_new_records(tmp_path):
     assert store.health("r") == ("completed", None) and store.final("r")["train_loss_last100"] == 3.5
     assert "seal" not in store.status("r") and "seal" not in store.run("r")
 
+
+def test_report_counts_only_the_runs_the_grid_has_now(tmp_path, capsys):
+    """A grid edited in place (lr 0.003 -> 0.004: new run ids) and run again into the same store:
+    the old runs stay in the store, but the report counts only those of the store's grid.json and
+    lists the others as an earlier version's."""
+    store = Store(tmp_path / "results" / "g")
+    for rid, loss in (("old-s0", 3.0), ("old-s1", 3.1)):
+        completed(store, rid, loss)
+    completed(store, "new-s0", 3.5)
+    store.write_grid_runs(["new-s0"])  # what `pcbench run` records of the edited grid
+    say: list[str] = []
+    out = build_report(tmp_path / "results", "g", tmp_path / "out", progress=say.append)
+    assert any(s.startswith("1 runs read (2 of an earlier version of the grid, not counted)") for s in say), say
+    md = (out / "REPORT.md").read_text()
+    assert "## Runs of an earlier version of the grid, not counted" in md and "old-s1" in md
+    runs = (out / "tables" / "runs.csv").read_text()
+    assert "new-s0" in runs and "old-s0" not in runs and "old-s1" not in runs
+    (store.root / "grid.json").write_text("{}")  # damaged (not sealed): named, every run counted
+    build_report(tmp_path / "results", "g", tmp_path / "out", progress=say.append)
+    assert "grid.json" in capsys.readouterr().err
+    assert [s for s in say if "runs read" in s][-1].startswith("3 runs read")
+
+
+def test_run_records_the_grids_current_run_ids(tmp_path):
+    from pcbench.grid import load_grid
+    from pcbench.run import launch
+    from test_launch import tiny_grid
+
+    grid = load_grid(tiny_grid(tmp_path))
+    store = launch.store_for(grid, tmp_path / "results", tmp_path / "work")
+    launch._prepare(store, grid)
+    assert store.grid_runs() == {r.id for r in grid.runs}

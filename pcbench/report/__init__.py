@@ -49,7 +49,8 @@ def _build(study, out: Path, say: Callable[[str], None]) -> None:
     """Every file of the report, written under `out`: each part's tables, the figures, REPORT.md."""
     from pcbench.report import contents, markdown
 
-    say(f"{len(study.runs)} runs read; computing the tables")
+    later = f" ({len(study.earlier)} of an earlier version of the grid, not counted)" if study.earlier else ""
+    say(f"{len(study.runs)} runs read{later}; computing the tables")
     inp = contents.Inputs(study)
     built = [(part, part.tables(inp)) for part in contents.PARTS]
     for part, tables in built:

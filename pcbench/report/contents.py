@@ -141,6 +141,7 @@ PARTS: list[Part] = [
     Part("figures", text=lambda i, ts: markdown.figures_md(i.figures)),
     Part("failed", lambda i: [tables.failed_table(i.study)], lambda i, ts: markdown.failed_md(ts[0])),
     Part("damaged", lambda i: _some(tables.damaged_table(i.study)), titled()),
+    Part("earlier", lambda i: _some(tables.earlier_table(i.study)), titled()),
     Part("paper_reference", _paper_table, lambda i, ts: [markdown.reference_md(i.study.grid)], formats=("csv",)),
 ]
 

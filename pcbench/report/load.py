@@ -9,6 +9,8 @@ a damaged run (even one whose run.json is unreadable) is a row of state `damaged
     evals    completed eval runs: the above (labels inherited from the scored run) + average + per task
              task:<t> (primary metric), se:<t> (its recorded stderr), n:<t> (samples)
     events   the state-change log
+    earlier  runs the grid no longer has (not in the store's grid.json: an earlier version of the
+             grid, e.g. an lr edited in place), listed and counted nowhere else
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Study:
     evals: pd.DataFrame
     events: pd.DataFrame
     labels: list[str] = field(default_factory=list)
+    earlier: list[dict] = field(default_factory=list)  # runs of an earlier version of the grid: not counted
 
     def curves(self, run_ids: list[str]) -> pd.DataFrame:
         """metrics.jsonl of the given runs, long: run, step, tokens, loss, loss_avg, lr, ..."""
@@ -131,9 +134,14 @@ def _final_fields(final: dict) -> dict:
 def load_study(results_root: Path, grid: str) -> Study:
     """Read `<results_root>/<grid>/` into a Study (every frame sorted by run id)."""
     store = Store(Path(results_root) / grid)  # records only: a report never asks for weights
-    rows, finals, evals, label_names = [], {}, {}, set()
+    rows, finals, evals, label_names, earlier = [], {}, {}, set(), []
+    current = store.grid_runs()  # None: not recorded, every run counts
     for run in store.records():  # a damaged run (records unreadable or not as sealed): state damaged
         rid, status = run["id"], run["status"]
+        if current is not None and rid not in current:
+            earlier.append({"id": rid, "stage": run.get("stage"), "state": status.get("state"),
+                            "labels": run.get("labels") or {}})
+            continue
         completed = status.get("state") == "completed"
         final = run["final"] if completed else None
         if completed and run.get("kind", "train") == "train" and final is None:
@@ -155,7 +163,7 @@ def load_study(results_root: Path, grid: str) -> Study:
         runs = pd.DataFrame(columns=["id", "stage", "kind", "state", "error", "base_id", *STANDARD, "lr_used"])
     train = _train_frame(runs, finals)
     return Study(grid=grid, root=store.root, runs=runs, train=train, evals=_eval_frame(runs, train, evals),
-                 events=_events(store), labels=sorted(label_names))
+                 events=_events(store), labels=sorted(label_names), earlier=earlier)
 
 
 def _train_frame(runs: pd.DataFrame, finals: dict[str, dict]) -> pd.DataFrame:

@@ -555,6 +555,17 @@ def damaged_table(study: Study) -> Optional[Table]:
     return Table("damaged", "Damaged runs (not counted; `pcbench run` reruns them)", fmt.md_table(md), data)
 
 
+def earlier_table(study: Study) -> Optional[Table]:
+    """Runs in the store that the grid no longer has (an earlier version of it): not counted. None when none."""
+    if not study.earlier:
+        return None
+    data = pd.DataFrame([{"id": e["id"], "stage": e["stage"], "state": e["state"],
+                          "labels": fmt.phrases(sorted(e["labels"]), [e["labels"][k] for k in sorted(e["labels"])])}
+                         for e in sorted(study.earlier, key=lambda e: e["id"])])
+    return Table("earlier", "Runs of an earlier version of the grid, not counted", fmt.md_table(
+        data.rename(columns={"id": "run"})), data)
+
+
 def failed_table(study: Study) -> Table:
     r = study.runs
     f = r[r.state == "failed"] if len(r) else r

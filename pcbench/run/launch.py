@@ -146,6 +146,7 @@ def _prepare(store: Store, grid: Grid) -> None:
         from pcbench.util.atomic import write_text
 
         write_text(store.root / "grid.yaml", Path(grid.source).read_text())
+    store.write_grid_runs([r.id for r in grid.runs])  # a report counts only these (not an earlier grid's)
     for run in grid.runs:
         # A completed run keeps the record it ran with: its id hashes the spec's non-default fields,
         # so a newer pcbench would only add fields at their defaults (and churn committed records).
