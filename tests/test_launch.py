@@ -70,8 +70,12 @@ def test_local_grid_runs_then_skips_everything(tmp_path):
     # A record written by an older pcbench (a field added since, at its default) is not rewritten.
     rec_path = store.run_dir(comp_id := next(r.id for r in grid.runs if r.stage == "compress")) / "run.json"
     old = json.loads(rec_path.read_text())
-    del old["spec"]["compress"]["order"]
+    del old["spec"]["compress"]["order"], old["seal"]  # an older pcbench sealed no records
     rec_path.write_text(json.dumps(old))
+    st_path = rec_path.with_name("status.json")
+    st = json.loads(st_path.read_text())
+    del st["seal"], st["records"]
+    st_path.write_text(json.dumps(st))
     before = rec_path.read_bytes()
     again = launch.submit(grid, store, "local", progress=False)
     assert again.submitted == [] and len(again.skipped) == 3
