@@ -100,8 +100,14 @@ def test_sigkill_of_a_worker_mid_shard_then_a_rerun_redoes_only_that_shard(mirro
     for f in (clean.path / "shards").glob("0000[23].*"):
         f.unlink()
     monkeypatch.setenv("PCBENCH_TEST_KILL_SHARD", "2")
-    with pytest.raises(RuntimeError, match="worker died.*run the same command again"):
+    with pytest.raises(shards.WorkerDied) as e:
         shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
+    from pcbench.cli import _one_line
+
+    line = _one_line(e.value)  # an expected error of the environment: one line, exit 1, not "a bug"
+    assert line == str(e.value) and "\n" not in line and isinstance(e.value, OSError), line
+    assert line.startswith(f"token store {C4.label()} ({clean.path}): a prepare worker died") and \
+        line.endswith("run the same command again to go on"), line
     assert not (clean.path / "manifest.json").exists()  # incomplete: no manifest, not readable
     with pytest.raises(Exception, match="not prepared: run `pcbench prepare"):
         shards.open_store(C4)
@@ -109,6 +115,71 @@ def test_sigkill_of_a_worker_mid_shard_then_a_rerun_redoes_only_that_shard(mirro
     again = shards.prepare_store(C4, need=10**9, workers=2, **QUIET)
     assert again.kept == [0, 1] and again.built == [2, 3]
     assert _shard_files(again) == want and np.array_equal(_stream(), stream)
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below `pid` (its fork server, resource tracker and workers), from /proc."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit():
+                parent[int(d.name)] = int((d / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = set(), [pid]
+    while todo:
+        up = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == up and c not in out]
+        out.update(kids)
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_prepare_leaves_no_worker_or_fork_server_behind(mirror, sig):
+    """The prepare's workers are forks of a fork server, not its children: killed, it used to leave
+    them (and so the server) idle for good. They end within seconds; SIGTERM also says one line."""
+    import signal
+    import time
+
+    env = {**os.environ, "PCBENCH_TEST_HOLD_SHARD": "1", "PYTHONPATH": str(ROOT)}
+    code = ("from pcbench.data import shards\n"
+            "if __name__ == '__main__':\n"
+            "    shards.prepare_store(shards.StoreRef('c4', 'bpe-512', 'train', 'books'), need=10**9, workers=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    below: set[int] = set()
+    try:
+        deadline = time.time() + 120
+        while not list((mirror / "cache" / "stores").glob("*/shards/.00001.bin.tmp-*")):  # a worker is in shard 1
+            assert proc.poll() is None and time.time() < deadline, "the prepare never reached shard 1"
+            time.sleep(0.1)
+        below = _descendants(proc.pid)
+        assert len(below) >= 3, below  # fork server, two workers (and the resource tracker)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=30)
+        deadline = time.time() + 10
+        while [p for p in below if _alive(p)] and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in below if _alive(p)], "processes outlived the prepare by 10 s"
+        if sig == "SIGTERM":
+            assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+            assert err.strip().splitlines() == [f"pcbench: interrupted by SIGTERM: token store {C4.label()}: the "
+                                                "shards it finished are kept; run the same command again to go on"], err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in below:  # only what this test started (never a leftover of the old code)
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_a_damaged_shard_is_named_and_redone(mirror, capsys):

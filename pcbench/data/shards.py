@@ -357,11 +357,64 @@ def _worker_context():
     return ctx
 
 
-def _worker_init(env: dict) -> None:
-    """A worker's environment: this call's (the fork server's is that of its start), one core."""
+def _worker_init(env: dict, launcher: int) -> None:
+    """A worker's environment: this call's (the fork server's is that of its start), one core; it
+    ends when the launching process `launcher` does (its parent is the fork server, which outlives
+    it: without this a killed prepare leaves its workers, and so the server, idle for good), and
+    leaves Ctrl-C to the launcher (a terminal's reaches the whole process group)."""
+    import signal
+    import threading
+
     os.environ.clear()
     os.environ.update(env)
     os.environ.update(ONE_CORE_ENV)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with, args=(launcher,), name="pcbench-launcher-watch", daemon=True).start()
+
+
+def _end_with(pid: int, poll: float = 0.5) -> None:
+    """Exit this process as soon as process `pid` has ended (a pidfd where Linux has one, else a poll)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or already gone
+        fd = None
+    if fd is not None:
+        import select
+
+        select.select([fd], [], [])  # readable once the process has exited
+    else:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(poll)
+    os._exit(1)  # a half-written shard's temporary files are swept by the next writer
+
+
+class WorkerDied(ChildProcessError):
+    """A prepare worker ended without its result (killed, out of memory): an environment error,
+    shown as one line (an OSError with its reason as `strerror`)."""
+
+    def __init__(self, message: str):
+        import errno
+
+        super().__init__(errno.ECHILD, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGHUP/SIGINT reached a prepare whose caller handles none of them."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.name}")
 
 
 _WORKER_TOK: dict = {}
@@ -394,12 +447,16 @@ def _task(ref: StoreRef, root: str, i: int, files: list, verify: bool, tok_state
         _WORKER_TOK[ref] = _BareTok(*tok_state)
     hook = None
     kill = os.environ.get("PCBENCH_TEST_KILL_SHARD")  # tests: SIGKILL this worker inside shard N
+    hold = os.environ.get("PCBENCH_TEST_HOLD_SHARD")  # tests: this worker stops inside shard N
     if kill is not None and int(kill) == i:
         import signal
 
         def hook(_i, n):  # noqa: F811
             if n > 0:
                 os.kill(os.getpid(), signal.SIGKILL)
+    elif hold is not None and int(hold) == i:
+        def hook(_i, n):  # noqa: F811
+            time.sleep(300)
     rec = build_shard(ref, root_p, i, files, tok=_WORKER_TOK[ref], hook=hook)
     return i, rec, "built" if why == "missing" else f"redone ({why})"
 
@@ -421,7 +478,60 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
                   log: Optional[Callable[[str], None]] = None) -> Prepared:
     """Build what the store lacks so that it holds `need` tokens (None: the whole split), with
     `workers` processes (default `default_workers()`), and write its manifest. Every shard it
-    uses is checked against its sha256 first: a damaged one is named and redone."""
+    uses is checked against its sha256 first: a damaged one is named and redone. A worker that
+    dies is `WorkerDied` (one line); SIGINT/SIGTERM/SIGHUP, where the caller handles none of them
+    (`pcbench prepare`), end the workers and the process with one line and exit 128+signal."""
+    try:
+        with _stoppable():
+            return _prepare_store(ref, need, workers, log)
+    except Stopped as e:
+        print(f"pcbench: interrupted by {e.name}: token store {ref.label()}: the shards it finished are kept; "
+              "run the same command again to go on", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+
+
+def _stoppable():
+    """Within: SIGINT, SIGTERM and SIGHUP raise `Stopped`, each only where its handler is Python's
+    default (a caller that handles one, as `pcbench run` does, keeps it); the old ones come back."""
+    import contextlib
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def ctx():
+        old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
+                               (signal.SIGHUP, signal.SIG_DFL)):
+                if signal.getsignal(s) is default:
+                    old[s] = signal.signal(s, stop)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    return ctx()
+
+
+def _stop_workers(pool) -> None:
+    """End a pool's workers now (not after their shards: an interrupted or failed prepare)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        try:
+            proc.kill()
+        except (OSError, ValueError):
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.join(timeout=5)
+
+
+def _prepare_store(ref: StoreRef, need: Optional[int], workers: Optional[int],
+                   log: Optional[Callable[[str], None]]) -> Prepared:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -455,32 +565,36 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
 
     saved = {k: os.environ.get(k) for k in ONE_CORE_ENV}
     os.environ.update(ONE_CORE_ENV)  # the workers' tokenizer pools: one thread each
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(dict(os.environ), os.getpid()))
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(dict(os.environ),)) as pool:
-            pending, nxt = set(), 0
-            while True:
-                while nxt < len(plan) and len(pending) < workers and not covered():
-                    pending.add(pool.submit(_task, ref, str(root), nxt, plan[nxt], True, tok_state))
-                    nxt += 1
-                if not pending:
-                    break
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    try:
-                        i, rec, what = fut.result()
-                    except BrokenProcessPool:
-                        raise RuntimeError(f"{ref.label()}: a prepare worker died (killed, out of memory, or, "
-                                           "called from a script of your own, that script ran again in the "
-                                           "worker: call it under `if __name__ == '__main__':`); the shards it "
-                                           "finished are kept: run the same command again to go on") from None
-                    records[i] = rec
-                    (kept if what == "kept" else built if what == "built" else redone).append(i)
-                    if what.startswith("redone"):  # named in one warning line (util.verify.warn)
-                        warn(f"token store {what[len('redone ('):-1]}; rebuilding it")
-                    if what != "kept":
-                        log(f"{ref.label()}: shard {i + 1}/{len(plan)} {what.split(' ')[0]}: "
-                            f"{rec['n_tokens']:,} tokens in {rec['seconds']:.1f} s")
+        pending, nxt = set(), 0
+        while True:
+            while nxt < len(plan) and len(pending) < workers and not covered():
+                pending.add(pool.submit(_task, ref, str(root), nxt, plan[nxt], True, tok_state))
+                nxt += 1
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                try:
+                    i, rec, what = fut.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(f"token store {ref.label()} ({root}): a prepare worker died (killed, out of "
+                                     "memory, or, called from a script of your own, that script ran again in the "
+                                     "worker: call it under `if __name__ == '__main__':`); the shards finished "
+                                     "are kept: run the same command again to go on") from None
+                records[i] = rec
+                (kept if what == "kept" else built if what == "built" else redone).append(i)
+                if what.startswith("redone"):  # named in one warning line (util.verify.warn)
+                    warn(f"token store {what[len('redone ('):-1]}; rebuilding it")
+                if what != "kept":
+                    log(f"{ref.label()}: shard {i + 1}/{len(plan)} {what.split(' ')[0]}: "
+                        f"{rec['n_tokens']:,} tokens in {rec['seconds']:.1f} s")
+        pool.shutdown(wait=True)
+    except BaseException:  # a worker died, a signal, an error: the others end now, not after their shards
+        _stop_workers(pool)
+        raise
     finally:
         for k, v in saved.items():
             if v is None:
