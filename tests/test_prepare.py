@@ -199,6 +199,35 @@ def test_a_damaged_shard_is_named_and_redone(mirror, capsys):
     assert f"pcbench: warning: token store damaged: {b} (sha256 mismatch); rebuilding it" in err, err
 
 
+@pytest.mark.parametrize("how", ["n_tokens", "dtype", "unsealed"])
+def test_a_damaged_or_unsealed_manifest_is_named_never_read_and_written_again(mirror, capsys, how):
+    """The manifest is data (counts, dtype, the shards): an edited count made training read half the
+    store, an edited dtype failed inside numpy. Now it is sealed: damage is named with its path, the
+    store counts as unprepared, and the prepare stage writes it again (keeping every shard)."""
+    p = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
+    path = p.path / "manifest.json"
+    rec = json.loads(path.read_text())
+    m = rec.get("value", rec)
+    if how == "n_tokens":
+        m["n_tokens"] //= 2
+    elif how == "dtype":
+        m["dtype"] = "uint17"
+    else:
+        rec = m  # an older pcbench's manifest: no seal
+    path.write_text(json.dumps(rec))
+    why = "not a sealed record" if how == "unsealed" else "sha256 mismatch"
+    with pytest.raises(Damaged, match=f"token store manifest damaged: {path} \\({why}; `pcbench prepare GRID`"):
+        shards.open_store(C4)
+    assert not shards.is_prepared(C4, 10**9)
+    capsys.readouterr()
+    again = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
+    assert again.kept == [0, 1, 2, 3] and again.manifest == p.manifest
+    err = capsys.readouterr().err
+    assert err == ("" if how == "unsealed" else
+                   f"pcbench: warning: token store manifest damaged: {path} (sha256 mismatch); rebuilding it\n"), err
+    assert len(shards.open_store(C4)) == p.manifest["n_tokens"] and shards.is_prepared(C4, 10**9)
+
+
 def test_a_reader_hashes_a_shard_never_hashed_here(mirror):
     """`run --no-prepare` (no prepare stage hashed the shards) with the verified-cache cleared: a
     shard damaged with its size kept is still named, not trained on."""

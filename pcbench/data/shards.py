@@ -6,7 +6,10 @@ A store is one corpus split tokenised with one tokenizer, under `cache_dir()/sto
     shards/00003.idx    its document ends (int64, cumulative, little-endian)
     shards/00003.json   counts, sha256 of .bin and .idx, the source files (written last: the shard exists)
     manifest.json       the ordered shards, counts, source files, tokenizer fingerprint (written last
-                        of all: the store is complete only with it)
+                        of all: the store is complete only with it), sealed with its sha256
+                        (`util.verify.write_sealed_json`): a damaged one is named and never read as
+                        data, and the prepare stage writes it again (an older pcbench's, unsealed,
+                        quietly) from the shards it checks
 
 The token stream a trainer sees is the shards' tokens concatenated in group order: the documents
 of `corpora.iter_documents` in the order it yields them, each followed by eos, exactly what the
@@ -43,7 +46,8 @@ from pcbench.data import corpora
 from pcbench.util.atomic import read_json, write_bytes, write_json
 from pcbench.util.errors import SpecError
 from pcbench.util.paths import cache_dir
-from pcbench.util.verify import Damaged, hashed_as_is, record_digest, sha256_file, verify_file, warn
+from pcbench.util.verify import (Damaged, Unsealed, hashed_as_is, read_sealed_json, record_digest, sha256_file,
+                                 verify_file, warn, write_sealed_json)
 
 FORMAT = "pcbench-shards/1"
 DOCS_PER_CALL = 1000  # documents per encode_batch call (as tokens.prepare_tokens)
@@ -319,18 +323,31 @@ def finalize(ref: StoreRef, root: Path, ident: dict, tok, records: dict[int, dic
                 "shards": [{k: s[k] for k in ("shard", "files", "sources", "n_tokens", "n_documents", "sha256",
                                               "idx_sha256")} for s in shards]}
     path = root / "manifest.json"
-    old = _read_manifest(path)
+    try:
+        old = _read_manifest(path)
+    except Unsealed:  # an older pcbench's: sealed now
+        old = None
+    except Damaged as e:
+        warn(f"{e}; rebuilding it")
+        old = None
     if old is None or {k: v for k, v in old.items() if k != "pcbench_version"} != manifest:
-        write_json(path, {**manifest, "pcbench_version": __version__})
+        write_sealed_json(path, {**manifest, "pcbench_version": __version__})
     return manifest
 
 
 def _read_manifest(path: Path) -> Optional[dict]:
+    """The store's manifest, None when there is none; `Damaged` when it does not match its seal, is
+    not a manifest of this format, or is unsealed (`Unsealed`: an older pcbench's, never trusted as
+    data: the prepare stage seals it again from the shards it checks)."""
     try:
-        m = read_json(path)
-    except (OSError, ValueError):
+        m = read_sealed_json(path, what="token store manifest")
+    except FileNotFoundError:
         return None
-    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+    except OSError as e:
+        raise Damaged(path, f"unreadable: {e.strerror or e}", "token store manifest") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise Damaged(path, f"not a {FORMAT} manifest", "token store manifest")
+    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,7 +716,10 @@ class ShardedStore:
 
     def __init__(self, path: str | os.PathLike, n_tokens: Optional[int] = None):
         self.path = Path(path)
-        m = _read_manifest(self.path / "manifest.json")
+        try:
+            m = _read_manifest(self.path / "manifest.json")
+        except Damaged as e:
+            raise Damaged(e.path, f"{e.why}; `pcbench prepare GRID` writes it again", e.what) from None
         if m is None:
             raise SpecError("data", f"the token store {self.path} is not prepared (no manifest.json): "
                             "run `pcbench prepare GRID` first")
@@ -765,5 +785,8 @@ def open_store(ref: StoreRef, *, n_tokens: Optional[int] = None, need: Optional[
 
 def is_prepared(ref: StoreRef, need: Optional[int] = None, tok=None) -> bool:
     """The store's manifest exists and holds `need` tokens (or the whole split): torch-free, no hashing."""
-    m = _read_manifest(store_dir(ref, tok) / "manifest.json")
+    try:
+        m = _read_manifest(store_dir(ref, tok) / "manifest.json")
+    except Damaged:  # the prepare stage names it and writes it again
+        return False
     return m is not None and (m["complete"] or (need is not None and m["n_tokens"] >= need))
