@@ -228,6 +228,34 @@ def test_a_damaged_or_unsealed_manifest_is_named_never_read_and_written_again(mi
     assert len(shards.open_store(C4)) == p.manifest["n_tokens"] and shards.is_prepared(C4, 10**9)
 
 
+def test_a_local_file_edited_with_its_size_and_mtime_kept_makes_a_new_store(mirror):
+    """`cp -p`, `rsync -t`, `tar x`, `touch -r`: other bytes under the old size and mtime. The store
+    was named by size and mtime, so the old one was reused (the old tokens); now by content."""
+    f = mirror / "c4" / "c4-train.00001-of-00004.json.gz"
+    with gzip.open(f, "rt") as h:
+        text = h.read()
+    size = len(gzip.compress(text.encode())) + 4096
+    f.write_bytes(_padded_gzip(text, size))
+    first = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
+    st = f.stat()
+    f.write_bytes(_padded_gzip(text.replace("word1", "wOrd1"), size))  # the same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert shards.store_dir(C4) != first.path and not shards.is_prepared(C4, 10**9)  # another store
+    with pytest.raises(Exception, match="not prepared: run `pcbench prepare"):
+        _stream()  # never the old tokens
+
+
+def _padded_gzip(text: str, size: int) -> bytes:
+    """`text` gzipped into exactly `size` bytes (a gzip member of padding: FEXTRA bytes)."""
+    import struct
+
+    body = gzip.compress(text.encode(), mtime=0)
+    pad = size - len(body) - 12  # header 10 + XLEN 2
+    assert pad >= 0, (size, len(body))
+    return body[:3] + bytes([body[3] | 4]) + body[4:10] + struct.pack("<H", pad) + b"\0" * pad + body[10:]
+
+
 def test_a_reader_hashes_a_shard_never_hashed_here(mirror):
     """`run --no-prepare` (no prepare stage hashed the shards) with the verified-cache cleared: a
     shard damaged with its size kept is still named, not trained on."""

@@ -9,7 +9,9 @@ Streamed corpora (`c4`, `fineweb-edu`, `hf:<path>[:<config>]`, `json:<glob>`, `p
 read with `datasets.load_dataset(..., streaming=True)` from records with a `text` field. A hub
 corpus can be pointed at local files of the same schema with `data_files=` or the environment
 variable `PCBENCH_DATA_FILES` (a JSON object: corpus name -> data_files), e.g. a mirror on a cluster
-without hub access; everything after the file lookup is the same code.
+without hub access; everything after the file lookup is the same code. Local files are known by
+their path, size and sha256 (`fingerprint`), so a store follows their content, whatever mtime
+a copy restored.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Iterator, Optional, Union
 
 from pcbench.data import assets
 from pcbench.util.errors import SpecError
+from pcbench.util.verify import sha256_file
 
 FORMAT = 1  # bump when the document cutting or split rule changes (part of every fingerprint)
 VAL_PER_MILLE = 20  # ~2% of documents go to `val`
@@ -360,10 +363,13 @@ def _stream(corpus: str, split: str, data_files: DataFiles) -> Iterator[str]:
 
 
 def _file_stamp(pattern: str) -> list:
+    """[path, bytes, sha256] of each local file `pattern` names: its content, not its mtime, which a
+    copy or an archive restores (`cp -p`, `rsync -t`, `tar x`, `touch -r`) over other bytes. Hashed
+    once per version of the file (`util.verify`: a restored mtime still changes its ctime)."""
     files = sorted(globlib.glob(pattern)) if not re.match(r"^[a-z]+://", pattern) else []
     if not files:
         return [pattern]  # a remote or hub-relative path: named, not stat'ed
-    return [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    return [[f, os.path.getsize(f), sha256_file(f)] for f in files]
 
 
 def fingerprint(corpus: str, split: str, *, data_files: DataFiles = None) -> str:
@@ -399,13 +405,13 @@ class SourceFile:
     path: str
 
     def stamp(self) -> dict:
-        """What identifies the file's version: size and mtime locally, the revision a hub URL pins."""
+        """What identifies the file's version: size and sha256 locally (as `fingerprint`), the
+        revision a hub URL pins."""
         p = self.path
         if re.match(r"^[a-z0-9]+://", p):
             rev = re.search(r"@([0-9a-f]{40})", p)
             return {"file": p, "revision": rev.group(1) if rev else None}
-        st = os.stat(p)
-        return {"file": p, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"file": p, "bytes": os.stat(p).st_size, "sha256": sha256_file(p)}
 
 
 def source_files(corpus: str, split: str, *, data_files: DataFiles = None) -> list[SourceFile]:
