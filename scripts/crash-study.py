@@ -274,6 +274,9 @@ def _commit(path: str) -> str:
 def _repeat_summary(d: Path) -> dict:
     """A repeat-fsdp summary with the checkout as its commit and this machine's paths left out."""
     s = json.loads((d / "summary.json").read_text())
+    imported = s.pop("ranks_imported", None)  # where the ranks' pcbench came from (repeat-fsdp since d87362e)
+    if imported is not None:
+        s["ranks_ran_code"] = bool(imported) and all(f.startswith(s["code"].rstrip("/") + "/") for f in imported)
     s["code"] = _commit(s["code"])
     env = [kv.split("=", 1) for kv in s.get("env", [])]
     preload = " ".join(v for k, v in env if k == "LD_PRELOAD")

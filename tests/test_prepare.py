@@ -16,6 +16,7 @@ import torch
 
 from pcbench.data import sampler, shards
 from pcbench.data.tokens import Batches, TokenStore, prepare_tokens
+from pcbench.util.errors import SpecError
 from pcbench.util.verify import Damaged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_same_bytes_from_1_and_2_workers_and_the_one_process_path(mirror):
     one = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
     assert one.built == [0, 1, 2, 3] and one.manifest["complete"] and len(one.manifest["shards"]) == 4
     first, stream = _shard_files(one), _stream()
-    (one.path / "manifest.json").unlink()
+    (one.path / shards.MANIFEST).unlink()
     for f in (one.path / "shards").iterdir():
         f.unlink()
     two = shards.prepare_store(C4, need=10**9, workers=2, **QUIET)
@@ -96,7 +97,7 @@ def test_a_need_builds_a_prefix_and_a_run_reads_its_own(mirror):
 def test_sigkill_of_a_worker_mid_shard_then_a_rerun_redoes_only_that_shard(mirror, monkeypatch):
     clean = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
     want, stream = _shard_files(clean), _stream()
-    (clean.path / "manifest.json").unlink()
+    (clean.path / shards.MANIFEST).unlink()
     for f in (clean.path / "shards").glob("0000[23].*"):
         f.unlink()
     monkeypatch.setenv("PCBENCH_TEST_KILL_SHARD", "2")
@@ -108,7 +109,7 @@ def test_sigkill_of_a_worker_mid_shard_then_a_rerun_redoes_only_that_shard(mirro
     assert line == str(e.value) and "\n" not in line and isinstance(e.value, OSError), line
     assert line.startswith(f"token store {C4.label()} ({clean.path}): a prepare worker died") and \
         line.endswith("run the same command again to go on"), line
-    assert not (clean.path / "manifest.json").exists()  # incomplete: no manifest, not readable
+    assert not (clean.path / shards.MANIFEST).exists()  # incomplete: no manifest, not readable
     with pytest.raises(Exception, match="not prepared: run `pcbench prepare"):
         shards.open_store(C4)
     monkeypatch.delenv("PCBENCH_TEST_KILL_SHARD")
@@ -199,13 +200,14 @@ def test_a_damaged_shard_is_named_and_redone(mirror, capsys):
     assert f"pcbench: warning: token store damaged: {b} (sha256 mismatch); rebuilding it" in err, err
 
 
-@pytest.mark.parametrize("how", ["n_tokens", "dtype", "unsealed"])
+@pytest.mark.parametrize("how", ["n_tokens", "dtype", "unsealed", "older"])
 def test_a_damaged_or_unsealed_manifest_is_named_never_read_and_written_again(mirror, capsys, how):
     """The manifest is data (counts, dtype, the shards): an edited count made training read half the
     store, an edited dtype failed inside numpy. Now it is sealed: damage is named with its path, the
-    store counts as unprepared, and the prepare stage writes it again (keeping every shard)."""
+    store counts as unprepared, and the prepare stage writes it again (keeping every shard). An older
+    pcbench's unsealed `manifest.json` is another file: never read, never touched."""
     p = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
-    path = p.path / "manifest.json"
+    path = p.path / shards.MANIFEST
     rec = json.loads(path.read_text())
     m = rec.get("value", rec)
     if how == "n_tokens":
@@ -213,18 +215,27 @@ def test_a_damaged_or_unsealed_manifest_is_named_never_read_and_written_again(mi
     elif how == "dtype":
         m["dtype"] = "uint17"
     else:
-        rec = m  # an older pcbench's manifest: no seal
-    path.write_text(json.dumps(rec))
-    why = "not a sealed record" if how == "unsealed" else "sha256 mismatch"
-    with pytest.raises(Damaged, match=f"token store manifest damaged: {path} \\({why}; `pcbench prepare GRID`"):
-        shards.open_store(C4)
+        rec = m  # unsealed, as an older pcbench wrote its manifest
+    if how == "older":  # a store an older pcbench prepared (or keeps preparing, in a shared cache)
+        path.unlink()
+        older = p.path / "manifest.json"
+        older.write_text(json.dumps(rec))
+        with pytest.raises(SpecError, match="is not prepared"):
+            shards.open_store(C4)
+    else:
+        path.write_text(json.dumps(rec))
+        why = "not a sealed record" if how == "unsealed" else "sha256 mismatch"
+        with pytest.raises(Damaged, match=f"token store manifest damaged: {path} \\({why}; `pcbench prepare GRID`"):
+            shards.open_store(C4)
     assert not shards.is_prepared(C4, 10**9)
     capsys.readouterr()
     again = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
     assert again.kept == [0, 1, 2, 3] and again.manifest == p.manifest
     err = capsys.readouterr().err
-    assert err == ("" if how == "unsealed" else
+    assert err == ("" if how in ("unsealed", "older") else
                    f"pcbench: warning: token store manifest damaged: {path} (sha256 mismatch); rebuilding it\n"), err
+    if how == "older":
+        assert json.loads(older.read_text()) == rec  # the other version's file, as it was
     assert len(shards.open_store(C4)) == p.manifest["n_tokens"] and shards.is_prepared(C4, 10**9)
 
 

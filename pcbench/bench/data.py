@@ -126,7 +126,7 @@ def make_sparse_store(path: Path, n_tokens: int, shard_tokens: int = 10**11) -> 
                      "sha256": "-", "idx_sha256": "-"})
         left -= n
         i += 1
-    verify.write_sealed_json(path / "manifest.json", {  # sealed, as `shards.finalize` writes it
+    verify.write_sealed_json(path / shards.MANIFEST, {  # sealed, as `shards.finalize` writes it
         "format": shards.FORMAT, "corpus": "sparse", "split": "train", "tokenizer": "ids", "dtype": "uint16",
         "n_tokens": n_tokens, "n_documents": 0, "complete": True, "shards": recs})
     return path

@@ -5,7 +5,7 @@ A store is one corpus split tokenised with one tokenizer, under `cache_dir()/sto
     shards/00003.bin    the tokens of source-file group 3 (raw uint16/uint32, eos after each document)
     shards/00003.idx    its document ends (int64, cumulative, little-endian)
     shards/00003.json   counts, sha256 of .bin and .idx, the source files (written last: the shard exists)
-    manifest.json       the ordered shards, counts, source files, tokenizer fingerprint (written last
+    manifest.sealed.json  the ordered shards, counts, source files, tokenizer fingerprint (written last
                         of all: the store is complete only with it), sealed with its sha256
                         (`util.verify.write_sealed_json`): a damaged one is named and never read as
                         data, and the prepare stage writes it again (an older pcbench's, unsealed,
@@ -50,6 +50,9 @@ from pcbench.util.verify import (Damaged, Unsealed, hashed_as_is, read_sealed_js
                                  verify_file, warn, write_sealed_json)
 
 FORMAT = "pcbench-shards/1"
+# The manifest, sealed (`verify.write_sealed_json`). Not `manifest.json`, which an older pcbench writes
+# unsealed: two versions sharing one cache each keep their own instead of rewriting the other's.
+MANIFEST = "manifest.sealed.json"
 DOCS_PER_CALL = 1000  # documents per encode_batch call (as tokens.prepare_tokens)
 PACKAGED_FILES_PER_GROUP = 4  # packaged corpora: books or addresses per shard; streamed: one file
 DOWNLOAD_RETRIES = 8
@@ -322,7 +325,7 @@ def finalize(ref: StoreRef, root: Path, ident: dict, tok, records: dict[int, dic
                 "complete": len(shards) == n_groups, "n_groups": n_groups,
                 "shards": [{k: s[k] for k in ("shard", "files", "sources", "n_tokens", "n_documents", "sha256",
                                               "idx_sha256")} for s in shards]}
-    path = root / "manifest.json"
+    path = root / MANIFEST
     try:
         old = _read_manifest(path)
     except Unsealed:  # an older pcbench's: sealed now
@@ -717,11 +720,11 @@ class ShardedStore:
     def __init__(self, path: str | os.PathLike, n_tokens: Optional[int] = None):
         self.path = Path(path)
         try:
-            m = _read_manifest(self.path / "manifest.json")
+            m = _read_manifest(self.path / MANIFEST)
         except Damaged as e:
             raise Damaged(e.path, f"{e.why}; `pcbench prepare GRID` writes it again", e.what) from None
         if m is None:
-            raise SpecError("data", f"the token store {self.path} is not prepared (no manifest.json): "
+            raise SpecError("data", f"the token store {self.path} is not prepared (no {MANIFEST}): "
                             "run `pcbench prepare GRID` first")
         n = m["n_tokens"] if n_tokens is None else min(int(n_tokens), m["n_tokens"])
         paths, counts, start = [], [], 0
@@ -772,9 +775,9 @@ def open_store(ref: StoreRef, *, n_tokens: Optional[int] = None, need: Optional[
     `n_tokens`: the prefix to read (a cap); `need`: the tokens the caller needs (a store holding
     fewer while its corpus has more is refused: prepare it for this grid)."""
     path = store_dir(ref, tok)
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         raise SpecError("data", f"the token store {ref.label()} is not prepared: run `pcbench prepare GRID` "
-                        f"(or `pcbench run`, which prepares first); expected {path}/manifest.json")
+                        f"(or `pcbench run`, which prepares first); expected {path}/{MANIFEST}")
     store = ShardedStore(path, n_tokens)
     m = store.meta
     if need is not None and not m["complete"] and m["store_tokens"] < need:
@@ -786,7 +789,7 @@ def open_store(ref: StoreRef, *, n_tokens: Optional[int] = None, need: Optional[
 def is_prepared(ref: StoreRef, need: Optional[int] = None, tok=None) -> bool:
     """The store's manifest exists and holds `need` tokens (or the whole split): torch-free, no hashing."""
     try:
-        m = _read_manifest(store_dir(ref, tok) / "manifest.json")
+        m = _read_manifest(store_dir(ref, tok) / MANIFEST)
     except Damaged:  # the prepare stage names it and writes it again
         return False
     return m is not None and (m["complete"] or (need is not None and m["n_tokens"] >= need))
