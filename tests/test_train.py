@@ -380,3 +380,16 @@ def test_a_run_that_starts_over_moves_the_earlier_records_aside(tmp_path, ckpt_e
     assert len(read_jsonl(aside[0].parent / "metrics.jsonl")) == 4  # A's curve, whole
     err = capfd.readouterr().err
     assert err.count("records of the earlier run") == 1 and "pcbench: warning:" in err, err
+
+
+@pytest.mark.parametrize("cap, needle", [(1, "fewer than one window of 33"), (100, "fewer than one batch of 8 rows")])
+def test_a_store_too_small_for_one_batch_is_one_line_naming_max_tokens(tmp_path, cap, needle):
+    """`data.max_tokens` below one window, or below one batch: the store cannot feed a step. Refused
+    in one line naming the field (rc 2), not a ValueError from the sampler as "a bug"."""
+    d = json.loads(json.dumps(BASE_SPEC))
+    d["data"]["max_tokens"] = cap
+    spec = tmp_path / "small.yaml"
+    spec.write_text(yaml.safe_dump(d))
+    r = run_cli(["pcbench.cli", "train", str(spec), "--out", str(tmp_path / "o")], timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "a bug" not in r.stderr, r.stderr
+    assert "data.max_tokens" in r.stderr and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -402,6 +402,22 @@ def _set_aside_checkpoints_ahead(paths: RunPaths, log_every: int) -> None:
          + (f"resuming from step {max(left)}" if left else "training from the start"))
 
 
+def _batches(store, seq_len: int, seed: int, rows: int):
+    """The run's batches of `store`, refused in one line before any work when the store cannot
+    give one batch of `rows` windows (a small `data.max_tokens`, or a small corpus)."""
+    from pcbench.data.tokens import Batches
+
+    try:
+        batches = Batches(store, seq_len, seed=seed)
+    except ValueError as e:
+        raise SpecError("data.max_tokens", f"{e}: give a larger cap (or a larger corpus)") from None
+    if batches.n_windows < rows:
+        raise SpecError("data.max_tokens", f"the token store holds {batches.n_windows} windows of "
+                        f"{seq_len + 1} tokens, fewer than one batch of {rows} rows: give a larger cap "
+                        "(or a larger corpus)")
+    return batches
+
+
 def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name: Optional[str] = None,
           provenance: Optional[dict] = None, tracked: Optional[tracking.RunInfo] = None,
           lineage: Optional[str] = None, adopt: bool = False) -> dict:
@@ -439,14 +455,13 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     distributed.barrier(env)
     # trackers (pcbench.tracking, their own process: started now, they load while the model is built),
     # fed every metric line written below; they never fail or slow the run
-    tracker = tracking.Session(tc.track if env.main else [], tracked or tracking.RunInfo(
-        name or spec.kind, spec.kind, paths.work), to_dict(spec))
-    card_name = name or (tracked.name if tracked else None)
-
     stores = open_run_stores(spec, data_tokenizer_name(spec))  # prepared before: only read here
     train_store = stores["train"]
     data_seed = tc.seed if tc.data_seed is None else tc.data_seed
-    batches = Batches(train_store, dc.seq_len, seed=data_seed)
+    batches = _batches(train_store, dc.seq_len, data_seed, tc.batch_size)
+    tracker = tracking.Session(tc.track if env.main else [], tracked or tracking.RunInfo(
+        name or spec.kind, spec.kind, paths.work), to_dict(spec))
+    card_name = name or (tracked.name if tracked else None)
 
     def calibration():
         cal = Batches(train_store, dc.seq_len, seed=spec.compress.importance_seed + 7919)
