@@ -350,6 +350,35 @@ def test_numbers_the_job_would_refuse_are_refused_before_it(tmp_path, field, val
     assert not results.exists()
 
 
+BASE_SPEC = {"model": {"name": "gpt2-nano"}, "data": {"corpus": "books", "tokenizer": "bpe-512", "seq_len": 32},
+             "train": {"steps": 1, "batch_size": 8, "threads": 1, "device": "cpu"}, "optim": {"lr": 0.01}}
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("train.threads", "99999999999999999999", "64 bits"), ("train.threads", "100000", "at most 4,096"),
+    ("model.pad_vocab", "99999999999999999999", "64 bits"), ("model.pad_vocab", "4194304", "at most"),
+    ("model.d_model", "1099511627776", "at most"), ("model.layers", "1099511627776", "at most"),
+    ("data.seq_len", "1099511627776", "at most"), ("train.batch_size", "1099511627776", "at most"),
+    ("train.micro_batch_size", "99999999999999999999", "64 bits"), ("train.steps", "1000000000000000", "tokens"),
+    ("train.log_every", "-99999999999999999999", "64 bits"), ("compress.align", "99999999999999999999", "64 bits")])
+def test_integers_torch_or_numpy_would_overflow_on_are_refused(tmp_path, field, value, needle):
+    """An integer past a C long long (or past what torch can size) reached torch inside the job:
+    'unexpected ValueError: Overflow when unpacking long long (a bug)' or a C++ stack trace, after the
+    output directory was made. Now one line naming the field, rc 2, nothing created."""
+    section, key = field.split(".")
+    spec = yaml.safe_load(yaml.safe_dump(BASE_SPEC))
+    if section == "compress":
+        spec["model"] = {"name": "hf", "path": str(tmp_path)}
+        spec["compress"] = {"method": "hpr"}
+    spec[section][key] = "@@"
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False).replace("'@@'", value))
+    rc, out, err = cli("train", path, "--out", tmp_path / "o")
+    assert rc == 2, (field, value, out, err)
+    one_error_line(err, f"{field}", needle)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("args", [["--lr", "inf"], ["--lr", "nan"], ["--distill", "inf"], ["--compression", "inf"]])
 def test_non_finite_numbers_on_the_command_line_are_refused(tmp_path, base_model, args):
     base = ["compress", "--base", base_model, "--method", "hpr", "--compression", "0.5", "--steps", "0",

@@ -28,12 +28,26 @@ from pcbench.util.suggest import did_you_mean
 # Seeds reach numpy's legacy seeding (`np.random.seed`: 0 to 2**32 - 1) and `np.random.default_rng`
 # (non-negative): a seed outside this range would fail only inside the job.
 MAX_SEED = 2**32 - 1
+# Any integer field reaches torch/numpy as a C long long at most: one past it fails there ("Overflow
+# when unpacking long long", or a C++ stack trace) inside the job. Tighter bounds where torch counts
+# in int32 or a value multiplies into tensor sizes: thread counts (torch spawns them), sizes (layers,
+# widths, seq_len, batch rows, vocabulary padding) and a run's total tokens (sampled positions).
+MAX_INT = 2**63 - 1
+MAX_THREADS = 4096
+MAX_SIZE = 2**20
+MAX_TOKENS = 2**53  # float64 counts every token exactly
 
 
 def require(cond: bool, path: str, reason: str) -> None:
     """Raise `SpecError(path, reason)` unless `cond`."""
     if not cond:
         raise SpecError(path, reason)
+
+
+def require_at_most(value: Optional[int], most: int, path: str) -> None:
+    """Raise `SpecError` naming `path` when `value` (None: unset) is above `most`."""
+    if value is not None and value > most:
+        raise SpecError(path, f"must be at most {most:,}, got {value:,}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +79,8 @@ class ModelSpec:
             v = getattr(self, f)
             require(v is None or v > 0, f"{path}.{f}", f"must be a positive integer, got {v}")
         require(self.pad_vocab >= 1, f"{path}.pad_vocab", f"must be a positive integer, got {self.pad_vocab}")
+        for f in ("layers", "d_model", "heads", "kv_heads", "head_dim", "d_ff", "pad_vocab"):
+            require_at_most(getattr(self, f), MAX_SIZE, f"{path}.{f}")
         preset = presets.PRESETS[self.name]
         require(preset.weights != "path" or bool(self.path), f"{path}.path",
                 f"model {self.name!r} needs a checkpoint path")
@@ -123,6 +139,8 @@ class DataSpec:
         require(self.seq_len >= 8, f"{path}.seq_len", f"must be >= 8, got {self.seq_len}")
         require(self.eval_batches >= 0, f"{path}.eval_batches", "must be >= 0")
         require(self.max_tokens is None or self.max_tokens > 0, f"{path}.max_tokens", "must be positive")
+        require_at_most(self.seq_len, MAX_SIZE, f"{path}.seq_len")
+        require_at_most(self.max_tokens, MAX_TOKENS, f"{path}.max_tokens")
 
 
 @dataclass
@@ -194,6 +212,11 @@ class TrainSpec:
         require(self.device in ("auto", "cpu", "cuda"), f"{path}.device", "auto, cpu or cuda")
         require(self.threads is None or self.threads > 0, f"{path}.threads", "must be positive")
         require(self.last_k > 0, f"{path}.last_k", "must be positive")
+        require_at_most(self.threads, MAX_THREADS, f"{path}.threads")
+        for f in ("batch_size", "micro_batch_size"):
+            require_at_most(getattr(self, f), MAX_SIZE, f"{path}.{f}")
+        require_at_most(self.tokens, MAX_TOKENS, f"{path}.tokens")
+        require_at_most(self.steps, MAX_TOKENS, f"{path}.steps")
         for f in ("seed", "data_seed"):
             v = getattr(self, f)
             require(v is None or 0 <= v <= MAX_SEED, f"{path}.{f}", f"must be in [0, {MAX_SEED}], got {v}")
@@ -242,6 +265,7 @@ class CompressSpec:
         require(self.align >= 1, f"{path}.align", "must be >= 1")
         require(self.calibration_batches >= 1, f"{path}.calibration_batches", "must be >= 1")
         require(self.recovery_every >= 0, f"{path}.recovery_every", "must be >= 0")
+        require_at_most(self.align, MAX_SIZE, f"{path}.align")
         require(0 <= self.importance_seed <= MAX_SEED, f"{path}.importance_seed",
                 f"must be in [0, {MAX_SEED}], got {self.importance_seed}")
 
@@ -269,6 +293,10 @@ class RunSpec:
         self.data.validate(f"{path}.data")
         self.optim.validate(f"{path}.optim")
         self.train.validate(f"{path}.train")
+        if self.train.steps is not None:  # the tokens a run reads: steps x rows x positions
+            n = self.train.steps * self.train.batch_size * self.data.seq_len
+            require(n <= MAX_TOKENS, f"{path}.train.steps",
+                    f"{n:,} tokens (steps x batch_size x seq_len); at most {MAX_TOKENS:,}")
         if self.compress is not None:
             self.compress.validate(f"{path}.compress")
             require(self.model.path is not None or presets.has_weights(self.model.name),
@@ -305,6 +333,8 @@ class EvalSpec:
         require(self.num_fewshot >= 0, f"{path}.num_fewshot", "must be >= 0")
         require(self.device in ("auto", "cpu", "cuda"), f"{path}.device", "auto, cpu or cuda")
         require(self.threads is None or self.threads > 0, f"{path}.threads", "must be positive")
+        require_at_most(self.threads, MAX_THREADS, f"{path}.threads")
+        require_at_most(self.batch_size, MAX_SIZE, f"{path}.batch_size")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +484,7 @@ def convert(tp: Any, value: Any, path: str) -> Any:
             value = int(value)
         require(isinstance(value, int) and not isinstance(value, bool), path,
                 f"must be an integer, got {value!r}")
+        require(-MAX_INT <= value <= MAX_INT, path, f"must be an integer within +-{MAX_INT} (64 bits), got {value}")
         return value
     if tp is float:
         if isinstance(value, str):
