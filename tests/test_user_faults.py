@@ -379,6 +379,34 @@ def test_integers_torch_or_numpy_would_overflow_on_are_refused(tmp_path, field, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("text,needle", [("", "empty spec"), ("~\n", "empty spec"), ("# nothing\n", "empty spec"),
+                                         ("@@lr: '1_0'", "optim.lr: must be a number, got '1_0'"),
+                                         ("@@lr: ' 1'", "optim.lr: must be a number"),
+                                         ("@@lr: '0x1p-3'", "optim.lr: must be a number")])
+def test_empty_specs_and_numbers_in_quotes_are_refused(tmp_path, text, needle):
+    """An empty spec file trained a 100-step default model (rc 0); a quoted `'1_0'` went through
+    float() and trained at lr 10."""
+    if text.startswith("@@"):
+        spec = yaml.safe_load(yaml.safe_dump(BASE_SPEC))
+        spec["optim"]["lr"] = "@@"
+        text = yaml.safe_dump(spec, sort_keys=False).replace("lr: '@@'", text[2:])
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    rc, out, err = cli("train", path, "--out", tmp_path / "o")
+    assert rc == 2, (text, out, err)
+    one_error_line(err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_quoted_plain_decimal_is_still_a_number(tmp_path):
+    """A template's result ("1e-${k}") is a string: a plain decimal there is read as the number."""
+    from pcbench.spec.config import load_run_spec
+
+    spec = yaml.safe_load(yaml.safe_dump(BASE_SPEC))
+    spec["optim"]["lr"] = "1e-3"
+    assert load_run_spec(spec).optim.lr == 1e-3
+
+
 @pytest.mark.parametrize("args", [["--lr", "inf"], ["--lr", "nan"], ["--distill", "inf"], ["--compression", "inf"]])
 def test_non_finite_numbers_on_the_command_line_are_refused(tmp_path, base_model, args):
     base = ["compress", "--base", base_model, "--method", "hpr", "--compression", "0.5", "--steps", "0",

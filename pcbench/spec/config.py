@@ -36,6 +36,9 @@ MAX_INT = 2**63 - 1
 MAX_THREADS = 4096
 MAX_SIZE = 2**20
 MAX_TOKENS = 2**53  # float64 counts every token exactly
+# A number quoted in YAML is read as one only when it is a plain decimal (`'1e-3'`, from a template);
+# float() alone would read `'1_0'` as 10 and `' 1 '` as 1.
+_DECIMAL = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
 
 def require(cond: bool, path: str, reason: str) -> None:
@@ -487,11 +490,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         require(-MAX_INT <= value <= MAX_INT, path, f"must be an integer within +-{MAX_INT} (64 bits), got {value}")
         return value
     if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML reads 1e-3 (no dot) as a string
-            except ValueError:
-                pass
+        if isinstance(value, str) and _DECIMAL.fullmatch(value):
+            value = float(value)  # a template's result ("1e-${k}"); a quoted plain decimal
         require(isinstance(value, (int, float)) and not isinstance(value, bool), path,
                 f"must be a number, got {value!r}")
         require(math.isfinite(value), path, f"must be a finite number, got {value!r}")
@@ -549,6 +549,7 @@ def load_spec(cls: type, source: str | Path | dict, path: str = "spec", fields: 
         data, where = source, path
     else:
         data, where = load_yaml(Path(source)), str(Path(source))
+        require(data is not None, where, "empty spec (the file holds no fields; a spec is a mapping)")
     for dotted, value in (fields or {}).items():
         data = _with_field(data if isinstance(data, dict) else {}, dotted, value)
     spec = from_dict(cls, data, where)
