@@ -75,7 +75,11 @@ def cmd_run(args) -> int:
         todo = [r for r in grid.select(args.only) if store.state(r.id) != "completed"]
         problems += [SpecError("data", m.split(": ", 1)[1]) for m in missing_stores(grid, todo)]
     if args.dry_run:
-        print(dry_run_table(grid, store, args.only, args.retry_failed, _resources(args), args.executor))
+        try:
+            print(dry_run_table(grid, store, args.only, args.retry_failed, _resources(args), args.executor))
+        except Exception:  # noqa: BLE001 - a run the checks refused (e.g. a config no model) cannot be planned
+            if not problems:
+                raise
         if problems:
             raise Problems(problems)
         print("checks before the first job: ok")

@@ -120,8 +120,8 @@ _DAMAGE: dict[tuple, Optional[str]] = {}
 
 
 def _damage(path: str, tokenizer: bool) -> Optional[str]:
-    """`hfdir.damage` of a checkpoint directory, once per directory state (a grid names one base in
-    many runs)."""
+    """What is wrong with a checkpoint directory, once per directory state (a grid names one base in
+    many runs): `hfdir.damage`, then what loading it would refuse (`_load_problem`)."""
     from pcbench.util import hfdir
 
     try:
@@ -130,8 +130,33 @@ def _damage(path: str, tokenizer: bool) -> Optional[str]:
         state = None
     key = (path, tokenizer, state)
     if key not in _DAMAGE:
-        _DAMAGE[key] = hfdir.damage(path, tokenizer=tokenizer)
+        _DAMAGE[key] = hfdir.damage(path, tokenizer=tokenizer) or _load_problem(Path(path), tokenizer)
     return _DAMAGE[key]
+
+
+def _load_problem(p: Path, tokenizer: bool) -> Optional[str]:
+    """What transformers would refuse loading checkpoint `p` whose JSON files parse: a config.json that
+    is not a mapping with a model_type it knows."""
+    config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(kind, str) or not kind:
+        return f"{p / 'config.json'}: not a model config (a mapping with a `model_type`)"
+    if kind not in known_model_types():
+        return f"{p / 'config.json'}: model_type {kind!r} is not one this transformers knows"
+    return None
+
+
+def known_model_types() -> set[str]:
+    """The `model_type`s transformers' AutoConfig knows, kept on disk per version (`util.memo`):
+    importing its table imports torch."""
+    from pcbench.util.memo import remember
+
+    def compute() -> list[str]:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        return sorted(CONFIG_MAPPING_NAMES)
+
+    return set(remember("model-types", [], compute))
 
 
 # ---------------------------------------------------------------------------------------------
