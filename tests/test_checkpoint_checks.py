@@ -43,7 +43,8 @@ def _foreign(tmp: Path, base: Path, damage: str) -> tuple[Path, str]:
     return d, str(d / name)
 
 
-DAMAGES = ["config-list", "config-unknown-type", "config-no-type"]
+DAMAGES = ["config-list", "config-unknown-type", "config-no-type", "no-weights", "index-shard-missing",
+           "tokenizer-truncated"]
 
 
 @pytest.mark.parametrize("cmd", ["compress", "train", "dry-run"])
@@ -73,7 +74,7 @@ def test_a_checkpoint_transformers_cannot_load_is_refused_before_any_work(tmp_pa
     assert not out.exists() and not out.with_name("out.pcbench").exists()
 
 
-@pytest.mark.parametrize("damage", ["config-unknown-type"])
+@pytest.mark.parametrize("damage", ["no-weights", "tokenizer-truncated", "config-unknown-type"])
 def test_a_dry_run_checks_the_checkpoint_whatever_tokenizer_the_run_uses(tmp_path, base_model, damage):
     """A run that tokenizes with its own tokenizer still loads the checkpoint: its weights must be there,
     its config must be a model's, and every JSON file of it must parse (README: whether each local

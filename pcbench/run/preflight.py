@@ -117,11 +117,14 @@ def check_model_dir(path: str, field: str, *, hub_ok: bool = True, tokenizer: bo
 
 
 _DAMAGE: dict[tuple, Optional[str]] = {}
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _damage(path: str, tokenizer: bool) -> Optional[str]:
     """What is wrong with a checkpoint directory, once per directory state (a grid names one base in
-    many runs): `hfdir.damage`, then what loading it would refuse (`_load_problem`)."""
+    many runs): `hfdir.damage` (every JSON file there parses, tokenizer's included, and each
+    safetensors file is as long as its header says), then what loading it would refuse
+    (`_load_problem`)."""
     from pcbench.util import hfdir
 
     try:
@@ -130,19 +133,33 @@ def _damage(path: str, tokenizer: bool) -> Optional[str]:
         state = None
     key = (path, tokenizer, state)
     if key not in _DAMAGE:
-        _DAMAGE[key] = hfdir.damage(path, tokenizer=tokenizer) or _load_problem(Path(path), tokenizer)
+        _DAMAGE[key] = hfdir.damage(path, tokenizer=True) or _load_problem(Path(path), tokenizer)
     return _DAMAGE[key]
 
 
 def _load_problem(p: Path, tokenizer: bool) -> Optional[str]:
     """What transformers would refuse loading checkpoint `p` whose JSON files parse: a config.json that
-    is not a mapping with a model_type it knows."""
+    is not a mapping with a model_type it knows, no weights file (or a shard its index names)."""
     config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     kind = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(kind, str) or not kind:
         return f"{p / 'config.json'}: not a model config (a mapping with a `model_type`)"
     if kind not in known_model_types():
         return f"{p / 'config.json'}: model_type {kind!r} is not one this transformers knows"
+    names = [n for n in WEIGHTS if (p / n).is_file()]
+    if not names:
+        return f"{p}: no weights ({' or '.join(WEIGHTS[::2])}: missing)"
+    if names[0].endswith(".index.json"):
+        try:
+            index = json.loads((p / names[0]).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return f"{p / names[0]}: damaged (not valid JSON)"
+        shards = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+            return f"{p / names[0]}: not a weights index (no `weight_map`)"
+        missing = sorted(v for v in set(shards.values()) if not (p / v).is_file())
+        if missing:
+            return f"{p / missing[0]}: missing (named by {names[0]})"
     return None
 
 
