@@ -44,7 +44,7 @@ def _foreign(tmp: Path, base: Path, damage: str) -> tuple[Path, str]:
 
 
 DAMAGES = ["config-list", "config-unknown-type", "config-no-type", "no-weights", "index-shard-missing",
-           "tokenizer-truncated"]
+           "tokenizer-missing", "tokenizer-not-a-tokenizer", "tokenizer-truncated"]
 
 
 @pytest.mark.parametrize("cmd", ["compress", "train", "dry-run"])

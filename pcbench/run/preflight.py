@@ -139,7 +139,9 @@ def _damage(path: str, tokenizer: bool) -> Optional[str]:
 
 def _load_problem(p: Path, tokenizer: bool) -> Optional[str]:
     """What transformers would refuse loading checkpoint `p` whose JSON files parse: a config.json that
-    is not a mapping with a model_type it knows, no weights file (or a shard its index names)."""
+    is not a mapping with a model_type it knows, no weights file (or a shard its index names), and,
+    when `tokenizer`, a tokenizer.json that is not a tokenizers serialization, or neither it nor a
+    slow tokenizer's files."""
     config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     kind = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(kind, str) or not kind:
@@ -160,7 +162,19 @@ def _load_problem(p: Path, tokenizer: bool) -> Optional[str]:
         missing = sorted(v for v in set(shards.values()) if not (p / v).is_file())
         if missing:
             return f"{p / missing[0]}: missing (named by {names[0]})"
-    return None
+    return _tokenizer_problem(p) if tokenizer else None
+
+
+def _tokenizer_problem(p: Path) -> Optional[str]:
+    f = p / "tokenizer.json"
+    if f.is_file():
+        tok = json.loads(f.read_text(encoding="utf-8"))
+        if not (isinstance(tok, dict) and isinstance(tok.get("model"), dict) and isinstance(tok.get("added_tokens"), list)):
+            return f"{f}: damaged (not a tokenizers file: no `model` and `added_tokens`)"
+        return None
+    if (p / "tokenizer.model").is_file() or all((p / n).is_file() for n in ("vocab.json", "merges.txt")):
+        return None
+    return f"{f}: missing (and no slow tokenizer's files: vocab.json + merges.txt, or tokenizer.model)"
 
 
 def known_model_types() -> set[str]:
