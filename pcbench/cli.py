@@ -69,6 +69,10 @@ def cmd_run(args) -> int:
     if args.track is not None:
         _track_grid(grid, args.track)
     problems = preflight.check_grid(grid, store, args.only, _resources(args), args.executor)
+    if args.executor == "local":  # its environment variables, before the store or a prepare is written
+        from pcbench.run.executors.local import check_environment
+
+        problems += check_environment(args.parallel)
     if args.no_prepare:  # the stores must be there already: say which are not, before any job
         from pcbench.run.prepare import missing_stores
 

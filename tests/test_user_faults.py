@@ -478,3 +478,28 @@ def test_bad_input_is_refused_before_torch_is_imported(tmp_path, args, needle):
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
     assert "heavy: []" in r.stdout, r.stdout
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.pcbench").exists()
+
+
+@pytest.mark.parametrize("dry", [True, False])
+@pytest.mark.parametrize("var,value,needle", [("PCBENCH_PARALLEL", "lots", "integer or auto"),
+                                              ("PCBENCH_PARALLEL", "0", "at least 1"),
+                                              ("PCBENCH_LOCAL_MODE", "thread", "unknown mode")])
+def test_bad_local_executor_variables_are_refused_before_any_work(tmp_path, monkeypatch, var, value, needle, dry):
+    """A bad PCBENCH_PARALLEL or PCBENCH_LOCAL_MODE was read only inside the executor: `run` wrote the
+    store and prepared the data first, and `--dry-run` said the checks were ok."""
+    monkeypatch.setenv(var, value)
+    results = tmp_path / "results"
+    rc, out, err = cli("run", write_grid(tmp_path), *(["--dry-run"] if dry else []), "--results", results,
+                       "--work", tmp_path / "work")
+    assert rc == 2, err
+    one_error_line(err, var, needle)
+    assert "checks before the first job: ok" not in out
+    assert not results.exists() and not (tmp_path / "work").exists()
+
+
+def test_a_parallel_flag_overrides_a_bad_variable(tmp_path, monkeypatch):
+    """`--parallel N` is what the run uses: PCBENCH_PARALLEL is then not read, nor refused."""
+    monkeypatch.setenv("PCBENCH_PARALLEL", "lots")
+    rc, out, err = cli("run", write_grid(tmp_path), "--dry-run", "--parallel", "1", "--results", tmp_path / "r")
+    assert rc == 0, err
+    assert "checks before the first job: ok" in out

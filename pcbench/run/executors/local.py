@@ -92,19 +92,42 @@ def local_parallel(todo: list[Run], parallel: Optional[int | str] = None) -> int
     many as fit the cores at the largest share a run takes (its thread count when it runs on the CPU
     with one; else every core: a GPU run or one that lets torch pick), so each run keeps its own
     thread count and the machine is not oversubscribed."""
-    if parallel is None:
-        parallel = os.environ.get("PCBENCH_PARALLEL") or "auto"
+    parallel = _parallel_setting(parallel)
     if parallel == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         share = [min(cores, _cores_taken(run) or cores) for run in todo]
         return max(1, cores // max(share)) if share else 1
+    return parallel
+
+
+def _parallel_setting(parallel: Optional[int | str]) -> int | str:
+    """`parallel` (else `PCBENCH_PARALLEL`, else `auto`) as `auto` or a count >= 1; a bad value is
+    refused naming where it came from."""
+    where = "--parallel"
+    if parallel is None:
+        where, parallel = "PCBENCH_PARALLEL", os.environ.get("PCBENCH_PARALLEL", "").strip() or "auto"
+    if parallel == "auto":
+        return parallel
     try:
         n = int(parallel)
     except ValueError:
-        raise SpecError("PCBENCH_PARALLEL", f"must be an integer or auto, not {parallel!r}") from None
+        raise SpecError(where, f"must be an integer or auto, not {parallel!r}") from None
     if n < 1:
-        raise SpecError("--parallel", f"must be at least 1, not {n}")
+        raise SpecError(where, f"must be at least 1, not {n}")
     return n
+
+
+def check_environment(parallel: Optional[int | str] = None) -> list[SpecError]:
+    """What the local executor would refuse only once its runs start (a bad `PCBENCH_LOCAL_MODE`, a
+    bad `PCBENCH_PARALLEL` where no `--parallel` is given), as problems before any work: `run`, its
+    `--dry-run` included, checks them before it writes anything."""
+    problems = []
+    for check in (local_mode, lambda: _parallel_setting(parallel)):
+        try:
+            check()
+        except SpecError as e:
+            problems.append(e)
+    return problems
 
 
 def _cores_taken(run: Run) -> Optional[int]:
