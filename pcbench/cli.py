@@ -64,7 +64,9 @@ def _claim_store(store) -> None:
 def cmd_run(args) -> int:
     from pcbench.run import launch, preflight
     from pcbench.run.views import dry_run_table, status_table
+    from pcbench.util.paths import check_cache
 
+    check_cache()  # before the store, a prepare or a dry run's facts (which would only skip it)
     grid, store = _grid_and_store(args)
     if args.track is not None:
         _track_grid(grid, args.track)
@@ -225,6 +227,9 @@ def cmd_train(args) -> int:
     from pcbench.util import outputs
 
     spec = load_run_spec(args.spec)
+    from pcbench.util.paths import check_cache
+
+    check_cache()  # before --out is created
     if args.track is not None:
         import dataclasses
 
@@ -297,6 +302,9 @@ def cmd_compress(args) -> int:
     from pcbench.spec.presets import PRESETS
     from pcbench.util import outputs
 
+    from pcbench.util.paths import check_cache
+
+    check_cache()  # before --out is created
     out = Path(args.out).resolve()
     outputs.claim(out, "model", "--out", replace=args.force)
     work = outputs.claim(out.with_name(out.name + ".pcbench"), "compress-work", "--out (its state dir)")

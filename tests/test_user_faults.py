@@ -503,3 +503,26 @@ def test_a_parallel_flag_overrides_a_bad_variable(tmp_path, monkeypatch):
     rc, out, err = cli("run", write_grid(tmp_path), "--dry-run", "--parallel", "1", "--results", tmp_path / "r")
     assert rc == 0, err
     assert "checks before the first job: ok" in out
+
+
+@pytest.mark.parametrize("cmd", ["dry-run", "run", "train", "compress"])
+def test_a_cache_that_is_a_file_is_refused_before_any_output(tmp_path, monkeypatch, base_model, cmd):
+    """PCBENCH_CACHE naming a file: `run --dry-run --work W` said ok (its facts cache silently skipped),
+    `train --out` refused with the right line but left --out behind, `run` wrote results/<grid> first."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    monkeypatch.setenv("PCBENCH_CACHE", str(afile))
+    out = tmp_path / "out"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(BASE_SPEC))
+    args = {"dry-run": ["run", write_grid(tmp_path), "--dry-run", "--results", out, "--work", tmp_path / "w"],
+            "run": ["run", write_grid(tmp_path), "--results", out, "--work", tmp_path / "w"],
+            "train": ["train", spec, "--out", out],
+            "compress": ["compress", "--base", base_model, "--method", "hpr", "--compression", "0.5", "--steps", "0",
+                         "--out", out]}[cmd]
+    rc, stdout, err = cli(*args)
+    assert rc == 2, err
+    one_error_line(err, "PCBENCH_CACHE", str(afile), "is a file")
+    assert "checks before the first job: ok" not in stdout
+    assert not out.exists() and not (tmp_path / "out.pcbench").exists() and not (tmp_path / "w").exists()
+    assert afile.read_text() == "mine\n"

@@ -1,7 +1,8 @@
 """Where pcbench keeps things outside git: the download/token cache and the work directory.
 
-The cache is created when asked for (nearly every command writes there); the work directory only
-when something is written into it (`outputs.ensure_dir`), so a dry run leaves none behind.
+The cache is created when asked for (nearly every command writes there), and checked first by the
+commands that use it (`check_cache`, before any output); the work directory only when something is
+written into it (`outputs.ensure_dir`), so a dry run leaves none behind.
 
 A variable that names an unusable directory (a file, a path under a file, a directory that cannot
 be created) is refused as `SpecError` naming the variable."""
@@ -51,6 +52,12 @@ def _creatable(root: Path, var: str, what: str) -> None:
 def cache_dir() -> Path:
     """Root for fetched assets and token shards (`$PCBENCH_CACHE`, default `~/.cache/pcbench`)."""
     return _dir_from("PCBENCH_CACHE", Path.home() / ".cache" / "pcbench")
+
+
+def check_cache() -> Path:
+    """`cache_dir()` checked, not created: a command that will use the cache calls it before it
+    creates any output (a `$PCBENCH_CACHE` naming a file is refused first, by a dry run too)."""
+    return _dir_from("PCBENCH_CACHE", Path.home() / ".cache" / "pcbench", create=False)
 
 
 def work_dir() -> Path:
