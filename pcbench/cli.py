@@ -67,6 +67,7 @@ def cmd_run(args) -> int:
     from pcbench.util.paths import check_cache
 
     check_cache()  # before the store, a prepare or a dry run's facts (which would only skip it)
+    _check_track_timeout()
     grid, store = _grid_and_store(args)
     if args.track is not None:
         _track_grid(grid, args.track)
@@ -230,6 +231,7 @@ def cmd_train(args) -> int:
     from pcbench.util.paths import check_cache
 
     check_cache()  # before --out is created
+    _check_track_timeout()
     if args.track is not None:
         import dataclasses
 
@@ -301,10 +303,10 @@ def cmd_compress(args) -> int:
     from pcbench.spec.config import RunSpec
     from pcbench.spec.presets import PRESETS
     from pcbench.util import outputs
-
     from pcbench.util.paths import check_cache
 
     check_cache()  # before --out is created
+    _check_track_timeout()
     out = Path(args.out).resolve()
     outputs.claim(out, "model", "--out", replace=args.force)
     work = outputs.claim(out.with_name(out.name + ".pcbench"), "compress-work", "--out (its state dir)")
@@ -358,6 +360,13 @@ def _fresh_compress_state(work: Path, spec) -> None:
                 p.unlink()
     work.mkdir(parents=True, exist_ok=True)
     outputs.write_marker(work, "compress-work", spec=key)
+
+
+def _check_track_timeout() -> None:
+    """A bad `$PCBENCH_TRACK_TIMEOUT` is refused before any work (read when a run's trackers close)."""
+    from pcbench import tracking
+
+    tracking.track_timeout()
 
 
 def _check_model(path: str, field: str, **kw) -> None:

@@ -46,6 +46,35 @@ from pathlib import Path
 from typing import Any, Optional
 
 STATE = "tracking.json"  # in the run's work directory
+TIMEOUT = 120.0  # seconds the loop waits for the trackers at the end (`$PCBENCH_TRACK_TIMEOUT`)
+
+
+def track_timeout() -> float:
+    """`$PCBENCH_TRACK_TIMEOUT` in seconds (unset or empty: `TIMEOUT`); anything but a finite number
+    >= 0 is refused as `SpecError` naming the variable (`run`, `train` and `compress` check it first)."""
+    from pcbench.util.errors import SpecError
+
+    text = os.environ.get("PCBENCH_TRACK_TIMEOUT", "").strip()
+    if not text:
+        return TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise SpecError("PCBENCH_TRACK_TIMEOUT", f"must be a number of seconds >= 0, not {text!r}")
+    return value
+
+
+def _timeout_or_default() -> float:
+    """`track_timeout()`, or `TIMEOUT` with one warning line: a run that trained is never lost to it."""
+    from pcbench.util.errors import SpecError
+
+    try:
+        return track_timeout()
+    except SpecError as e:
+        print(f"[pcbench] warning: {e}; waiting {TIMEOUT:.0f} s for the trackers", file=sys.stderr, flush=True)
+        return TIMEOUT
 
 
 @dataclass
@@ -303,7 +332,7 @@ class Session:
         _open.discard(self)
         self.queue.put({"op": "close", "status": status})
         self.queue.put(None)
-        timeout = float(os.environ.get("PCBENCH_TRACK_TIMEOUT", "120"))
+        timeout = _timeout_or_default()
         deadline = time.monotonic() + timeout
         self.writer.join(timeout)
         try:

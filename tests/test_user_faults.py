@@ -526,3 +526,41 @@ def test_a_cache_that_is_a_file_is_refused_before_any_output(tmp_path, monkeypat
     assert "checks before the first job: ok" not in stdout
     assert not out.exists() and not (tmp_path / "out.pcbench").exists() and not (tmp_path / "w").exists()
     assert afile.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("cmd", ["dry-run", "train", "compress"])
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
+def test_a_bad_track_timeout_is_refused_at_the_start(tmp_path, monkeypatch, base_model, cmd, value):
+    """PCBENCH_TRACK_TIMEOUT was read (float(), unchecked) only when a run's trackers closed: a run
+    that had trained then failed as 'unexpected ValueError ... (a bug)', rc 1."""
+    monkeypatch.setenv("PCBENCH_TRACK_TIMEOUT", value)
+    out = tmp_path / "out"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(BASE_SPEC))
+    args = {"dry-run": ["run", write_grid(tmp_path), "--dry-run", "--results", out],
+            "train": ["train", spec, "--out", out],
+            "compress": ["compress", "--base", base_model, "--method", "hpr", "--compression", "0.5", "--steps", "0",
+                         "--out", out]}[cmd]
+    rc, stdout, err = cli(*args)
+    assert rc == 2, err
+    one_error_line(err, "PCBENCH_TRACK_TIMEOUT", repr(value))
+    assert not out.exists() and not (tmp_path / "out.pcbench").exists()
+
+
+def test_a_bad_track_timeout_never_fails_a_run_that_trained(monkeypatch, capsys):
+    """Where it is met anyway (a job started with it set), the trackers get the default wait and one
+    warning line; closing does not raise."""
+    import queue
+    import threading
+
+    from pcbench import tracking
+
+    monkeypatch.setenv("PCBENCH_TRACK_TIMEOUT", "soon")
+    s = tracking.Session.__new__(tracking.Session)
+    s.names, s.done, s.queue = ["tensorboard"], False, queue.Queue()
+    s.writer = threading.Thread(target=lambda: None)
+    s.writer.start()
+    s.proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    s.close("finished")
+    assert s.done and s.proc.returncode == 0
+    assert "PCBENCH_TRACK_TIMEOUT: must be a number of seconds" in capsys.readouterr().err
