@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -614,16 +614,16 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
     export = par.export()  # fsdp: gathered to the main process (None elsewhere)
     if export is not None and "vocab" in info:  # model.pad_vocab: a stock model of the tokenizer's size
         export = models.unpad_vocab(export, info["vocab"]["tokenizer"])
-    held = math.nan
+    held = None  # no held-out set (data.eval_batches: 0): null, JSON's "no value"
     if eval_store is not None and export is not None:
         held = heldout_loss(export, eval_batches(eval_store, dc.seq_len, micro, dc.eval_batches),
                             env.device, tc.precision)
     record = {
         "kind": spec.kind, "steps": steps, "tokens": steps * tokens_per_step,
-        "train_loss_last100": sum(losses) / len(losses) if losses else math.nan,
-        "last_k": min(tc.last_k, len(losses)), "final_train_loss": losses[-1] if losses else math.nan,
+        "train_loss_last100": sum(losses) / len(losses) if losses else None,  # steps: 0: no loss
+        "last_k": min(tc.last_k, len(losses)), "final_train_loss": losses[-1] if losses else None,
         "heldout_loss": held, "train_seconds": round(elapsed, 3),
-        "tokens_per_s": steps * tokens_per_step / elapsed if elapsed else math.nan,
+        "tokens_per_s": steps * tokens_per_step / elapsed if elapsed else None,
         "flops_per_token": flops_tok, "fixed_flops_per_step": fixed_flops,
         "train_flops": flops_tok * steps * tokens_per_step + fixed_flops * steps,
         "world_size": env.world, "parallel": tc.parallel, "memory_per_rank": memory,
@@ -634,6 +634,7 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
         "memory_plan": memory_plan.record_plan(spec, env.world, str(env.device)),  # beside the measured peak
         **memory_plan.measured_peak(env.device), **(provenance or {}),
     }
+    record = _finite_record(record)
     if env.main:
         with interrupts.deferred():  # a signal now is acted on once the run is recorded
             export_model(export, tokenizer, paths.model, card=(to_dict(spec), record, card_name),
@@ -648,6 +649,19 @@ def train(spec: RunSpec, paths: RunPaths, progress: Optional[bool] = None, name:
             write_json(paths.final, record)
     tracker.finish(record)
     distributed.barrier(env)
+    return record
+
+
+def _finite_record(record: Any, where: str = "") -> Any:
+    """`record` with every NaN/inf number replaced by null (JSON has neither: `final.json` stays
+    valid JSON), each named in one warning line (a value that should have been a number)."""
+    if isinstance(record, dict):
+        return {k: _finite_record(v, f"{where}.{k}" if where else str(k)) for k, v in record.items()}
+    if isinstance(record, (list, tuple)):
+        return [_finite_record(v, f"{where}[{i}]") for i, v in enumerate(record)]
+    if isinstance(record, float) and not math.isfinite(record):
+        warn(f"final record: {where} is {record} (not a number JSON can hold); recorded as null")
+        return None
     return record
 
 
