@@ -382,10 +382,13 @@ def test_a_run_that_starts_over_moves_the_earlier_records_aside(tmp_path, ckpt_e
     assert err.count("records of the earlier run") == 1 and "pcbench: warning:" in err, err
 
 
-@pytest.mark.parametrize("cap, needle", [(1, "fewer than one window of 33"), (100, "fewer than one batch of 8 rows")])
-def test_a_store_too_small_for_one_batch_is_one_line_naming_max_tokens(tmp_path, cap, needle):
-    """`data.max_tokens` below one window, or below one batch: the store cannot feed a step. Refused
-    in one line naming the field (rc 2), not a ValueError from the sampler as "a bug"."""
+@pytest.mark.parametrize("cap", [1, 100, 263])
+def test_a_store_too_small_for_one_batch_is_one_line_naming_max_tokens(tmp_path, cap):
+    """`data.max_tokens` below one window, or below one batch (8 x 33 = 264 tokens): the store cannot
+    feed a step. Refused in one line naming the field (rc 2) before any work, not a ValueError from
+    the sampler as "a bug" after the run started. (A small corpus under a large cap: the loop's own
+    check, `loop._batches`, says the same.)"""
+    needle = "hold less than one batch"
     d = json.loads(json.dumps(BASE_SPEC))
     d["data"]["max_tokens"] = cap
     spec = tmp_path / "small.yaml"
@@ -393,3 +396,4 @@ def test_a_store_too_small_for_one_batch_is_one_line_naming_max_tokens(tmp_path,
     r = run_cli(["pcbench.cli", "train", str(spec), "--out", str(tmp_path / "o")], timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "a bug" not in r.stderr, r.stderr
     assert "data.max_tokens" in r.stderr and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -300,6 +300,10 @@ class RunSpec:
             n = self.train.steps * self.train.batch_size * self.data.seq_len
             require(n <= MAX_TOKENS, f"{path}.train.steps",
                     f"{n:,} tokens (steps x batch_size x seq_len); at most {MAX_TOKENS:,}")
+        batch = self.train.batch_size * (self.data.seq_len + 1)  # one batch of windows
+        require(self.data.max_tokens is None or self.data.max_tokens >= batch, f"{path}.data.max_tokens",
+                f"{self.data.max_tokens:,} tokens hold less than one batch: train.batch_size x (data.seq_len + 1) = "
+                f"{batch:,}" if self.data.max_tokens else "")
         if self.compress is not None:
             self.compress.validate(f"{path}.compress")
             require(self.model.path is not None or presets.has_weights(self.model.name),
