@@ -305,6 +305,17 @@ def test_export_on_a_full_disk_names_the_output_and_leaves_nothing(tmp_path, bas
 # Small: non-finite numbers
 
 
+def _refused_by_the_dry_run(tmp_path, path, g: dict, value: str, key: str) -> None:
+    """The grid `g` with its "@@" set to `value` (YAML as written): `run --dry-run` refuses it in one
+    line naming `key`, rc 2, and creates no results."""
+    path.write_text(yaml.safe_dump(g, sort_keys=False).replace("'@@'", value))
+    results = tmp_path / "results"
+    rc, out, err = cli("run", path, "--dry-run", "--results", results)
+    assert rc == 2, (key, value, out, err)
+    one_error_line(err, key)
+    assert not results.exists()
+
+
 @pytest.mark.parametrize("field,value", [("optim.lr", ".inf"), ("optim.lr", "-.inf"), ("optim.lr", ".nan"),
                                          ("optim.weight_decay", ".inf"), ("optim.grad_clip", ".inf"),
                                          ("optim.warmup", ".inf"), ("compress.compression", ".inf"),
@@ -321,12 +332,7 @@ def test_non_finite_numbers_in_a_grid_are_refused(tmp_path, field, value):
         g["stages"]["compress"]["spec"]["compress"][key] = "@@"
     else:
         g["defaults"]["optim"][key] = "@@"
-    path.write_text(yaml.safe_dump(g, sort_keys=False).replace("'@@'", value))
-    results = tmp_path / "results"
-    rc, out, err = cli("run", path, "--dry-run", "--results", results)
-    assert rc == 2, (field, value, out, err)
-    one_error_line(err, key)
-    assert not results.exists()
+    _refused_by_the_dry_run(tmp_path, path, g, value, key)
 
 
 @pytest.mark.parametrize("field,value", [("optim.eps", "-1"), ("optim.eps", "0"), ("optim.eps", "1e-400"),
@@ -342,12 +348,7 @@ def test_numbers_the_job_would_refuse_are_refused_before_it(tmp_path, field, val
         g["stages"]["compress"]["spec"]["compress"][key] = "@@"
     else:
         g["defaults"].setdefault(section, {})[key] = "@@"
-    path.write_text(yaml.safe_dump(g, sort_keys=False).replace("'@@'", value))
-    results = tmp_path / "results"
-    rc, out, err = cli("run", path, "--dry-run", "--results", results)
-    assert rc == 2, (field, value, out, err)
-    one_error_line(err, key)
-    assert not results.exists()
+    _refused_by_the_dry_run(tmp_path, path, g, value, key)
 
 
 BASE_SPEC = {"model": {"name": "gpt2-nano"}, "data": {"corpus": "books", "tokenizer": "bpe-512", "seq_len": 32},
