@@ -130,6 +130,7 @@ def test_limit_is_flagged_and_does_not_block(tmp_path, capsys):
         fake_complete(store, r)
         write_json(store.paths(r.id).final, {**store.final(r.id),
                                              "tuned": {"field": "optim.lr", "value": value, "from_run": src}})
+        store.set_status(r.id, "completed")  # as a job records it: the final record with `tuned`, then done
     study = load_study(tmp_path / "res", "sw")
     t = tuned_lines(study)  # both methods stopped at 0.002 (pc's optimum, hpr's limit): both at the edge
     assert len(t) == 2 and list(t["values"]) == ["0.00025 0.0005 0.001 0.002"] * 2 and not t.bracketed.any()
