@@ -102,7 +102,8 @@ def test_compress_bases_without_a_model(tmp_path, base_model):
                          (tmp_path / "nope", "does not exist"), (tmp_path / "file", "is a file"),
                          ("not-a-preset", "neither a checkpoint directory nor a preset"),
                          ("gpt2-nano", "neither a checkpoint directory nor a preset"),  # no weights
-                         (no_tok, "no tokenizer files"), (base_model.parent, "holds no model")):
+                         (no_tok, "tokenizer.json (missing)"),  # a pcbench model: its recorded files
+                         (base_model.parent, "holds no model")):
         rc, _, err = cli(*compress_args(base, tmp_path / "out"))
         refused(rc, err, "--base", needle)
     assert not (tmp_path / "out").exists()

@@ -358,19 +358,23 @@ def _dir_files_sha256(root: Path) -> dict[str, str]:
 def _set_aside_records(paths: RunPaths, moved: Optional[Path]) -> None:
     """A run that starts over (its work state belonged to another spec, data or lineage: moved aside
     to `moved`, or there was none to move) moves the records that state left (the final record,
-    metric and recovery lines) aside beside it, with one warning line: the records never mix two runs."""
+    metric and recovery lines) aside beside it: the records never mix two runs. One warning line per
+    run: `claim_work`'s, which names `moved` (the records go to its `record/`), or this one's when
+    there was no state to move."""
     import secrets
 
     old = [p for p in (paths.final, paths.metrics, paths.recovery) if p.exists()]
     if not old:
         return
+    said = moved is not None  # claim_work named it in its line
     if moved is None:
         moved = paths.work / ".stale" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()) / secrets.token_hex(3)
     (moved / "record").mkdir(parents=True, exist_ok=True)
     for p in old:
         os.replace(p, moved / "record" / p.name)
-    warn(f"{paths.record}: records of the earlier run ({', '.join(p.name for p in old)}) moved aside to "
-         f"{moved / 'record'}; this run starts over")
+    if not said:
+        warn(f"{paths.record}: records of the earlier run ({', '.join(p.name for p in old)}) moved aside to "
+             f"{moved / 'record'}; this run starts over")
 
 
 def _set_aside_checkpoints_ahead(paths: RunPaths, log_every: int) -> None:
