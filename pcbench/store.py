@@ -121,6 +121,11 @@ def new_lineage() -> str:
     return secrets.token_hex(8)
 
 
+def stale_dir(work: Path) -> Path:
+    """A new folder under `<work>/.stale/<when>/` for state or records set aside (never deleted)."""
+    return work / ".stale" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()) / secrets.token_hex(3)
+
+
 def claim_work(paths: RunPaths, ident: dict, *, adopt: bool = False, say=None) -> Optional[Path]:
     """Make `paths.work` belong to `ident` (lineage, spec, data): state there that another identity
     left (`owner.json` differs, or is missing while there is state, unless `adopt`: records of an
@@ -134,7 +139,7 @@ def claim_work(paths: RunPaths, ident: dict, *, adopt: bool = False, say=None) -
     if state and old != ident and not (old is None and adopt):
         why = ("no owner recorded" if old is None else
                ", ".join(f"{k} differs" for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)))
-        moved = work / ".stale" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()) / secrets.token_hex(3)
+        moved = stale_dir(work)
         moved.mkdir(parents=True)
         for p in state:
             os.replace(p, moved / p.name)

@@ -30,36 +30,31 @@ def completed(store: Store, rid: str, loss: float = 3.25) -> Path:
     return store.run_dir(rid)
 
 
-def _digit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new, 1))
+def _replaced(old: str, new: str):
+    def edit(text: str) -> str:
+        assert old in text
+        return text.replace(old, new, 1)
+    return edit
+
+
+# Each kind of damage: the record it edits, and how (its text in, its text out).
+EDITS = {
+    "final-digit": ("final.json", _replaced("3.25", "3.15")),
+    "metrics-empty": ("metrics.jsonl", lambda text: ""),
+    "status-digit": ("status.json", lambda text: json.dumps({**json.loads(text), "attempts": 7})),
+    "status-state": ("status.json", _replaced('"completed"', '"compketed"')),
+    "run-label": ("run.json", _replaced('"seed": 0', '"seed": 1')),
+    "run-empty": ("run.json", lambda text: ""),
+}
 
 
 def _damage(d: Path, case: str) -> Path:
-    if case == "final-digit":
-        _digit(d / "final.json", "3.25", "3.15")
-        return d / "final.json"
-    if case == "metrics-empty":
-        (d / "metrics.jsonl").write_text("")
-        return d / "metrics.jsonl"
-    if case == "status-digit":
-        st = json.loads((d / "status.json").read_text())
-        (d / "status.json").write_text(json.dumps({**st, "attempts": 7}))
-        return d / "status.json"
-    if case == "status-state":
-        _digit(d / "status.json", '"completed"', '"compketed"')
-        return d / "status.json"
-    if case == "run-label":
-        _digit(d / "run.json", '"seed": 0', '"seed": 1')
-        return d / "run.json"
-    if case == "run-empty":
-        (d / "run.json").write_text("")
-        return d / "run.json"
-    raise AssertionError(case)
+    name, edit = EDITS[case]
+    (d / name).write_text(edit((d / name).read_text()))
+    return d / name
 
 
-CASES = ["final-digit", "metrics-empty", "status-digit", "status-state", "run-label", "run-empty"]
+CASES = list(EDITS)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -44,7 +44,7 @@ from pcbench.util.atomic import append_jsonl, read_jsonl, write_json, write_text
 from pcbench.util.verify import Damaged, Unsealed, read_sealed_json, warn, write_sealed_json
 from pcbench.spec.config import RunSpec, SpecError, to_dict
 from pcbench.evaluate import autocast_for, heldout_loss
-from pcbench.store import RunPaths  # the store owns the record layout (re-exported here)
+from pcbench.store import RunPaths, stale_dir  # the store owns the record layout (re-exported here)
 from pcbench.compress.trainable import Direct
 
 log = logging.getLogger(__name__)
@@ -361,14 +361,12 @@ def _set_aside_records(paths: RunPaths, moved: Optional[Path]) -> None:
     metric and recovery lines) aside beside it: the records never mix two runs. One warning line per
     run: `claim_work`'s, which names `moved` (the records go to its `record/`), or this one's when
     there was no state to move."""
-    import secrets
-
     old = [p for p in (paths.final, paths.metrics, paths.recovery) if p.exists()]
     if not old:
         return
     said = moved is not None  # claim_work named it in its line
     if moved is None:
-        moved = paths.work / ".stale" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()) / secrets.token_hex(3)
+        moved = stale_dir(paths.work)
     (moved / "record").mkdir(parents=True, exist_ok=True)
     for p in old:
         os.replace(p, moved / "record" / p.name)
@@ -383,8 +381,6 @@ def _set_aside_checkpoints_ahead(paths: RunPaths, log_every: int) -> None:
     resuming from one would leave the steps between the records' last line and it out of
     `metrics.jsonl`. A checkpoint of step s is behind the records when their last line is at or
     past s's last logging step (lines are appended before the checkpoint of the same step)."""
-    import secrets
-
     ckpts = checkpoint.list_checkpoints(paths.ckpt)
     if not ckpts:
         return
@@ -396,7 +392,7 @@ def _set_aside_checkpoints_ahead(paths: RunPaths, log_every: int) -> None:
     ahead = [p for p in ckpts if step_of(p) - step_of(p) % max(log_every, 1) > last]
     if not ahead:
         return
-    moved = paths.work / ".stale" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()) / secrets.token_hex(3) / "ckpt"
+    moved = stale_dir(paths.work) / "ckpt"
     moved.mkdir(parents=True)
     for p in ahead:
         os.replace(p, moved / p.name)
