@@ -6,7 +6,7 @@ RUN_ID` (the local executor runs every run this way, in sequence).
 
 Exactly one process trains a run: the job takes the run's lock first (`Store.try_lock`; a dead
 holder's lock is free) and holds it until the run is recorded; a job that finds the lock held, or
-the run already completed once it holds the lock, does nothing. SIGINT/SIGTERM/SIGHUP record the run
+the run already completed once it holds the lock, does nothing. SIGINT/SIGTERM/SIGHUP/SIGQUIT record the run
 `interrupted` (resumable; its checkpoints kept). Exit codes of `python -m pcbench.run.jobs`: `EXIT_*`.
 """
 
@@ -26,6 +26,7 @@ from pcbench.util import allocator, crashes, quiet
 from pcbench.train import interrupts
 from pcbench.spec.config import RunSpec, SpecError, from_dict
 from pcbench.grid.fieldpath import field_value, with_field
+from pcbench.run.stale import input_digests, rerun_reason, tuned_value  # noqa: F401 (tuned_value re-exported)
 from pcbench.store import Store, new_lineage
 
 EXIT_OK = 0  # trained (or evaluated) and recorded completed
@@ -57,30 +58,6 @@ def _hub_offline() -> None:
         cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
 
 
-def tuned_value(run: dict, store: Store) -> tuple[Any, Optional[str]]:
-    """For a run with `tune`, the field's value from the best completed run it depends on."""
-    tune = run.get("tune")
-    if not tune:
-        return None, None
-    best, best_id = None, None
-    for rid in run["deps"]:
-        other = store.run(rid)
-        if other["stage"] != tune["stage"]:
-            continue
-        final = store.final(rid)
-        if final is None:
-            raise SpecError("tune", f"run {rid} of stage {tune['stage']} has not completed")
-        metric = final.get(tune["metric"])
-        if metric is None:
-            raise SpecError("tune.metric", f"run {rid} has no metric {tune['metric']!r}")
-        if metric == metric and (best is None or metric < best[0]):  # skip NaN
-            spec = from_dict(RunSpec, other["spec"], f"run {rid}")
-            best, best_id = (metric, field_value(spec, tune["field"], "tune.field")), rid
-    if best is None:
-        raise SpecError("tune", f"no finite {tune['metric']} among runs of stage {tune['stage']}")
-    return best[1], best_id
-
-
 def resolved_train_spec(run: dict, store: Store) -> tuple[RunSpec, dict]:
     """The run's typed spec with its `run:<id>` base and its tuned field filled in (each patched on
     the typed spec, `grid.fieldpath`, then validated), plus what was tuned (the final record's
@@ -100,14 +77,13 @@ def resolved_train_spec(run: dict, store: Store) -> tuple[RunSpec, dict]:
 
 
 def done(store: Store, run_id: str, kind: Optional[str] = None) -> bool:
-    """Is the run completed, with its exported model intact (a train run)? A completed train run
-    whose export is gone or damaged is not done: the launcher submits it again only when a run to
-    be submitted loads that export (`launch._rerun_lost_exports`), and then it is trained again."""
+    """Is the run completed, and does its result still stand (`stale.rerun_reason`: its export
+    intact, its tuned value still the best, the models it loaded not trained again since)? The
+    launcher submits a completed run only when one of those may have changed, and the job runs it
+    again only when one did."""
     if store.health(run_id, kind)[0] != "completed":
         return False
-    if kind is None:
-        kind = store.run(run_id).get("kind")
-    return kind != "train" or store.export_problem(run_id) is None
+    return rerun_reason(store, store.run(run_id)) is None
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -175,8 +151,10 @@ class RunJob(submitit.helpers.Checkpointable):
                 paths = store.paths(self.run_id)
                 tracked = tracking.RunInfo(self.run_id, run["stage"], paths.work, group=store.root.name,
                                            store=store.work)  # the grid's trackers (spec train.track)
+                inputs = input_digests(run, store)  # what it loads, as it is now (`stale`)
+                provenance = {**({"tuned": tuned} if tuned else {}), **({"inputs": inputs} if inputs else {})}
                 record = train(spec, paths, progress=self.progress, name=self.run_id,
-                               provenance={"tuned": tuned} if tuned else None, tracked=tracked,
+                               provenance=provenance or None, tracked=tracked,
                                lineage=lineage, adopt=adopt)
             elif run["kind"] == "eval":
                 from pcbench.evaluate import run_eval

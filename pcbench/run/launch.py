@@ -9,7 +9,7 @@ assumed (`pcbench/liveness.py`): a `running` run whose process or job is gone is
 Two launchers of one grid can run at once: each run is trained by the one process holding its lock
 (`pcbench/jobs.py`); a local launcher waits (with a progress line) for a run or a dependency that
 another process is training, and never starts a run before its dependencies are completed.
-SIGINT/SIGTERM/SIGHUP stop a local launcher after its job has recorded the run `interrupted` (the signal
+SIGINT/SIGTERM/SIGHUP/SIGQUIT stop a local launcher after its job has recorded the run `interrupted` (the signal
 is forwarded to it): one line, exit code 130/143, and a plain rerun resumes.
 
 The work directory (checkpoints, exports) of a grid is keyed by its results root,
@@ -83,9 +83,42 @@ def plan_submission(grid: Grid, store: Store, only: Optional[str] = None,
             if reason.endswith("resume") and _state_elsewhere(store, run.id):
                 reason = f"{state}: starts over (its work state is under another results path)"
             out.append(Decision(run, "submit", reason))
+    _recheck_stale(out, store, {r.id: r.stage for r in grid.runs})
     _rerun_lost_exports(out, store)
     sweep.hold(out, sweep.waiting_runs(grid, lines))
     return out
+
+
+def _recheck_stale(decisions: list[Decision], store: Store, stages: dict[str, str]) -> None:
+    """Completed runs whose result no longer follows from their inputs (`run.stale`) are run again:
+    a tuned run whose tuned-from runs now give another best value; and, after such a run, every
+    completed run that loads its model or is tuned from it (its job checks the digests first). A
+    completed tuned run with tuned-from runs still to run waits for them (a sweep edited to try more
+    values), then is checked in the next round."""
+    from pcbench.run import stale
+
+    runs: set[str] = set()  # submitted in this plan
+    again: set[str] = set()  # completed, run again because an input changed
+    for d in decisions:  # inputs before their dependents
+        if d.action == "submit":
+            runs.add(d.run.id)
+        if d.action != "skip" or d.reason != "completed":
+            continue
+        record = d.run.record()  # the grid's (a sweep edited since the run gains runs)
+        todo = [rid for rid in stale.tuned_from(record, store, stages.get) if rid in runs]
+        change = None if todo else stale.tuned_change(record, store, stage_of=stages.get)
+        up = next((dep for dep in d.run.deps if dep in again), None)
+        if todo and up is None:
+            d.reason = (f"{sweep.WAIT} runs {', '.join(todo[:3])}{' ...' if len(todo) > 3 else ''} to "
+                        "complete: completed, its tuned value is checked again then")
+            continue
+        if change is None and up is None:
+            continue
+        d.action = "submit"
+        d.reason = (f"completed, but {change}: rerun" if change else
+                    f"completed, but its input {up} runs again: rerun after it unless its model is the same")
+        runs.add(d.run.id)
+        again.add(d.run.id)
 
 
 def _state_elsewhere(store: Store, run_id: str) -> bool:
@@ -140,6 +173,17 @@ def _rerun_lost_exports(decisions: list[Decision], store: Store) -> None:
                     up.action, up.reason = "submit", f"completed, but its exported model is {what}: rerun"
 
 
+def _renew_records(store: Store, decisions: list[Decision]) -> None:
+    """A completed run submitted again whose dependencies the grid changed (a sweep edited to try
+    more values, `_recheck_stale`) is recorded pending, then gets the grid's record of it: its job
+    tunes it from them. (A completed run's record is sealed by its status, so the status goes first.)"""
+    for d in decisions:
+        if d.action == "submit" and store.state(d.run.id) == "completed" and \
+                store.run(d.run.id).get("deps") != d.run.deps:
+            store.set_status(d.run.id, "pending", reason=d.reason)
+            store.write_run(d.run.record())
+
+
 def _prepare(store: Store, grid: Grid) -> None:
     store.root.mkdir(parents=True, exist_ok=True)
     if grid.source is not None:
@@ -188,6 +232,7 @@ def _submit_round(grid: Grid, store: Store, ex: Executor, only: Optional[str], r
     ex.check(decisions, override)  # e.g. SLURM resources every job needs
     memory.check_submission(grid, decisions, override)  # refuse runs whose plan exceeds gpu_mem_gb
     _prepare(store, grid)
+    _renew_records(store, decisions)
     outcome = Outcome(skipped=[d.run.id for d in decisions if d.action == "skip"],
                       waiting=sum(d.reason.startswith(sweep.WAIT) for d in decisions))
     todo = [d.run for d in decisions if d.action == "submit"]

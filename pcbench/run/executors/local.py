@@ -30,6 +30,7 @@ from pcbench.util import allocator
 from pcbench.spec.config import SpecError
 from pcbench.run.executors.base import Executor, Outcome, say
 from pcbench.run.liveness import Liveness, pid_alive
+from pcbench.run.stale import rerun_reason
 from pcbench.store import Store
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ def _prefetching(todo: list[Run]):
         if items:
             proc = subprocess.Popen([sys.executable, "-m", "pcbench.run.prefetch", json.dumps(items)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    preexec_fn=functools.partial(_ignore_signals, signal.SIGINT, signal.SIGHUP))
+                                    preexec_fn=functools.partial(_ignore_signals, signal.SIGINT, signal.SIGHUP,
+                                                                 signal.SIGQUIT))
     try:
         yield
     finally:
@@ -191,9 +193,9 @@ def _check(run: Run, store: Store, bad: set[str], waited_self: bool):
         return "blocked", 0
     if waiting is None:
         state, detail = live.state(run.id, run.kind)
-        lost = state == "completed" and run.kind == "train" and store.export_problem(run.id)
-        if state == "completed" and not lost:  # (the launcher submits a completed run only when a
-            say(f"{run.id}: completed by another process: skipped")  # run it feeds needs its lost export)
+        # (the launcher submits a completed run only when its result may no longer stand: `run.stale`)
+        if state == "completed" and rerun_reason(store, store.run(run.id)) is None:
+            say(f"{run.id}: completed, and its result stands: skipped")
             return "skipped", 0
         if state == "failed" and waited_self:
             say(f"{run.id}: failed under another process: {store.status(run.id).get('error', '')}")
