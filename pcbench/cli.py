@@ -253,7 +253,7 @@ def cmd_train(args) -> int:
     rid = run_id("train", "train", spec, None)  # as a grid's stage `train` would name it
     from pcbench.train import interrupts
 
-    with interrupts.graceful():  # SIGINT/SIGTERM/SIGHUP: every rank stops after the same step
+    with interrupts.graceful():  # SIGINT/SIGTERM/SIGHUP/SIGQUIT: every rank stops after the same step
         try:
             with interrupts.group_closed_at_an_agreed_end():
                 rec = train(spec, RunPaths(record=out / "record", work=out / "work", export=out / "model"),

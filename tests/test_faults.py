@@ -395,33 +395,34 @@ def test_fork_server_killed_mid_grid_the_launcher_goes_by_the_records(reference,
 
 
 @pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
-def test_sighup_stops_at_a_step_boundary_like_sigterm_then_plain_rerun_matches(reference, tmp_path):
-    """A closed terminal (SIGHUP to the foreground group), then SIGHUP to one job alone: each time
-    one line, exit 129, the run recorded `interrupted` with a checkpoint at the step it stopped at;
-    a plain rerun finishes with the uninterrupted run's numbers."""
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
+def test_sighup_stops_at_a_step_boundary_like_sigterm_then_plain_rerun_matches(reference, tmp_path, sig):
+    """A closed terminal (SIGHUP to the foreground group) or Ctrl-\\ (SIGQUIT to it), then the same
+    signal to one job alone: each time one line, exit 128+signal, the run recorded `interrupted` with a
+    checkpoint at the step it stopped at; a plain rerun finishes with the uninterrupted run's numbers."""
     g = Grid(tmp_path)
     base, hpr = g.ids["base"], g.ids["hpr"]
 
     # 1. The terminal closes (SIGHUP to the whole group) while the base trains.
     p = g.start()
     wait_until(lambda: checkpoint.list_checkpoints(g.store.paths(base).ckpt), "a base checkpoint")
-    os.killpg(p.pid, signal.SIGHUP)
+    os.killpg(p.pid, sig)
     rc, out, err = finish(p)
-    assert rc == 129, err[-3000:]
+    assert rc == 128 + sig, err[-3000:]
     no_traceback(err)
     lines = [ln for ln in err.splitlines() if "interrupted" in ln]
-    assert len(lines) == 1 and "SIGHUP" in lines[0] and "run the same command again to resume" in lines[0], err
+    assert len(lines) == 1 and sig.name in lines[0] and "run the same command again to resume" in lines[0], err
     st = g.store.status(base)
     assert st["state"] == "interrupted" and 0 < st["step"] < 60, st
     assert int(checkpoint.list_checkpoints(g.store.paths(base).ckpt)[-1].name.split("_")[1]) == st["step"]
     assert Liveness(g.store).state(base)[0] == "interrupted"
 
-    # 2. SIGHUP to the hpr job alone (e.g. its own terminal): the launcher reports it and stops.
+    # 2. The signal to the hpr job alone (e.g. its own terminal): the launcher reports it and stops.
     p = g.start()
     wait_until(lambda: g.store.state(hpr) == "running" and g.steps_logged("hpr") >= 5, "hpr training")
-    os.kill(g.job_pid("hpr"), signal.SIGHUP)
+    os.kill(g.job_pid("hpr"), sig)
     rc, out, err = finish(p)
-    assert rc == 129, err[-3000:]
+    assert rc == 128 + sig, err[-3000:]
     no_traceback(err)
     assert len([ln for ln in err.splitlines() if "interrupted" in ln]) == 1, err
     st = g.store.status(hpr)

@@ -183,6 +183,44 @@ def test_a_killed_prepare_leaves_no_worker_or_fork_server_behind(mirror, sig):
                 os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a fork server")
+def test_terminal_signals_while_the_worker_server_imports_are_the_launchers_alone():
+    """Ctrl-C / Ctrl-\\ / a closed terminal reach the whole foreground group, the prepare workers'
+    fork server too, while it still imports `WORKER_PRELOAD`: it printed a KeyboardInterrupt
+    traceback and the pool broke. Now it ignores them from its start; the pool works."""
+    code = ("import os, signal, sys, time\n"
+            "from pcbench.data import shards\n"
+            "if __name__ == '__main__':\n"
+            "    ctx = shards._worker_context()\n"
+            "    time.sleep(float(sys.argv[1]))\n"
+            "    for s in shards.TERMINAL_SIGNALS:\n"
+            "        signal.signal(s, signal.SIG_IGN)  # this process is not the subject\n"
+            "        os.killpg(0, s)\n"
+            "    with ctx.Pool(2, initializer=shards._worker_init, initargs=(dict(os.environ), os.getpid())) as p:\n"
+            "        print(p.map(abs, [-1, -2]))\n")
+    for delay in ("0.02", "0.1", "0.3"):  # within the server's imports (about 0.5 s here)
+        r = subprocess.run([sys.executable, "-c", code, delay], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, start_new_session=True)
+        assert (r.returncode, r.stdout.strip()) == (0, "[1, 2]"), (delay, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, (delay, r.stderr[-2000:])
+
+
+def test_a_terminal_signal_while_children_start_still_reaches_this_process():
+    """`_ignored_by_children` loses no signal of this process: one sent meanwhile is delivered to
+    its own handler on the way out."""
+    import signal
+
+    got = []
+    mine = signal.signal(signal.SIGQUIT, lambda signum, frame: got.append(signum))
+    try:
+        with shards._ignored_by_children({signal.SIGQUIT}):
+            os.kill(os.getpid(), signal.SIGQUIT)
+            assert signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN and not got
+        assert got == [signal.SIGQUIT]
+    finally:
+        signal.signal(signal.SIGQUIT, mine)
+
+
 def test_a_damaged_shard_is_named_and_redone(mirror, capsys):
     p = shards.prepare_store(C4, need=10**9, workers=1, **QUIET)
     want = _shard_files(p)

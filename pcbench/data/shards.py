@@ -28,12 +28,15 @@ redone, the others are kept. `build_shard` is one task (a SLURM array task runs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,6 +360,9 @@ def _read_manifest(path: Path) -> Optional[dict]:
 # The prepare stage, locally: a pool of worker processes
 
 
+# What a terminal sends its foreground process group (Ctrl-C, Ctrl-\\, a closed terminal): the
+# launcher's to handle, ignored by the prepare workers' fork server (`_worker_context`).
+TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
 # What a worker imports, once, in the fork server it is forked from (not once per worker).
 WORKER_PRELOAD = ["pcbench.data.shards", "pcbench.data.corpora", "numpy", "tokenizers", "pyarrow.parquet"]
 
@@ -365,7 +371,12 @@ def _worker_context():
     """The start method of the prepare workers: forks of a fork server that imported
     `WORKER_PRELOAD` (a fresh process, not this one: safe whatever this process has imported or
     started, torch and tokenizers' thread pool included); started here, so that its imports run
-    while this process loads the tokenizer. `spawn` where there is no fork server (not POSIX)."""
+    while this process loads the tokenizer. `spawn` where there is no fork server (not POSIX).
+
+    The server, and the workers forked from it, ignore `TERMINAL_SIGNALS` from their start:
+    multiprocessing's server ignores SIGINT only once its imports are done, so a Ctrl-C during
+    them printed a KeyboardInterrupt traceback and broke the pool. This process handles those
+    signals and stops the workers; a worker also ends with it."""
     import multiprocessing as mp
     from multiprocessing import forkserver
 
@@ -373,8 +384,29 @@ def _worker_context():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(WORKER_PRELOAD)
-    forkserver.ensure_running()  # returns at once; a server started earlier is reused
+    with _ignored_by_children(TERMINAL_SIGNALS):
+        forkserver.ensure_running()  # returns at once; a server started earlier is reused
     return ctx
+
+
+@contextlib.contextmanager
+def _ignored_by_children(signals: set) -> Iterator[None]:
+    """Within: a process started (fork and exec) ignores `signals` from its first instruction (an
+    ignored signal stays ignored across exec, and Python keeps it so), while this process loses
+    none of them: they are blocked meanwhile (Linux queues a blocked signal even while it is
+    ignored) and delivered to this process's own handlers once they are back. Off the main
+    thread (no handler can be set there) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _worker_init(env: dict, launcher: int) -> None:
@@ -428,7 +460,7 @@ class WorkerDied(ChildProcessError):
 
 
 class Stopped(BaseException):
-    """SIGTERM/SIGHUP/SIGINT reached a prepare whose caller handles none of them."""
+    """SIGTERM/SIGHUP/SIGQUIT/SIGINT reached a prepare whose caller handles none of them."""
 
     def __init__(self, signum: int):
         import signal
@@ -499,7 +531,7 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
     """Build what the store lacks so that it holds `need` tokens (None: the whole split), with
     `workers` processes (default `default_workers()`), and write its manifest. Every shard it
     uses is checked against its sha256 first: a damaged one is named and redone. A worker that
-    dies is `WorkerDied` (one line); SIGINT/SIGTERM/SIGHUP, where the caller handles none of them
+    dies is `WorkerDied` (one line); SIGINT/SIGTERM/SIGHUP/SIGQUIT, where the caller handles none of them
     (`pcbench prepare`), end the workers and the process with one line and exit 128+signal."""
     try:
         with _stoppable():
@@ -511,7 +543,7 @@ def prepare_store(ref: StoreRef, *, need: Optional[int] = None, workers: Optiona
 
 
 def _stoppable():
-    """Within: SIGINT, SIGTERM and SIGHUP raise `Stopped`, each only where its handler is Python's
+    """Within: SIGINT, SIGTERM, SIGHUP and SIGQUIT raise `Stopped`, each only where its handler is Python's
     default (a caller that handles one, as `pcbench run` does, keeps it); the old ones come back."""
     import contextlib
     import signal
@@ -525,7 +557,7 @@ def _stoppable():
         old = {}
         if threading.current_thread() is threading.main_thread():
             for s, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
-                               (signal.SIGHUP, signal.SIG_DFL)):
+                               (signal.SIGHUP, signal.SIG_DFL), (signal.SIGQUIT, signal.SIG_DFL)):
                 if signal.getsignal(s) is default:
                     old[s] = signal.signal(s, stop)
         try:

@@ -12,7 +12,7 @@ on CMD_FD: `args` of `pcbench.run.jobs.main`, the launcher's `env` and `cwd`) fo
 `pcbench.run.jobs.main(args)` exactly as `python -m pcbench.run.jobs` would and exits with its code; the
 server answers `{"pid"}` and, once the child is reaped, `{"exit", "rc"}` (rc negative: killed by
 that signal, as `subprocess` reports it). A child's crash (segfault, SIGKILL, os._exit) is only its
-exit status: the server and the launcher go on. SIGINT/SIGTERM/SIGHUP are ignored here (the launcher
+exit status: the server and the launcher go on. SIGINT/SIGTERM/SIGHUP/SIGQUIT are ignored here (the launcher
 forwards them to the child, which handles them); the server exits when the launcher closes CMD_FD.
 """
 
@@ -27,7 +27,7 @@ import threading
 
 from pcbench.util import allocator
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def preload() -> None:

@@ -1,5 +1,5 @@
-"""Graceful stops: SIGINT (Ctrl-C), SIGTERM and SIGHUP (a closed terminal) become `Interrupted`,
-raised where it is safe.
+"""Graceful stops: SIGINT (Ctrl-C), SIGTERM, SIGHUP (a closed terminal) and SIGQUIT (Ctrl-\\) become
+`Interrupted`, raised where it is safe.
 
 Inside `graceful()` (main thread; the old handlers come back on exit) the first signal is recorded.
 Outside a `deferred()` block it also raises `Interrupted` at once (like KeyboardInterrupt, but the
@@ -16,12 +16,12 @@ import sys
 import threading
 from typing import Iterator, Optional
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class Interrupted(BaseException):
     """Stopped by a signal; `exit_code` is the shell's 128+signum (130 for SIGINT, 143 for SIGTERM,
-    129 for SIGHUP)."""
+    129 for SIGHUP, 131 for SIGQUIT)."""
 
     def __init__(self, signum: int, step: Optional[int] = None):
         self.signum, self.step = signum, step

@@ -6,7 +6,7 @@ decay, gradient accumulation, DDP or FSDP2 across processes (`pcbench.train.para
 bit-exact resume, JSON-lines metrics, and a final record carrying the paper's metric (training
 cross-entropy averaged over the last 100 steps) and the held-out loss.
 
-SIGINT/SIGTERM/SIGHUP (inside `interrupts.graceful()`, as jobs run) stop the loop after the current step:
+SIGINT/SIGTERM/SIGHUP/SIGQUIT (inside `interrupts.graceful()`, as jobs run) stop the loop after the current step:
 it saves a checkpoint there (when checkpoints are on) and raises `Interrupted`; a rerun resumes
 bit-exactly, and metric lines are never written twice for a step. Off a TTY, progress is a log line
 every 10% of the steps (a tqdm bar on a TTY). Every metric line also goes to the run's trackers
