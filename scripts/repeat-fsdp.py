@@ -132,12 +132,18 @@ def prepare(out: Path, method: str) -> tuple[Path, list[float]]:
     """The base (16 steps, as the test's fixture) and the 1-process losses of the run, made once."""
     import yaml
 
+    from pcbench.data.shards import is_prepared, prepare_store
     from pcbench.spec.config import load_run_spec
-    from pcbench.train.loop import RunPaths, train
+    from pcbench.spec.stores import run_stores
+    from pcbench.train.loop import RunPaths, data_tokenizer_name, train
     from pcbench.util.atomic import read_jsonl
 
     def one(d: dict, where: Path) -> list[float]:
         if not (where / "record" / "final.json").exists():
+            spec_ = load_run_spec(d)
+            for s in run_stores(spec_, data_tokenizer_name(spec_)).values():  # a fresh cache has none
+                if not is_prepared(s.ref, need=s.need):
+                    prepare_store(s.ref, need=s.need, workers=2, log=lambda m: None)
             train(load_run_spec(d), RunPaths(record=where / "record", work=where / "work", export=where / "model"),
                   progress=False)
         return [r["loss"] for r in read_jsonl(where / "record" / "metrics.jsonl")]
