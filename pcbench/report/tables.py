@@ -11,6 +11,7 @@ the lower loss is bold. Downstream scores carry their tasks' chance level (`chan
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -545,12 +546,14 @@ def recovery_table(study: Study) -> Optional[Table]:
 
 def damaged_table(study: Study) -> Optional[Table]:
     """Runs whose records are damaged (unreadable, or not what was sealed): left out of every other
-    table, each named with the path at fault. None when there are none."""
+    table, each named with the path at fault (relative to the store). None when there are none."""
     r = study.runs
     d = r[r.state == "damaged"] if len(r) else r
     if not len(d):
         return None
     data = d[["id", "stage", "error"]].sort_values("id").reset_index(drop=True)
+    here = f"{Path(study.root).resolve()}/"  # paths in the store named from its root: a report holds no machine's paths
+    data["error"] = [e.replace(here, "").replace(f"{study.root}/", "") if isinstance(e, str) else e for e in data.error]
     md = pd.DataFrame({"run": data.id, "stage": data.stage, "problem": [fmt.value("error", e) for e in data.error]})
     return Table("damaged", "Damaged runs (not counted; `pcbench run` reruns them)", fmt.md_table(md), data)
 
