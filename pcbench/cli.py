@@ -642,11 +642,12 @@ def _one_line(e: BaseException) -> Optional[str]:
     """The one-line message of an expected error, None for an unexpected one (a bug: traceback)."""
     import subprocess
 
-    # Training's own errors, looked up only where training ran (importing them costs torch).
+    # Training's and the asset fetch's own errors, looked up only where they ran (importing costs torch).
     from pcbench.util.verify import Damaged
 
     expected = [SpecError, Damaged] + [getattr(sys.modules[m], n) for m, n in
-                              (("pcbench.train.loop", "NonFiniteLoss"), ("pcbench.train.checkpoint", "CorruptCheckpoint"))
+                              (("pcbench.train.loop", "NonFiniteLoss"), ("pcbench.train.checkpoint", "CorruptCheckpoint"),
+                               ("pcbench.data.assets", "AssetError"))
                               if m in sys.modules]
     if isinstance(e, tuple(expected)):
         return str(e)

@@ -22,7 +22,8 @@ Parts:
            MeshComm); plain, under glibc's debug malloc (a write past a block's end is caught when the
            block is freed) and under AddressSanitizer (every double free).
   finalize two gloo ranks run a few synchronous all-gathers whose tensors Python drops at once, then
-           exit with and without `destroy_process_group`, alternating, `--finalize-pairs` each: a
+           exit with and without `destroy_process_group`, alternating, `--finalize-pairs` each
+           (`--finalize-late S`: rank 0 exits up to S s late, at random; `--finalize-env K=V`): a
            gloo worker thread that still holds a finished collective drops its tensors' Python objects
            during interpreter exit, which needs the GIL (pytorch/pytorch#190489). Also the native
            stack of one such abort, rank 1 under gdb (up to 12 tries).
@@ -157,7 +158,7 @@ def threads_part(old: Path) -> dict:
 
 
 FINALIZE = r'''
-import sys
+import os, random, sys, time
 import torch, torch.distributed as dist
 
 dist.init_process_group("gloo")
@@ -167,6 +168,9 @@ for _ in range(3):
     del out, t  # the Python objects go; a gloo thread may still hold the finished work
 if sys.argv[1] == "destroy":
     dist.destroy_process_group()
+late = float(os.environ.get("FINALIZE_LATE", "0"))
+if late and dist.get_rank() == 0:  # its connections close while rank 1 is ending
+    time.sleep(random.uniform(0, late))
 '''
 
 ABORTS = {"terminate": "terminate called without an active exception", "double_free": "double free",
@@ -177,7 +181,8 @@ def _abort_kind(out: str) -> str:
     return next((k for k, v in ABORTS.items() if v in out), "other")
 
 
-def torchrun_pair(script: Path, args: list[str], rank1: list[str] | None = None) -> tuple[int, str]:
+def torchrun_pair(script: Path, args: list[str], rank1: list[str] | None = None,
+                  env: dict | None = None) -> tuple[int, str]:
     """`script` as two ranks under torchrun, as pcbench's ranks start (rank 1 wrapped in `rank1`,
     e.g. gdb): torchrun's exit status and everything printed."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
@@ -188,24 +193,28 @@ def torchrun_pair(script: Path, args: list[str], rank1: list[str] | None = None)
         # rank 1's wrapper ignores torchrun's SIGTERM (sent when rank 0 fails) so that gdb finishes
         cmd = [*launch, "--no-python", "bash", "-c",
                f'if [ "$RANK" = 1 ]; then trap "" TERM; exec {" ".join(rank1)} {py}; else exec {py}; fi']
-    r = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, capture_output=True,
+                       text=True, timeout=600)
     return r.returncode, r.stdout + r.stderr
 
 
-def finalize_part(pairs: int, work: Path) -> dict:
+def finalize_part(pairs: int, work: Path, late: float = 0.0, env: dict | None = None) -> dict:
     rank = work / "finalize_rank.py"
     rank.write_text(FINALIZE)
+    extra = {**(env or {}), **({"FINALIZE_LATE": str(late)} if late else {})}
     counts = {arm: {"ok": 0, "aborted": 0, "messages": {}} for arm in ("no_destroy", "destroy")}
     for i in range(pairs):
         for arm, c in counts.items():
-            rc, out = torchrun_pair(rank, ["destroy" if arm == "destroy" else "exit"])
+            rc, out = torchrun_pair(rank, ["destroy" if arm == "destroy" else "exit"], env=extra)
             c["ok" if rc == 0 else "aborted"] += 1
             if rc != 0:
                 kind = _abort_kind(out)
                 c["messages"][kind] = c["messages"].get(kind, 0) + 1
         if (i + 1) % 10 == 0:
             print(f"finalize: {i + 1}/{pairs} pairs", json.dumps(counts), flush=True)
+    if late or env:  # a variant: its counts only (the stack is the plain part's)
+        return {"pairs": pairs, "launcher": "torchrun --standalone, 2 processes", "counts": counts,
+                "rank0_exits_late_up_to_s": late, "env": env or {}}
     return {"pairs": pairs, "launcher": "torchrun --standalone, 2 processes", "counts": counts,
             "stack": finalize_stack(rank)}
 
@@ -318,6 +327,9 @@ def main() -> int:
     ap.add_argument("--gloo-iterations", type=int, default=10000)
     ap.add_argument("--finalize-pairs", type=int, default=100)
     ap.add_argument("--gloo-checks", default="none,glibc,asan")
+    ap.add_argument("--finalize-late", type=float, default=0.0,
+                    help="finalize: rank 0 exits up to this many seconds late, at random (a variant part)")
+    ap.add_argument("--finalize-env", action="append", default=[], help="finalize: K=V for the ranks")
     ap.add_argument("--old", type=Path, help="a checkout of c905f9b~1 (the threads part)")
     ap.add_argument("--repeat", type=Path, nargs="*", default=[], help="repeat-fsdp output folders")
     ap.add_argument("--parts", default="mallopt,threads,gloo,exit,finalize,repeat")
@@ -354,7 +366,10 @@ def main() -> int:
         if "exit" in parts and a.exit_pairs:
             result["exit_without_destroy"] = exit_part(a.exit_pairs, Path(tmp))
         if "finalize" in parts and a.finalize_pairs:
-            result["exit_during_a_collective_release"] = finalize_part(a.finalize_pairs, Path(tmp))
+            env = dict(kv.split("=", 1) for kv in a.finalize_env)
+            key = "exit_during_a_collective_release" + ("_late_peer" if a.finalize_late else "") + \
+                ("_" + "_".join(f"{k}={v}" for k, v in sorted(env.items())) if env else "")
+            result[key] = finalize_part(a.finalize_pairs, Path(tmp), a.finalize_late, env)
     if "repeat" in parts:
         result["repeat_fsdp"] = [_repeat_summary(d) for d in a.repeat]
     result["seconds"] = round(time.time() - t0, 1)

@@ -21,6 +21,8 @@ so a repetition takes a fraction of the whole test.
   ... --inject double-free  # the positive controls, in each rank before it exits: a block freed
                       # twice, the kind glibc misses (--check asan must count every repetition a crash)
   ... --inject overrun      # a byte written past a tensor's end (--check glibc must)
+  ... --inject late-peer    # not a control: rank 0 exits up to 0.5 s late, at random (its connections
+                      # close while rank 1 tears down: the order of a run whose rank 0 writes the export)
   ... --sigterm-after 3     # SIGTERM both ranks once 3 steps are logged (scancel, a preemption), in
                       # a 400-step run: ok when each rank checkpoints the same step and exits 143
 
@@ -87,8 +89,13 @@ def _overrun():
     t = torch.empty(100, dtype=torch.uint8)
     ctypes.memset(t.data_ptr() + 100, 0x5A, 1)  # one byte past the tensor's end
     del t
+def _late_peer():
+    import random, time
+    if os.environ.get("RANK") == "0":  # rank 0 closes its connections while rank 1 is ending
+        time.sleep(random.uniform(0, float(os.environ.get("REPEAT_FSDP_LATE", "0.5"))))
 if "LOCAL_RANK" in os.environ:  # the ranks, not torchrun's agent
-    atexit.register(_overrun if os.environ.get("REPEAT_FSDP_INJECT") == "overrun" else _stale_double_free)
+    atexit.register({"overrun": _overrun, "late-peer": _late_peer}.get(os.environ.get("REPEAT_FSDP_INJECT"),
+                                                                        _stale_double_free))
 """
 
 
@@ -191,7 +198,9 @@ def main() -> int:
     ap.add_argument("--stress", type=int, default=0, help="busy-looping processes beside the ranks")
     ap.add_argument("--check", choices=["none", "asan", "glibc", "valgrind"], default="none",
                     help="a heap checker in the ranks (module docstring)")
-    ap.add_argument("--inject", choices=["double-free", "overrun"], help="a positive control in each rank")
+    ap.add_argument("--inject", choices=["double-free", "overrun", "late-peer"],
+                    help="a positive control in each rank; late-peer: rank 0 ends up to REPEAT_FSDP_LATE "
+                         "(0.5) s after its work, at random, so its connections close while rank 1 exits")
     ap.add_argument("--sigterm-after", type=int, metavar="STEPS",
                     help="SIGTERM both ranks once STEPS steps are logged (module docstring)")
     ap.add_argument("--timeout", type=float, default=400, help="seconds before a repetition counts as hung (its ranks' stacks are logged)")

