@@ -146,13 +146,17 @@ def mallopt_part(seconds: float, work: Path) -> list[dict]:
 
 
 def threads_part(old: Path) -> dict:
+    # In the checkout: `python -c` puts the working directory first on sys.path, before PYTHONPATH
+    # (this part once ran where it was started, so it measured this tree's pcbench, not the checkout's).
     code = ("import os, sys\nimport pcbench.cli as c\nc.build_parser()\n"
-            "print(len(os.listdir('/proc/self/task')), 'torch' in sys.modules)")
+            "print(len(os.listdir('/proc/self/task')), 'torch' in sys.modules, c.__file__)")
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(old), "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, check=True)
-    n, torch_loaded = r.stdout.split()
+                       capture_output=True, text=True, check=True, cwd=old)
+    n, torch_loaded, where = r.stdout.split()
+    if not where.startswith(f"{Path(old).resolve()}/"):
+        raise SystemExit(f"crash-study: error: the threads part imported pcbench from {where}, not {old}")
     row = {"code": _commit(str(old)), "threads_at_mallopt": int(n),
-           "torch_imported": torch_loaded == "True"}
+           "torch_imported": torch_loaded == "True", "ran_code": True}
     print("threads", json.dumps(row), flush=True)
     return row
 
@@ -162,6 +166,7 @@ import os, random, sys, time
 import torch, torch.distributed as dist
 
 dist.init_process_group("gloo")
+rank = dist.get_rank()
 for _ in range(3):
     out, t = torch.empty(2 << 14), torch.ones(1 << 14)
     dist.all_gather_into_tensor(out, t)
@@ -169,7 +174,7 @@ for _ in range(3):
 if sys.argv[1] == "destroy":
     dist.destroy_process_group()
 late = float(os.environ.get("FINALIZE_LATE", "0"))
-if late and dist.get_rank() == 0:  # its connections close while rank 1 is ending
+if late and rank == 0:  # its connections close while rank 1 is ending
     time.sleep(random.uniform(0, late))
 '''
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,19 +207,30 @@ def test_terminal_signals_while_the_worker_server_imports_are_the_launchers_alon
 
 
 def test_a_terminal_signal_while_children_start_still_reaches_this_process():
-    """`_ignored_by_children` loses no signal of this process: one sent meanwhile is delivered to
-    its own handler on the way out."""
+    """`_blocked_in_children` loses no signal of this process, even with other threads running
+    (a process-wide signal goes to a thread that does not block it): one sent meanwhile reaches
+    its own handler, and a child started meanwhile has them blocked."""
     import signal
+    import threading
 
     got = []
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)  # a thread that does not block SIGQUIT
+    other.start()
     mine = signal.signal(signal.SIGQUIT, lambda signum, frame: got.append(signum))
     try:
-        with shards._ignored_by_children({signal.SIGQUIT}):
+        with shards._blocked_in_children({signal.SIGQUIT}):
+            child = subprocess.run([sys.executable, "-c", "import signal; print(signal.SIGQUIT in signal.pthread_sigmask("
+                                    "signal.SIG_BLOCK, []))"], capture_output=True, text=True, timeout=60)
             os.kill(os.getpid(), signal.SIGQUIT)
-            assert signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN and not got
-        assert got == [signal.SIGQUIT]
+        for _ in range(100):  # the handler runs in the main thread at its next check
+            if got:
+                break
+            time.sleep(0.01)
+        assert got == [signal.SIGQUIT] and child.stdout.strip() == "True", (got, child.stdout, child.stderr)
     finally:
         signal.signal(signal.SIGQUIT, mine)
+        stop.set()
 
 
 def test_a_damaged_shard_is_named_and_redone(mirror, capsys):

@@ -36,7 +36,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,7 +360,7 @@ def _read_manifest(path: Path) -> Optional[dict]:
 
 
 # What a terminal sends its foreground process group (Ctrl-C, Ctrl-\\, a closed terminal): the
-# launcher's to handle, ignored by the prepare workers' fork server (`_worker_context`).
+# launcher's to handle, blocked in the prepare workers' fork server (`_worker_context`).
 TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
 # What a worker imports, once, in the fork server it is forked from (not once per worker).
 WORKER_PRELOAD = ["pcbench.data.shards", "pcbench.data.corpora", "numpy", "tokenizers", "pyarrow.parquet"]
@@ -373,10 +372,11 @@ def _worker_context():
     started, torch and tokenizers' thread pool included); started here, so that its imports run
     while this process loads the tokenizer. `spawn` where there is no fork server (not POSIX).
 
-    The server, and the workers forked from it, ignore `TERMINAL_SIGNALS` from their start:
-    multiprocessing's server ignores SIGINT only once its imports are done, so a Ctrl-C during
-    them printed a KeyboardInterrupt traceback and broke the pool. This process handles those
-    signals and stops the workers; a worker also ends with it."""
+    The server, the workers forked from it and multiprocessing's resource tracker start with
+    `TERMINAL_SIGNALS` blocked: the server ignores SIGINT only once its imports are done, so a
+    Ctrl-C during them printed a KeyboardInterrupt traceback and broke the pool, and the tracker
+    ignores SIGINT and SIGTERM only (Ctrl-\\ or a closed terminal killed it: a traceback later).
+    This process handles those signals and stops the workers; a worker also ends with it."""
     import multiprocessing as mp
     from multiprocessing import forkserver
 
@@ -384,28 +384,25 @@ def _worker_context():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(WORKER_PRELOAD)
-    with _ignored_by_children(TERMINAL_SIGNALS):
+    from multiprocessing import resource_tracker
+
+    with _blocked_in_children(TERMINAL_SIGNALS):  # the server and its resource tracker
+        resource_tracker.ensure_running()  # (it unblocks SIGINT and SIGTERM here once started)
+        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
         forkserver.ensure_running()  # returns at once; a server started earlier is reused
     return ctx
 
 
 @contextlib.contextmanager
-def _ignored_by_children(signals: set) -> Iterator[None]:
-    """Within: a process started (fork and exec) ignores `signals` from its first instruction (an
-    ignored signal stays ignored across exec, and Python keeps it so), while this process loses
-    none of them: they are blocked meanwhile (Linux queues a blocked signal even while it is
-    ignored) and delivered to this process's own handlers once they are back. Off the main
-    thread (no handler can be set there) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _blocked_in_children(signals: set) -> Iterator[None]:
+    """Within: a process started (fork and exec) has `signals` blocked from its first instruction
+    (the signal mask is inherited, and kept across exec), so none can stop it before it ignores
+    them itself. This process loses none: only this thread blocks them meanwhile, and one sent
+    to it then is delivered on the way out (or to another thread, to the same handler)."""
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
     try:
         yield
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
