@@ -61,6 +61,7 @@ def test_exported_pc_model_matches_plan_cost_and_reloads(tmp_path, name, tied):
     assert not torch.equal(pc.model.model.embed_tokens.weight, prune(base, plan).model.embed_tokens.weight)
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_cli_compress_steps_zero_pc_equals_hpr(tmp_path):
     """Through the whole CLI: with --steps 0, PC and HPR export identical checkpoints."""
     from pcbench.train.loop import RunPaths, train

@@ -209,7 +209,8 @@ def test_kills_and_startup_signals_then_plain_rerun_matches(reference, tmp_path)
     assert g.store.status(base)["attempts"] == 3
 
 
-@pytest.mark.parametrize("apart", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["together", "apart"])
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
+@pytest.mark.parametrize("apart", [False, True], ids=["together", "apart"])
 def test_two_launchers_train_each_run_once(reference, tmp_path, apart):
     g = Grid(tmp_path)
     first = g.start()
@@ -274,6 +275,7 @@ def _damage(g: Grid) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_damaged_records_are_reported_never_completed_and_rerun(reference, tmp_path):
     g = Grid(tmp_path)
     shutil.copytree(reference.results, g.results)  # the reference's records, damaged below

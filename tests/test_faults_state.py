@@ -355,6 +355,7 @@ def test_run_whose_export_is_gone_is_trained_again_first(clean, tmp_path, case):
     assert again.returncode == 0 and again.stdout.startswith("0 run(s) run, 3 skipped"), again.stdout
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 @pytest.mark.parametrize("case", ["deleted", "config-is-a-directory"])
 def test_a_leaf_whose_export_is_gone_is_trained_again_as_export_advises(clean, tmp_path, case):
     """`export` says to run the grid again; `run` does retrain a completed leaf (pc: nothing loads

@@ -93,6 +93,7 @@ def test_forked_runs_record_what_fresh_processes_record(tmp_path, monkeypatch, f
     assert all(v[0]["train_loss_last100"] is not None for v in got["fork"].values())
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_hard_crashes_of_forked_jobs_leave_the_launcher_running(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()

@@ -96,6 +96,7 @@ def test_cli_status_and_dry_run(tmp_path):
     assert st.returncode == 0 and st.stdout.count("pending") >= 3
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_killed_grid_resumes_only_the_interrupted_run(tmp_path):
     # Reference: the same grid, uninterrupted.
     (tmp_path / "ref").mkdir()

@@ -22,6 +22,7 @@ C4_OWN = shards.StoreRef("c4", "bpe-512", "train", "c4")  # a bpe-<N> of the gri
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # CI time (issue 23): another test of this class runs by default
 def test_slurm_prepare_array_then_training_and_the_same_bytes_as_local(slurm_cluster, mirror, tmp_path,  # noqa: F811
                                                                         monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
