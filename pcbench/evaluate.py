@@ -284,12 +284,13 @@ def _quiet_lm_eval():
                      drop.truncated)
 
 
-def run_eval(run: dict, store) -> dict:
+def run_eval(run: dict, store, inputs: Optional[dict] = None) -> dict:
     """Score a grid run of kind `eval` and write `eval.json` into its record directory.
 
     `run["spec"]` is an EvalSpec dict; a `run:<id>` model is that run's export. The record is
     `lm_eval_scores(...)` plus `parent` (the evaluated run's id, None for a plain directory),
-    `seconds` (wall time of the scoring) and `inputs` ({parent: its export's digest}, `run.stale`).
+    `seconds` (wall time of the scoring) and the caller's `inputs` ({parent: its export's digest},
+    `run.stale.input_digests`).
     """
     from pcbench.util.atomic import write_json
     from pcbench.spec.config import from_dict
@@ -300,7 +301,6 @@ def run_eval(run: dict, store) -> dict:
     spec.validate(where)
     parent = parse_ref(spec.model)
     model = store.resolve_ref(spec.model, f"{where}.model")
-    inputs = {parent: (store.final(parent) or {}).get("export_sha256")} if parent else {}
     start = time.perf_counter()
     scores = lm_eval_scores(dataclasses.replace(spec, model=model))
     record = {**scores, "parent": parent, "seconds": time.perf_counter() - start,

@@ -159,7 +159,7 @@ class RunJob(submitit.helpers.Checkpointable):
             elif run["kind"] == "eval":
                 from pcbench.evaluate import run_eval
 
-                record = run_eval(run, store)
+                record = run_eval(run, store, inputs=input_digests(run, store))
             else:
                 raise SpecError("kind", f"unknown run kind {run['kind']!r}")
         except interrupts.Interrupted as e:

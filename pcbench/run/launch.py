@@ -140,25 +140,20 @@ def _state_elsewhere(store: Store, run_id: str) -> bool:
     return False
 
 
-def _export_missing(store: Store, run_id: str) -> Optional[str]:
-    """What is wrong with a completed run's exported model (gone, damaged, another lineage's), or
-    None when it is intact (`Store.export_problem`): a damaged export counts as missing."""
-    return store.export_problem(run_id)
-
-
 def _rerun_lost_exports(decisions: list[Decision], store: Store) -> None:
     """A completed run whose exported model a submitted run loads (`run:<id>`) but which is gone
     (e.g. records from git, work directory cleared) is run again, and so on up its own inputs. So
     is any completed train run (a leaf too) whose export, made in this store's work directory, is
     gone or damaged there (records from elsewhere, with no export here, are kept as they are)."""
+    from pcbench.run import stale
+
     by_id = {d.run.id: d for d in decisions}
     for d in decisions:
         if d.action == "skip" and d.reason == "completed" and d.run.kind == "train":
             final = store.final(d.run.id)
             if store.export_here(final):
-                problem = _export_missing(store, d.run.id)
-                if problem is not None:
-                    what = "damaged" if "damaged" in problem else "gone"
+                what = stale.export_lost(store, d.run.id)
+                if what is not None:
                     d.action, d.reason = "submit", f"completed, but its exported model is {what}: rerun"
     for d in reversed(decisions):  # dependents come after their inputs
         if d.action != "submit":
@@ -167,9 +162,8 @@ def _rerun_lost_exports(decisions: list[Decision], store: Store) -> None:
         for dep in d.run.deps:
             up = by_id.get(dep)
             if up is not None and up.action == "skip" and up.reason == "completed" and dep in loads:
-                problem = _export_missing(store, dep)
-                if problem is not None:
-                    what = "damaged" if "damaged" in problem else "gone"
+                what = stale.export_lost(store, dep)
+                if what is not None:
                     up.action, up.reason = "submit", f"completed, but its exported model is {what}: rerun"
 
 

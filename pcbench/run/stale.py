@@ -98,12 +98,17 @@ def changed_inputs(run: dict, store: Store, record: Optional[dict]) -> Optional[
     return f"run {changed[0]}, whose model it loaded, was trained again since"
 
 
+def export_lost(store: Store, run_id: str) -> Optional[str]:
+    """`damaged` or `gone` for a run whose exported model is not intact (`Store.export_problem`), else None."""
+    problem = store.export_problem(run_id)
+    return None if problem is None else "damaged" if "damaged" in problem else "gone"
+
+
 def rerun_reason(store: Store, run: dict) -> Optional[str]:
     """Why a completed run must be run again, or None when its result stands (see the module)."""
     rid, kind = run["id"], run.get("kind")
-    if kind == "train":
-        problem = store.export_problem(rid)
-        if problem is not None:
-            return f"its exported model is {'damaged' if 'damaged' in problem else 'gone'}"
+    lost = export_lost(store, rid) if kind == "train" else None
+    if lost is not None:
+        return f"its exported model is {lost}"
     record = store.final(rid) if kind == "train" else store.eval_result(rid)
     return tuned_change(run, store, record) or changed_inputs(run, store, record)
